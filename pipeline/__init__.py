@@ -1,0 +1,1 @@
+"""Pseudo-label generation for weakly supervised semantic segmentation after Reliable Region Mining."""

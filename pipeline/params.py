@@ -1,0 +1,114 @@
+"""Stage parameters: dataclass defaults, overridden by a section of ``params.yaml``.
+
+Each stage's parameters are one frozen dataclass in the module that uses them; its field
+defaults are the single source of the defaults. ``params.yaml`` only lists what DVC should track,
+so a key it lacks takes the dataclass default, and a key the dataclass lacks, a value of the
+wrong type or a value out of range is an error naming ``params.yaml`` and the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from pipeline.errors import InputError
+
+P = TypeVar("P")
+
+PARAMS_FILE = Path("params.yaml")
+
+
+def read_params_file(path: str | Path = PARAMS_FILE) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(path, "parameters file not found (run from the project root)")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise InputError(path, f"not valid YAML ({str(error).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise InputError(path, "must be a mapping of stage names to parameters")
+    return data
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    """Check ``value`` against a type hint; ints are accepted where floats are expected."""
+    origin = typing.get_origin(hint)
+    if hint is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(hint):
+            try:
+                return _coerce(value, option, where)
+            except TypeError:
+                continue
+        raise TypeError(f"{where}: expected {hint}, got {value!r}")
+    if hint is type(None):
+        if value is None:
+            return None
+        raise TypeError(f"{where}: expected null, got {value!r}")
+    if origin in (tuple, list):
+        args = typing.get_args(hint)
+        if not isinstance(value, (list, tuple)):
+            raise TypeError(f"{where}: expected a list, got {value!r}")
+        item_hint = args[0] if args else Any
+        return tuple(_coerce(v, item_hint, where) for v in value)
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is str:
+        if isinstance(value, str):
+            return value
+    else:
+        return value
+    raise TypeError(f"{where}: expected {getattr(hint, '__name__', hint)}, got {value!r}")
+
+
+def build_params(cls: type[P], values: dict[str, Any] | None, where: str) -> P:
+    """Make a ``cls`` instance from ``values`` over its defaults, checking names and types.
+
+    Range checks live in each dataclass's ``__post_init__`` and raise ``ValueError``.
+    """
+    values = dict(values or {})
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise InputError(where, f"unknown parameter {unknown[0]!r} (known: {', '.join(fields)})")
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for name, value in values.items():
+        try:
+            kwargs[name] = _coerce(value, hints[name], f"{name}")
+        except TypeError as error:
+            raise InputError(where, f"parameter {error}") from None
+    try:
+        return cls(**kwargs)
+    except ValueError as error:
+        raise InputError(where, f"parameter {error}") from None
+
+
+def load_params(cls: type[P], section: str, path: str | Path = PARAMS_FILE) -> P:
+    """The ``section`` of the params file as a ``cls`` instance."""
+    data = read_params_file(path)
+    values = data.get(section) or {}
+    if not isinstance(values, dict):
+        raise InputError(path, f"section {section!r} must be a mapping")
+    return build_params(cls, values, f"{path} [{section}]")
+
+
+def check_range(name: str, value: float, low: float | None = None, high: float | None = None) -> None:
+    """Raise ValueError unless ``low <= value <= high`` (either bound may be open)."""
+    if (low is not None and value < low) or (high is not None and value > high):
+        bounds = f"[{'-inf' if low is None else low}, {'inf' if high is None else high}]"
+        raise ValueError(f"{name}={value!r} is outside {bounds}")

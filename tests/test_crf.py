@@ -1,0 +1,103 @@
+"""The dense CRF wrapper: marginals of pydensecrf with the un-renormalised ``-log`` unary."""
+
+import numpy as np
+import pydensecrf.densecrf as dcrf
+import pytest
+
+from pipeline.crf import INFERENCE_CRF, PRUNE_CRF, CRFParams, dense_crf
+
+
+def two_region_image(height: int = 24, width: int = 32) -> np.ndarray:
+    rng = np.random.default_rng(0)
+    image = np.full((height, width, 3), 40, dtype=np.uint8)
+    image[:, width // 2 :] = (210, 80, 30)
+    return np.clip(image + rng.integers(-8, 9, image.shape), 0, 255).astype(np.uint8)
+
+
+def random_scores(labels: int, height: int = 24, width: int = 32) -> np.ndarray:
+    """Scores in [0, 1] that do not sum to one per pixel, some exactly zero."""
+    rng = np.random.default_rng(1)
+    scores = rng.random((labels, height, width)).astype(np.float32)
+    scores[scores < 0.1] = 0.0
+    return scores
+
+
+SMOOTHNESS = dict(iterations=10, gaussian_sxy=3, gaussian_compat=3)
+"""The settings both of the spec's CRFs share."""
+
+
+def direct_marginals(image: np.ndarray, scores: np.ndarray, settings: dict) -> np.ndarray:
+    """pydensecrf called by hand, the unary written out as -log(max(score, 1e-5))."""
+    labels, height, width = scores.shape
+    crf = dcrf.DenseCRF2D(width, height, labels)
+    unary = -np.log(np.maximum(scores, 1e-5)).reshape(labels, -1)
+    crf.setUnaryEnergy(np.ascontiguousarray(unary, dtype=np.float32))
+    crf.addPairwiseGaussian(sxy=settings["gaussian_sxy"], compat=settings["gaussian_compat"])
+    crf.addPairwiseBilateral(
+        sxy=settings["bilateral_sxy"],
+        srgb=settings["bilateral_srgb"],
+        rgbim=image,
+        compat=settings["bilateral_compat"],
+    )
+    return np.asarray(crf.inference(settings["iterations"])).reshape(labels, height, width)
+
+
+def test_marginals_sum_to_one_per_pixel():
+    marginals = dense_crf(two_region_image(), random_scores(3), PRUNE_CRF)
+    assert marginals.dtype == np.float32
+    assert marginals.shape == (3, 24, 32)
+    np.testing.assert_allclose(marginals.sum(axis=0), 1.0, atol=1e-5)
+    assert marginals.min() >= 0.0
+
+
+@pytest.mark.parametrize(
+    ("params", "settings"),
+    [
+        (PRUNE_CRF, SMOOTHNESS | dict(bilateral_sxy=80, bilateral_srgb=13, bilateral_compat=10)),
+        (INFERENCE_CRF, SMOOTHNESS | dict(bilateral_sxy=83, bilateral_srgb=5, bilateral_compat=4)),
+    ],
+    ids=["prune", "inference"],
+)
+def test_matches_a_direct_pydensecrf_call_with_the_spec_settings(params, settings):
+    image, scores = two_region_image(), random_scores(4)
+    expected = direct_marginals(image, scores, settings)
+    np.testing.assert_allclose(dense_crf(image, scores, params), expected, atol=1e-6)
+
+
+def test_scores_are_not_renormalised():
+    image, scores = two_region_image(), random_scores(3)
+    renormalised = scores / np.maximum(scores.sum(axis=0, keepdims=True), 1e-5)
+    marginals = dense_crf(image, scores, PRUNE_CRF)
+    assert not np.allclose(marginals, dense_crf(image, renormalised, PRUNE_CRF), atol=1e-3)
+
+
+def test_a_non_contiguous_image_gives_the_same_marginals():
+    image, scores = two_region_image(), random_scores(2)
+    flipped = image[:, ::-1]
+    expected = dense_crf(np.ascontiguousarray(flipped), scores, PRUNE_CRF)
+    np.testing.assert_array_equal(dense_crf(flipped, scores, PRUNE_CRF), expected)
+
+
+def test_the_pairwise_terms_follow_colour_edges():
+    """A weak, noisy preference inside each half is smoothed to that half's majority label."""
+    image = two_region_image()
+    rng = np.random.default_rng(2)
+    left = np.zeros((24, 32), dtype=bool)
+    left[:, :16] = True
+    scores = np.where(left, 0.6, 0.4)[None].repeat(2, axis=0).astype(np.float32)
+    scores[1] = 1.0 - scores[0]
+    flipped = rng.random((24, 32)) < 0.2
+    scores[:, flipped] = scores[::-1][:, flipped]
+    labels = dense_crf(image, scores, PRUNE_CRF).argmax(axis=0)
+    np.testing.assert_array_equal(labels, np.where(left, 0, 1))
+
+
+def test_bad_settings_and_shapes_are_errors():
+    with pytest.raises(ValueError, match="iterations"):
+        CRFParams(0, 3.0, 3.0, 80.0, 13.0, 10.0)
+    with pytest.raises(ValueError, match="bilateral_srgb"):
+        CRFParams(10, 3.0, 3.0, 80.0, 0.0, 10.0)
+    with pytest.raises(ValueError, match="scores"):
+        dense_crf(two_region_image(), random_scores(2, 24, 30), PRUNE_CRF)
+    with pytest.raises(ValueError, match="image"):
+        dense_crf(two_region_image().astype(np.float32), random_scores(2), PRUNE_CRF)

@@ -1,0 +1,102 @@
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from pipeline.training import (
+    Checkpoint,
+    Distributed,
+    EpochSampler,
+    LoopSettings,
+    TrainingDiverged,
+    make_loader,
+    poly_lr,
+    train,
+)
+
+CPU = torch.device("cpu")
+
+
+def _problem():
+    torch.manual_seed(0)
+    data = TensorDataset(torch.randn(24, 3), torch.randn(24, 1))
+    model = nn.Sequential(nn.Linear(3, 8), nn.Dropout(0.2), nn.Linear(8, 1))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    loader = make_loader(data, batch_size=5, num_workers=0, ctx=Distributed(), seed=3, device=CPU)
+
+    def step(batch):
+        x, y = batch
+        return {"loss": nn.functional.mse_loss(model(x), y)}
+
+    return model, optimizer, loader, step
+
+
+def _run(tmp_path, name, stop_at=None, max_steps=11):
+    model, optimizer, loader, step = _problem()
+
+    def maybe_die(current):
+        if current == stop_at:
+            raise KeyboardInterrupt
+
+    settings = LoopSettings(max_steps=max_steps, checkpoint_every=3, progress=False)
+    train(model, loader, step, optimizer, settings, Checkpoint(tmp_path / name), Distributed(), CPU, maybe_die)
+    return model
+
+
+def test_resume_after_a_kill_matches_an_uninterrupted_run(tmp_path):
+    straight = _run(tmp_path, "a.pt")
+    with pytest.raises(KeyboardInterrupt):
+        _run(tmp_path, "b.pt", stop_at=8)
+    assert torch.load(tmp_path / "b.pt", weights_only=False)["step"] == 6
+    resumed = _run(tmp_path, "b.pt")
+    for a, b in zip(straight.state_dict().values(), resumed.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_nan_loss_stops_with_the_step_number(tmp_path):
+    model, optimizer, loader, _ = _problem()
+    calls = []
+
+    def step(batch):
+        calls.append(1)
+        loss = model(batch[0]).mean()
+        return {"loss": loss * (float("nan") if len(calls) == 4 else 1.0)}
+
+    with pytest.raises(TrainingDiverged, match="loss 'loss' became nan at step 3"):
+        train(model, loader, step, optimizer, LoopSettings(max_steps=10, progress=False),
+              Checkpoint(tmp_path / "c.pt"), Distributed(), CPU)
+
+
+def test_poly_decay_and_per_group_multipliers(tmp_path):
+    assert poly_lr(1.0, 0, 100) == 1.0
+    assert poly_lr(1.0, 50, 100) == pytest.approx(0.5**0.9)
+    a, b = nn.Parameter(torch.zeros(1)), nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([{"params": [a], "lr": 0.01}, {"params": [b], "lr": 0.1}])
+    seen = []
+
+    def step(batch):
+        seen.append([g["lr"] for g in optimizer.param_groups])
+        return {"loss": (a + b).sum() * 0}
+
+    loader = make_loader(TensorDataset(torch.zeros(4, 1)), 2, 0, Distributed(), 0, CPU)
+    train(nn.ParameterList([a, b]), loader, step, optimizer, LoopSettings(max_steps=4, progress=False),
+          Checkpoint(tmp_path / "d.pt"), Distributed(), CPU)
+    assert seen[2] == pytest.approx([0.01 * 0.5**0.9, 0.1 * 0.5**0.9])
+
+
+def test_epoch_sampler_shards_cover_each_epoch_once_and_resume_mid_epoch():
+    shards = [list(EpochSampler(10, seed=1, rank=r, world_size=2)) for r in range(2)]
+    assert sorted(shards[0] + shards[1]) == list(range(10))
+    sampler = EpochSampler(10, seed=1)
+    full = list(sampler)
+    sampler.set_epoch(0, skip=4)
+    assert list(sampler) == full[4:]
+    sampler.set_epoch(1)
+    assert list(sampler) != full
+
+
+def test_a_state_from_other_settings_is_not_resumed(tmp_path):
+    model, optimizer, loader, step = _problem()
+    Checkpoint(tmp_path / "e.pt", fingerprint="lr=0.1").save(5, model, optimizer, None)
+    assert Checkpoint(tmp_path / "e.pt", fingerprint="lr=0.1").load(model, optimizer, None) == 5
+    assert Checkpoint(tmp_path / "e.pt", fingerprint="lr=0.2").load(model, optimizer, None) == 0
