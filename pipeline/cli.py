@@ -48,8 +48,8 @@ def main() -> None:
               "(if it exists); the options below override them.")
 @click.option("--image-size", type=int, help="Side of the square images, in pixels.")
 @click.option("--num-classes", type=int, help="Number of foreground classes (at most 20).")
-@click.option("--train", type=int, help="Number of training images.")
-@click.option("--val", type=int, help="Number of validation images.")
+@click.option("--train-images", type=int, help="Number of training images.")
+@click.option("--val-images", type=int, help="Number of validation images.")
 @click.option("--seed", type=int, help="Random seed; the same seed gives byte-identical files.")
 def synth(root: Path | None, manifest_path: Path | None, params_path: Path, **overrides: int | None) -> None:
     """Generate the synthetic benchmark and its manifest.

@@ -227,3 +227,22 @@ def _rounded(data: Any) -> Any:
 def write_metrics(path: str | Path, data: Mapping[str, Any]) -> None:
     """Write a metrics JSON file (for DVC) atomically, floats rounded to ``DIGITS`` places."""
     write_json(path, _rounded(data))
+
+
+def average_precision(scores: np.ndarray, targets: np.ndarray) -> float:
+    """Area under the precision-recall curve of one class (non-interpolated, as scikit-learn's).
+
+    ``scores`` (N,) higher means more confident; ``targets`` (N,) 0/1. NaN without positives.
+    """
+    order = np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")
+    hits = np.asarray(targets, dtype=bool)[order]
+    if not hits.any():
+        return float("nan")
+    precision_at = np.cumsum(hits) / np.arange(1, hits.size + 1)
+    return float(precision_at[hits].mean())
+
+
+def classification_scores(scores: np.ndarray, targets: np.ndarray, class_names: Sequence[str]) -> dict[str, Any]:
+    """Multi-label scores: ``map`` (mean over classes with positives) and ``ap`` per class."""
+    ap = np.array([average_precision(scores[:, c], targets[:, c]) for c in range(scores.shape[1])])
+    return {"map": _json_float(_nanmean(ap)), "ap": {n: _json_float(v) for n, v in zip(class_names, ap)}}

@@ -6,10 +6,12 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.errors import InputError
-from pipeline.params import PARAMS_FILE
+from pipeline.manifest import Manifest, load_manifest
+from pipeline.params import PARAMS_FILE, load_params
 
 
 def run(main: Callable[[Path], None]) -> None:
@@ -34,3 +36,21 @@ def stopwatch() -> Iterator[dict[str, float]]:
         yield result
     finally:
         result["seconds"] = round(time.perf_counter() - start, 2)
+
+
+@dataclass(frozen=True)
+class DatasetParams:
+    """The `dataset:` section: which manifest every stage reads and which splits it uses."""
+
+    manifest: str = "manifests/synth.json"
+    train_split: str = "train"
+    val_split: str = "val"
+
+
+def load_dataset(params_path: Path) -> tuple[Manifest, DatasetParams]:
+    """The manifest named by the `dataset:` section, checked to have both splits."""
+    params = load_params(DatasetParams, "dataset", params_path)
+    manifest = load_manifest(params.manifest)
+    for split in (params.train_split, params.val_split):
+        manifest.split(split)
+    return manifest, params

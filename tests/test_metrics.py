@@ -7,6 +7,8 @@ import pytest
 from pipeline.io import IGNORE
 from pipeline.metrics import (
     PartialLabelScore,
+    average_precision,
+    classification_scores,
     SegmentationScore,
     confusion_matrix,
     per_image_iou,
@@ -185,3 +187,17 @@ def test_write_metrics_rounds_floats_and_writes_nan_as_null(tmp_path):
         "iou": {"a": None},
         "xs": [0.333333],
     }
+
+
+def test_average_precision_by_hand():
+    # ranked: 0.9 (pos), 0.8 (neg), 0.7 (pos), 0.1 (neg): precisions at the hits 1/1 and 2/3
+    ap = average_precision(np.array([0.1, 0.9, 0.7, 0.8]), np.array([0, 1, 1, 0]))
+    assert ap == pytest.approx((1 + 2 / 3) / 2)
+    assert np.isnan(average_precision(np.array([0.5, 0.2]), np.array([0, 0])))
+
+
+def test_classification_scores_skip_classes_without_positives():
+    scores = np.array([[0.9, 0.2], [0.1, 0.3]])
+    targets = np.array([[1, 0], [0, 0]])
+    result = classification_scores(scores, targets, ["a", "b"])
+    assert result == {"map": 1.0, "ap": {"a": 1.0, "b": None}}

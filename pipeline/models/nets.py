@@ -1,0 +1,150 @@
+"""The networks on a backbone: the classifier with its CAMs, and RRM's joint segmentation network.
+
+Heads carry PSA's and RRM's names (``dropout7``, ``fc8``, ``fc8_seg_conv1``, ``fc8_seg_conv2``)
+and the backbone is the child ``backbone``; ``pipeline.models.weights.nest_backbone_keys`` maps
+their flat checkpoints onto this layout.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple, Self
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from pipeline.models.weights import BACKBONE
+
+SEG_HIDDEN = 512
+SEG_DILATION = 12
+
+
+def freeze_batchnorm(module: nn.Module) -> None:
+    """Put every batch norm in ``module`` in eval mode and stop its parameters' gradients.
+
+    PSA and RRM train this way: the ImageNet statistics are used as they are, since batches of
+    a few crops would estimate them badly. ``.train()`` puts batch norm back in training mode,
+    so the networks built with ``freeze_bn=True`` call this again from their ``train``.
+    """
+    for layer in module.modules():
+        if isinstance(layer, nn.modules.batchnorm._BatchNorm):
+            layer.eval()
+            for parameter in layer.parameters(recurse=False):
+                parameter.requires_grad_(False)
+
+
+class _Classifier(nn.Module):
+    """Backbone -> global average pooling -> bias-free 1x1 conv ``fc8`` to one logit per class.
+
+    ``freeze_bn``: keep the backbone's batch norm frozen (see ``freeze_batchnorm``), as PSA and
+    RRM do with a pretrained backbone; a backbone trained from scratch (``small``, or any without
+    weights) has no statistics worth keeping and must not freeze.
+    """
+
+    def __init__(
+        self, backbone: nn.Module, num_classes: int, *, freeze_bn: bool, dropout: float = 0.5
+    ) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.dropout7 = nn.Dropout2d(dropout)
+        self.fc8 = nn.Conv2d(backbone.out_channels, num_classes, 1, bias=False)
+        nn.init.xavier_uniform_(self.fc8.weight)
+        self.freeze_bn = freeze_bn
+        if freeze_bn:
+            freeze_batchnorm(self.backbone)
+
+    def train(self, mode: bool = True) -> Self:
+        super().train(mode)
+        if self.freeze_bn:
+            freeze_batchnorm(self.backbone)
+        return self
+
+    def logits_from(self, features: Tensor) -> Tensor:
+        """(N, C) class logits; dropout (training only) before pooling, as in PSA."""
+        pooled = self.dropout7(features).mean(dim=(2, 3), keepdim=True)
+        return self.fc8(pooled).flatten(1)
+
+    def cams_from(self, features: Tensor) -> Tensor:
+        """(N, C, h, w) class activation maps: ReLU of ``fc8`` on the unpooled features."""
+        return F.relu(self.fc8(features))
+
+    def cams(self, images: Tensor) -> Tensor:
+        """Class activation maps of normalised images, at the backbone's output stride."""
+        return self.cams_from(self.backbone(images))
+
+
+class CAMNet(_Classifier):
+    """The classifier of stage 1: ``forward`` gives logits, ``cams`` the class activation maps."""
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.logits_from(self.backbone(images))
+
+
+class JointOutput(NamedTuple):
+    logits: Tensor
+    """(N, C) classification logits."""
+    cams: Tensor
+    """(N, C, h, w) class activation maps, not normalised."""
+    seg: Tensor
+    """(N, C + 1, h, w) segmentation logits, background first."""
+
+
+class SegNet(_Classifier):
+    """RRM's network: the classifier plus a segmentation head on the same backbone features.
+
+    The head is two 3x3 convolutions dilated by 12, backbone -> 512 -> C + 1, with a ReLU
+    between. ``forward`` gives logits, CAMs and segmentation logits from one backbone pass, as
+    end-to-end training needs; ``segment`` gives only the segmentation logits. To start from a
+    classifier checkpoint, load it with ``load_checkpoint(net, path, allow_missing=SegNet.seg_head)``.
+    """
+
+    seg_head = ("fc8_seg_conv1", "fc8_seg_conv2")
+
+    def __init__(
+        self, backbone: nn.Module, num_classes: int, *, freeze_bn: bool, dropout: float = 0.5
+    ) -> None:
+        super().__init__(backbone, num_classes, freeze_bn=freeze_bn, dropout=dropout)
+        dilated = {"padding": SEG_DILATION, "dilation": SEG_DILATION}
+        self.fc8_seg_conv1 = nn.Conv2d(backbone.out_channels, SEG_HIDDEN, 3, **dilated)
+        self.fc8_seg_conv2 = nn.Conv2d(SEG_HIDDEN, num_classes + 1, 3, **dilated)
+        nn.init.xavier_uniform_(self.fc8_seg_conv1.weight)
+        nn.init.xavier_uniform_(self.fc8_seg_conv2.weight)
+
+    def seg_from(self, features: Tensor) -> Tensor:
+        return self.fc8_seg_conv2(F.relu(self.fc8_seg_conv1(features)))
+
+    def segment(self, images: Tensor) -> Tensor:
+        """Segmentation logits (N, C + 1, h, w) of normalised images, at the output stride."""
+        return self.seg_from(self.backbone(images))
+
+    def forward(self, images: Tensor) -> JointOutput:
+        features = self.backbone(images)
+        return JointOutput(self.logits_from(features), self.cams_from(features), self.seg_from(features))
+
+
+def param_groups(
+    net: nn.Module, lr: float, weight_decay: float, new_lr_mult: float = 10.0
+) -> list[dict[str, Any]]:
+    """The four SGD parameter groups of PSA and RRM, for ``torch.optim.SGD``.
+
+    Backbone weights learn at ``lr``, its biases at 2x; the new layers (everything beside the
+    backbone: ``fc8`` and the segmentation head) at ``new_lr_mult`` x, 2x that for biases.
+    Weight decay applies to weights only. Frozen parameters (``requires_grad`` off, e.g. frozen
+    batch norm) are left out. PSA trains only convolutions; trainable normalisation scales and
+    shifts (the small backbone's) join the bias groups: no decay, as usual for them. Every group
+    is present, even when empty, and named by ``"name"``.
+    """
+    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {
+        (new, bias): [] for new in (False, True) for bias in (False, True)
+    }
+    for name, parameter in net.named_parameters():
+        if parameter.requires_grad:
+            groups[name.split(".", 1)[0] != BACKBONE, parameter.ndim == 1].append(parameter)
+    return [
+        {
+            "name": f"{'new' if new else 'backbone'} {'biases' if bias else 'weights'}",
+            "params": params,
+            "lr": lr * (new_lr_mult if new else 1.0) * (2.0 if bias else 1.0),
+            "weight_decay": 0.0 if bias else weight_decay,
+        }
+        for (new, bias), params in groups.items()
+    ]
