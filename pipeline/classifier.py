@@ -18,15 +18,21 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from pipeline.data import ClassificationDataset, ImageDataset
+from pipeline.io import fingerprint
 from pipeline.manifest import Manifest
 from pipeline.metrics import classification_scores
-from pipeline.models import CAMNet, build_backbone, load_checkpoint, param_groups, save_checkpoint
+from pipeline.models import (
+    CAMNet,
+    build_backbone,
+    load_checkpoint,
+    param_groups,
+    save_checkpoint,
+)
 from pipeline.params import check_range
 from pipeline.training import (
     Checkpoint,
     Distributed,
     LoopSettings,
-    fingerprint,
     make_loader,
     train,
     unwrap,
@@ -75,6 +81,13 @@ def build_classifier(params: ClassifierParams, num_classes: int) -> CAMNet:
     if params.checkpoint:
         load_checkpoint(net, params.checkpoint)
     return net
+
+
+def load_classifier(params: ClassifierParams, num_classes: int, weights: Path) -> CAMNet:
+    """The trained classifier written by the classifier stage, for inference."""
+    net = CAMNet(build_backbone(params.backbone, None, params.output_stride), num_classes, freeze_bn=False)
+    load_checkpoint(net, weights)
+    return net.eval()
 
 
 def train_classifier(manifest: Manifest, split: str, params: ClassifierParams, out: Path, state: Path,

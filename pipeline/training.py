@@ -7,8 +7,6 @@ after a kill, a progress bar with the running losses, and a clear stop when a lo
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import os
 from collections.abc import Callable, Iterator
@@ -44,6 +42,11 @@ class Distributed:
     @property
     def enabled(self) -> bool:
         return self.world_size > 1
+
+    def barrier(self) -> None:
+        """Wait for every process of the job (nothing to wait for when run plainly)."""
+        if self.enabled:
+            dist.barrier()
 
 
 def init_distributed() -> Distributed:
@@ -126,11 +129,6 @@ def batches_from(loader: DataLoader, step: int) -> Iterator[Any]:
             loader.dataset.set_epoch(epoch)
         yield from loader
         epoch, offset = epoch + 1, 0
-
-
-def fingerprint(*parts: Any) -> str:
-    """A short digest of the settings a result depends on (parameters, input files' digests)."""
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 class Checkpoint:

@@ -1,0 +1,271 @@
+"""Stage 4 and 5: the segmentation branch, trained staged or end to end, and its inference.
+
+``staged``: the head learns from the reliable regions mined once by the prune stage.
+``end_to_end`` (the paper): every step adds the classification loss, and the reliable regions
+of the batch are re-mined from the network's current multi-scale CAMs, the dense CRF work for
+the batch running in parallel worker processes.
+
+Both minimise the balanced cross-entropy on reliable pixels plus the gated dense energy on all
+pixels (:mod:`pipeline.losses`).
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import Executor, Future, ProcessPoolExecutor
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from pipeline.cams import image_size, multiscale_cams, select_and_normalise, size_grouped_batches
+from pipeline.classifier import ClassifierParams
+from pipeline.crf import CRFParams, dense_crf
+from pipeline.data import ImageDataset, SegmentationDataset
+from pipeline.io import IGNORE, fingerprint
+from pipeline.losses import DENSE_ENERGY_WEIGHT, DenseEnergyLoss, check_method, segmentation_ce
+from pipeline.manifest import Item, Manifest
+from pipeline.metrics import SegmentationScore
+from pipeline.models import SegNet, build_backbone, load_checkpoint, param_groups, save_checkpoint
+from pipeline.params import check_range
+from pipeline.prune import PruneParams, prune_image
+from pipeline.store import ImageStore
+from pipeline.training import Checkpoint, Distributed, LoopSettings, make_loader, train, unwrap
+
+
+@dataclass(frozen=True)
+class SegmentParams:
+    mode: str = "staged"
+    """staged: learn from the prune stage's masks; end_to_end: re-mine them every step (the paper)."""
+    crop_size: int = 96
+    scale_range: tuple[float, ...] = (0.7, 1.3)
+    flip: bool = True
+    batch_size: int = 8
+    steps: int = 600
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 1e-5
+    num_workers: int = 2
+    seed: int = 0
+    amp: bool = True
+    checkpoint_every: int = 100
+    dense_weight: float = DENSE_ENERGY_WEIGHT
+    """Weight of the dense energy with the exact kernel; 5e-8 matches the paper's 1e-7 (see losses)."""
+    sigma_rgb: float = 15.0
+    sigma_xy: float = 100.0
+    energy_scale: float = 0.5
+    energy_method: str = "auto"
+    cls_weight: float = 1.0
+    """end_to_end only: weight of the classification loss."""
+    mining_scales: tuple[float, ...] = (1.0, 0.5, 1.5, 2.0)
+    """end_to_end only: scales of the CAMs the reliable regions are re-mined from."""
+    mining_workers: int = 2
+    """end_to_end only: processes running the batch's dense CRFs."""
+    crf: bool = True
+    """Refine val predictions and pseudo labels with the dense CRF of the spec's inference settings."""
+    crf_workers: int = 2
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("staged", "end_to_end"):
+            raise ValueError(f"mode={self.mode!r} is not one of staged, end_to_end")
+        check_method(self.energy_method)
+        for name in ("steps", "dense_weight", "cls_weight", "num_workers", "lr", "weight_decay"):
+            check_range(name, getattr(self, name), 0)
+        for name in ("batch_size", "checkpoint_every", "mining_workers", "crf_workers"):
+            check_range(name, getattr(self, name), 1)
+        check_range("crop_size", self.crop_size, 8)
+        check_range("energy_scale", self.energy_scale, 0.05, 1)
+        if len(self.scale_range) != 2 or not 0 < self.scale_range[0] <= self.scale_range[1]:
+            raise ValueError(f"scale_range={list(self.scale_range)} must be [low, high] with 0 < low <= high")
+        if not self.mining_scales or min(self.mining_scales) <= 0:
+            raise ValueError(f"mining_scales={list(self.mining_scales)} must be positive factors")
+
+
+def build_segnet(classifier: ClassifierParams, num_classes: int, init: Path | None) -> SegNet:
+    """The joint network on the classifier's backbone, from the classifier's trained weights."""
+    backbone = build_backbone(classifier.backbone, None, classifier.output_stride)
+    net = SegNet(backbone, num_classes, freeze_bn=classifier.freeze_bn)
+    if init is not None:
+        load_checkpoint(net, init, allow_missing=SegNet.seg_head)
+    return net
+
+
+def _upsample(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    return F.interpolate(logits.float(), size=size, mode="bilinear", align_corners=False)
+
+
+class Miner:
+    """Re-mines reliable regions for a training batch from the network's current CAMs.
+
+    The dense CRFs of the batch's crops run in ``workers`` processes at once. The pool uses
+    'spawn', so the workers start clean of the training process's threads.
+    """
+
+    def __init__(self, params: PruneParams, scales: tuple[float, ...], workers: int) -> None:
+        self.params, self.scales = params, scales
+        self.pool: Executor = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+
+    def close(self) -> None:
+        self.pool.shutdown(cancel_futures=True)
+
+    @torch.no_grad()
+    def __call__(self, net: SegNet, batch: dict[str, Any], device: torch.device) -> torch.Tensor:
+        was_training = net.training
+        net.eval()
+        cams = multiscale_cams(net.cams, batch["image"].to(device), self.scales, flip=False).cpu()
+        net.train(was_training)
+        valid = batch["valid"].bool()
+        jobs = []
+        for index in range(cams.shape[0]):
+            classes = batch["labels"][index].nonzero().flatten().tolist()
+            maps = (cams[index] * valid[index]).clamp(min=0)
+            rgb = batch["rgb"][index].permute(1, 2, 0).numpy()
+            if classes:
+                normalised = select_and_normalise(maps, classes).numpy()
+                jobs.append(self.pool.submit(prune_image, rgb, normalised, np.array(classes), self.params))
+            else:
+                jobs.append(None)
+        size = tuple(batch["rgb"].shape[-2:])
+        labels = [torch.from_numpy(job.result()) if job else torch.full(size, IGNORE, dtype=torch.uint8)
+                  for job in jobs]
+        return torch.stack(labels).long().masked_fill(~valid, IGNORE)
+
+
+def train_segmentation(manifest: Manifest, split: str, classifier: ClassifierParams, params: SegmentParams,
+                       prune: PruneParams, init: Path, masks: ImageStore, out: Path, state: Path,
+                       ctx: Distributed, device: torch.device, progress: bool = True) -> SegNet:
+    """Train the segmentation branch (either mode), write its weights to ``out``; returns the network."""
+    torch.manual_seed(params.seed)
+    net = build_segnet(classifier, manifest.num_classes, init).to(device)
+    if params.steps == 0:
+        if ctx.is_main:
+            save_checkpoint(net, out)
+        return net
+    staged = params.mode == "staged"
+    if staged:
+        masks.require_complete()
+    if staged:
+        def read_label(image_id: str) -> np.ndarray:
+            return masks.read(image_id)[0]
+    else:
+        def read_label(image_id: str) -> np.ndarray:  # mined anew at every step
+            return np.full(image_size(manifest.image_path(image_id)), IGNORE, dtype=np.uint8)
+    dataset = SegmentationDataset(manifest, split, read_label, params.crop_size, params.scale_range, params.flip,
+                                  params.seed)
+    loader = make_loader(dataset, params.batch_size, params.num_workers, ctx, params.seed, device)
+    model: nn.Module = net
+    if ctx.enabled:
+        # The staged mode leaves the classification layer out of the loss.
+        model = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None,
+                                                    find_unused_parameters=staged)
+    optimizer = torch.optim.SGD(param_groups(net, params.lr, params.weight_decay), lr=params.lr,
+                                momentum=params.momentum)
+    energy = DenseEnergyLoss(params.dense_weight, params.sigma_rgb, params.sigma_xy, params.energy_scale,
+                             params.energy_method)
+    miner = None if staged else Miner(prune, params.mining_scales, params.mining_workers)
+
+    def step(batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        labels = batch["label"] if miner is None else miner(net, batch, device)
+        labels, valid = labels.to(device), batch["valid"].to(device)
+        output = model(batch["image"].to(device, non_blocking=True))
+        seg = _upsample(output.seg, tuple(labels.shape[-2:]))
+        losses = {"ce": segmentation_ce(seg, labels),
+                  "energy": energy(batch["rgb"].to(device).float(), seg.softmax(1), valid, labels)}
+        if miner is not None:
+            losses["cls"] = params.cls_weight * F.multilabel_soft_margin_loss(output.logits.float(),
+                                                                              batch["labels"].to(device))
+        return {"loss": sum(losses.values()), **losses}
+
+    settings = LoopSettings(params.steps, params.checkpoint_every, amp=params.amp, description=f"segment {params.mode}",
+                            progress=progress)
+    key = fingerprint(asdict(params), asdict(prune) if miner else masks.fingerprint, asdict(classifier),
+                      manifest.name, split, len(dataset))
+    try:
+        train(model, loader, step, optimizer, settings, Checkpoint(state, key), ctx, device)
+    finally:
+        if miner is not None:
+            miner.close()
+    if ctx.is_main:
+        save_checkpoint(unwrap(net), out)
+    return net
+
+
+def load_segnet(classifier: ClassifierParams, num_classes: int, weights: Path) -> SegNet:
+    """The trained segmentation network written by the segment stage, for inference."""
+    net = build_segnet(classifier, num_classes, None)
+    load_checkpoint(net, weights)
+    return net.eval()
+
+
+def _crf_labels(image: np.ndarray, probs: np.ndarray, params: CRFParams) -> np.ndarray:
+    return dense_crf(image, probs, params).argmax(axis=0).astype(np.uint8)
+
+
+@torch.inference_mode()
+def predict(net: SegNet, manifest: Manifest, split: str, device: torch.device, crf: CRFParams | None,
+            batch_size: int = 4, workers: int = 2, progress: bool = True
+            ) -> Iterator[tuple[Item, np.ndarray, np.ndarray]]:
+    """``(item, plain, refined)`` label maps (uint8 (H, W)) for every image of ``split``.
+
+    ``plain`` is the argmax of the upsampled softmax; ``refined`` the same after the dense CRF
+    (``plain`` again without ``crf``). Images of one size go through the network together; the
+    CRFs run in ``workers`` processes while the network goes on, a bounded number in flight.
+    """
+    net.eval()
+    dataset = ImageDataset(manifest, split)
+    items = {item.id: item for item in dataset.items}
+    sizes = {index: image_size(manifest.image_path(item.id)) for index, item in enumerate(dataset.items)}
+    loader = DataLoader(dataset, batch_sampler=size_grouped_batches(sizes, batch_size))
+    pool = nullcontext() if crf is None else ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+    pending: deque[tuple[Item, np.ndarray, Future | None]] = deque()
+
+    def finished(item: Item, plain: np.ndarray, refined: Future | None) -> tuple[Item, np.ndarray, np.ndarray]:
+        bar.update(1)
+        return item, plain, plain if refined is None else refined.result()
+
+    with pool, tqdm(total=len(dataset), desc=f"predict {split}", unit="img", disable=not progress) as bar:
+        for batch in loader:
+            images = batch["image"].to(device)
+            with torch.autocast(device.type, enabled=device.type == "cuda"):
+                logits = net.segment(images)
+            probs = _upsample(logits, tuple(images.shape[-2:])).softmax(1).cpu().numpy()
+            for index, image_id in enumerate(batch["id"]):
+                plain = probs[index].argmax(axis=0).astype(np.uint8)
+                refined = None if crf is None else pool.submit(_crf_labels, batch["rgb"][index].numpy(),
+                                                                 probs[index], crf)
+                pending.append((items[image_id], plain, refined))
+            while pending and (len(pending) > 4 * workers or pending[0][2] is None or pending[0][2].done()):
+                yield finished(*pending.popleft())
+        while pending:
+            yield finished(*pending.popleft())
+
+
+def infer_split(net: SegNet, manifest: Manifest, split: str, store: ImageStore, device: torch.device,
+                crf: CRFParams | None, workers: int, progress: bool = True) -> dict[str, Any]:
+    """Write the (refined) predictions of ``split`` to ``store`` and score both kinds against the
+    ground truth where it exists: ``{"miou", "miou_no_crf", "iou", "scored_images"}``."""
+    plain_score, refined_score = (SegmentationScore(manifest.num_classes + 1) for _ in range(2))
+    scored = 0
+    for item, plain, refined in predict(net, manifest, split, device, crf, workers=workers, progress=progress):
+        store.write(item.id, refined)
+        gt = manifest.read_mask(item)
+        if gt is not None:
+            plain_score.update(gt, plain)
+            refined_score.update(gt, refined)
+            scored += 1
+    store.mark_complete(item.id for item in manifest.split(split))
+    names = manifest.label_names
+    return {"miou": refined_score.miou() if scored else None,
+            "miou_no_crf": plain_score.miou() if scored else None,
+            "iou": refined_score.as_dict(names)["iou"] if scored else None,
+            "scored_images": scored}
+

@@ -1,0 +1,54 @@
+"""Stage `cams`: multi-scale CAMs of the train and val splits into artifacts/cams.zarr, and their score.
+
+Under ``torchrun`` every process writes its own share of the images into the one store.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+
+from pipeline.cams import CamParams, extract_cams, score_cams
+from pipeline.classifier import ClassifierParams, load_classifier
+from pipeline.io import file_digest, fingerprint, write_json
+from pipeline.metrics import write_metrics
+from pipeline.params import load_params
+from pipeline.stage import load_dataset, run, stopwatch
+from pipeline.store import ImageStore
+from pipeline.training import default_device, init_distributed
+
+WEIGHTS = Path("checkpoints/classifier.pth")
+STORE = Path("artifacts/cams.zarr")
+METRICS = Path("metrics/cams.json")
+CURVE = Path("plots/cams_threshold.json")
+
+
+def main(params_path: Path) -> None:
+    manifest, dataset = load_dataset(params_path)
+    classifier = load_params(ClassifierParams, "classifier", params_path)
+    params = load_params(CamParams, "cams", params_path)
+    ctx = init_distributed()
+    device = default_device(ctx)
+    net = load_classifier(classifier, manifest.num_classes, WEIGHTS).to(device)
+    store = ImageStore(STORE, stage="cams")
+    splits = (dataset.train_split, dataset.val_split)
+    if ctx.is_main:
+        store.reset_unless(fingerprint(asdict(params), file_digest(WEIGHTS), file_digest(manifest.source), splits))
+    ctx.barrier()
+    with stopwatch() as timing:
+        for split in splits:
+            extract_cams(net.cams, manifest, split, store, params, device, ctx.rank, ctx.world_size)
+    ctx.barrier()
+    if not ctx.is_main:
+        return
+    store.mark_complete(item.id for split in splits for item in manifest.split(split))
+    val = score_cams(store, manifest, dataset.val_split, params.score_thresholds)
+    train = score_cams(store, manifest, dataset.train_split, params.score_thresholds)
+    write_metrics(METRICS, {"miou": val["miou"], "threshold": val["threshold"], "iou": val["iou"],
+                            "train": {k: train[k] for k in ("miou", "threshold", "iou")}, **timing})
+    write_json(CURVE, [{"threshold": p["threshold"], "val": p["miou"], "train": t["miou"]}
+                       for p, t in zip(val["curve"], train["curve"], strict=True)])
+
+
+if __name__ == "__main__":
+    run(main)

@@ -1,0 +1,55 @@
+"""Stage `segment`: train the segmentation branch, predict val (scored) and train (the two-step
+pseudo labels, scored where ground truth exists)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pipeline.classifier import ClassifierParams
+from pipeline.crf import INFERENCE_CRF
+from pipeline.io import file_digest, fingerprint
+from pipeline.metrics import write_metrics
+from pipeline.params import load_params
+from pipeline.prune import PruneParams
+from pipeline.segment import SegmentParams, infer_split, train_segmentation
+from pipeline.stage import load_dataset, run, stopwatch
+from pipeline.store import ImageStore
+from pipeline.training import default_device, init_distributed
+
+INIT = Path("checkpoints/classifier.pth")
+MASKS = Path("artifacts/masks.zarr")
+WEIGHTS = Path("checkpoints/segment.pth")
+STATE = Path("checkpoints/state/segment.pt")
+PREDICTIONS = Path("artifacts/segment.zarr")
+PSEUDO = Path("artifacts/pseudo.zarr")
+METRICS = Path("metrics/segment.json")
+
+
+def main(params_path: Path) -> None:
+    manifest, dataset = load_dataset(params_path)
+    classifier = load_params(ClassifierParams, "classifier", params_path)
+    params = load_params(SegmentParams, "segment", params_path)
+    prune = load_params(PruneParams, "prune", params_path)
+    ctx = init_distributed()
+    device = default_device(ctx)
+    with stopwatch() as training:
+        net = train_segmentation(manifest, dataset.train_split, classifier, params, prune, INIT,
+                                 ImageStore(MASKS, stage="prune"), WEIGHTS, STATE, ctx, device)
+    if not ctx.is_main:
+        return
+    crf = INFERENCE_CRF if params.crf else None
+    results = {}
+    with stopwatch() as inference:
+        for name, path, split in (("val", PREDICTIONS, dataset.val_split), ("pseudo", PSEUDO, dataset.train_split)):
+            store = ImageStore(path, stage="segment")
+            store.reset_unless(fingerprint(file_digest(WEIGHTS), params.crf, split))
+            results[name] = infer_split(net, manifest, split, store, device, crf, params.crf_workers)
+    val = results["val"]
+    write_metrics(METRICS, {"miou": val["miou"], "miou_no_crf": val["miou_no_crf"], "iou": val["iou"],
+                            "mode": params.mode, "pseudo": results["pseudo"],
+                            "train_seconds": training["seconds"], "infer_seconds": inference["seconds"],
+                            "seconds": training["seconds"] + inference["seconds"]})
+
+
+if __name__ == "__main__":
+    run(main)

@@ -1,0 +1,105 @@
+"""The stages end to end on a tiny synthetic project, as `dvc repro` runs them (without DVC)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from pipeline.store import ImageStore
+from stages import cams, classifier, data, segment
+
+TINY = {
+    "dataset": {"manifest": "manifests/synth.json", "train_split": "train", "val_split": "val"},
+    "data": {"root": "data/synth", "manifest": "manifests/synth.json", "image_size": 48, "num_classes": 3,
+             "train_images": 16, "val_images": 6, "seed": 1},
+    "classifier": {"crop_size": 48, "batch_size": 8, "steps": 6, "num_workers": 0},
+    "cams": {"scales": [1.0, 0.5], "batch_size": 4, "num_workers": 0},
+    "segment": {"crop_size": 48, "batch_size": 4, "steps": 3, "num_workers": 0, "crf_workers": 1,
+                "mining_scales": [1.0], "mining_workers": 1},
+}
+
+
+def _metrics(name: str) -> dict:
+    return json.loads(Path(f"metrics/{name}.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A project folder after the data, classifier and cams stages."""
+    root = tmp_path_factory.mktemp("project")
+    (root / "params.yaml").write_text(yaml.safe_dump(TINY))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(root)
+        data.main(Path("params.yaml"))
+        classifier.main(Path("params.yaml"))
+        cams.main(Path("params.yaml"))
+    return root
+
+
+def test_classifier_writes_weights_and_validation_map(project, monkeypatch):
+    monkeypatch.chdir(project)
+    assert Path("checkpoints/classifier.pth").is_file()
+    scores = _metrics("classifier")
+    assert 0 <= scores["map"] <= 1 and set(scores["ap"]) == {"ant", "bee", "cat"}
+
+
+def test_cams_store_holds_every_image_with_its_classes(project, monkeypatch):
+    monkeypatch.chdir(project)
+    store = ImageStore("artifacts/cams.zarr")
+    assert store.is_complete() and len(store.complete_ids()) == 22
+    manifest = json.loads(Path("manifests/synth.json").read_text())
+    first = manifest["splits"]["train"][0]
+    maps, attrs = store.read(first["id"])
+    assert maps.dtype == np.float16 and maps.shape == (len(first["labels"]), 48, 48)
+    assert attrs["classes"] == first["labels"]
+    peaks = maps.reshape(len(maps), -1).max(axis=1)  # each map divided by its own maximum (0 stays 0)
+    assert all(peak == 0 or abs(peak - 1) < 1e-3 for peak in peaks)
+    scores = _metrics("cams")
+    assert 0 < scores["miou"] <= 1 and 0 < scores["train"]["miou"] <= 1
+    curve = json.loads(Path("plots/cams_threshold.json").read_text())
+    assert [row["threshold"] for row in curve] == sorted(row["threshold"] for row in curve)
+
+
+def test_rerunning_cams_skips_finished_images(project, monkeypatch):
+    monkeypatch.chdir(project)
+    store = ImageStore("artifacts/cams.zarr")
+    before = {image_id: store.read(image_id)[0] for image_id in store.complete_ids()}
+    calls = []
+    monkeypatch.setattr(cams, "extract_cams", lambda *args, **kwargs: calls.append(args[2]))
+    cams.main(Path("params.yaml"))
+    assert calls == ["train", "val"]  # asked for both splits; the store already holds them
+    assert {image_id: store.read(image_id)[0].tobytes() for image_id in before} == {
+        image_id: maps.tobytes() for image_id, maps in before.items()}
+
+
+@pytest.mark.parametrize("mode", ["staged", "end_to_end"])
+def test_segment_trains_predicts_and_scores(project, monkeypatch, mode):
+    monkeypatch.chdir(project)
+    _write_masks_from_cams()
+    params = {**TINY, "segment": {**TINY["segment"], "mode": mode}}
+    Path("params.yaml").write_text(yaml.safe_dump(params))
+    segment.main(Path("params.yaml"))
+    scores = _metrics("segment")
+    assert scores["mode"] == mode and 0 <= scores["miou"] <= 1 and 0 <= scores["miou_no_crf"] <= 1
+    assert scores["pseudo"]["scored_images"] == 16
+    predictions = ImageStore("artifacts/pseudo.zarr")
+    assert predictions.is_complete() and len(predictions.complete_ids()) == 16
+    label, _ = predictions.read(predictions.complete_ids()[0])
+    assert label.dtype == np.uint8 and label.shape == (48, 48) and label.max() <= 3
+
+
+def _write_masks_from_cams() -> None:
+    """Stand-in masks for the staged mode: CAM argmax with a background threshold."""
+    cams_store, masks = ImageStore("artifacts/cams.zarr"), ImageStore("artifacts/masks.zarr")
+    masks.reset_unless("test")
+    manifest = json.loads(Path("manifests/synth.json").read_text())
+    ids = [item["id"] for item in manifest["splits"]["train"]]
+    for image_id in ids:
+        maps, attrs = cams_store.read(image_id)
+        stacked = np.concatenate([np.full((1, *maps.shape[1:]), 0.3), maps])
+        masks.write(image_id, np.concatenate([[0], np.array(attrs["classes"]) + 1])[stacked.argmax(0)].astype(np.uint8))
+    masks.mark_complete(ids)

@@ -1,0 +1,134 @@
+import multiprocessing
+
+import numpy as np
+import pytest
+import zarr
+
+from pipeline.errors import InputError
+from pipeline.store import COMPLETE, ImageStore
+
+
+@pytest.fixture
+def store(tmp_path):
+    return ImageStore(tmp_path / "cams.zarr", stage="cams")
+
+
+def test_round_trip_keeps_dtype_shape_values_and_attrs(store):
+    rng = np.random.default_rng(0)
+    cams = rng.random((2, 7, 5)).astype(np.float16)
+    mask = rng.integers(0, 4, size=(7, 5), dtype=np.uint8)
+    store.write("a", cams, classes=[3, 11])
+    store.write("b", mask)
+
+    cams_back, cams_attrs = store.read("a")
+    mask_back, mask_attrs = store.read("b")
+    assert cams_back.dtype == np.float16 and np.array_equal(cams_back, cams)
+    assert mask_back.dtype == np.uint8 and np.array_equal(mask_back, mask)
+    assert cams_attrs == {"classes": [3, 11]}
+    assert mask_attrs == {}
+    assert store.ids() == ["a", "b"] == store.complete_ids()
+    assert "a" in store and "c" not in store
+
+
+def test_empty_array_for_an_image_without_classes(store):
+    store.write("none", np.zeros((0, 4, 6), dtype=np.float16), classes=[])
+    array, attrs = store.read("none")
+    assert array.shape == (0, 4, 6) and attrs == {"classes": []}
+
+
+def test_rewrite_replaces_shape_and_attrs(store):
+    store.write("a", np.ones((3, 4, 4), dtype=np.float16), classes=[0, 1, 2])
+    store.write("a", np.zeros((1, 2, 2), dtype=np.float16), classes=[5])
+    array, attrs = store.read("a")
+    assert array.shape == (1, 2, 2) and attrs == {"classes": [5]}
+
+
+def test_a_write_cut_short_counts_as_absent_and_is_replaced(store):
+    store.write("done", np.ones((2, 2), dtype=np.uint8))
+    group = zarr.open_group(store.path, mode="a")
+    half = group.create_array("killed", shape=(2, 2), dtype=np.uint8, chunks=(2, 2))
+    half[...] = 7  # data written, the process dies before the marker
+
+    assert store.ids() == ["done", "killed"]
+    assert store.complete_ids() == ["done"]
+    assert "killed" not in store
+    with pytest.raises(InputError, match=r"cams.zarr: image 'killed' was not written in full \(rerun the cams stage\)"):
+        store.read("killed")
+
+    store.write("killed", np.full((2, 2), 3, dtype=np.uint8))
+    assert "killed" in store and store.read("killed")[0].tolist() == [[3, 3], [3, 3]]
+
+
+def test_removing_the_marker_makes_an_array_incomplete(store):
+    store.write("a", np.ones((2, 2), dtype=np.uint8))
+    zarr.open_array(store.path, path="a", mode="a").attrs[COMPLETE] = False
+    assert store.complete_ids() == [] and "a" not in store
+
+
+def test_missing_store_and_missing_id_name_the_store(store):
+    with pytest.raises(InputError, match=r"cams.zarr: store not found \(has the cams stage run\?\)"):
+        store.read("x")
+    assert store.ids() == [] and store.complete_ids() == [] and "x" not in store
+    store.write("a", np.zeros((1, 1), dtype=np.uint8))
+    with pytest.raises(InputError, match=r"^.*cams.zarr: no image 'x' \(has the cams stage run\?\)$"):
+        store.read("x")
+
+
+def test_a_store_of_no_named_stage_gives_no_hint(tmp_path):
+    masks = ImageStore(tmp_path / "masks.zarr")
+    masks.write("y", np.zeros((1, 1), dtype=np.uint8))
+    with pytest.raises(InputError, match=r"masks.zarr: no image 'x'$"):
+        masks.read("x")
+
+
+@pytest.mark.parametrize("bad", ["", "a/b", "__meta", ".."])
+def test_ids_that_cannot_name_an_array_are_refused(store, bad):
+    with pytest.raises(InputError, match="cannot name an array"):
+        store.write(bad, np.zeros((1, 1), dtype=np.uint8))
+
+
+def _write_share(path: str, ids: list[str]) -> None:
+    store = ImageStore(path)
+    for index, image_id in enumerate(ids):
+        store.write(image_id, np.full((3, 3), index, dtype=np.uint8), rank=ids[0])
+
+
+def test_processes_writing_their_own_ids_into_one_store_at_once(tmp_path):
+    path = str(tmp_path / "masks.zarr")
+    shares = [[f"p{p}_{i}" for i in range(12)] for p in range(3)]
+    context = multiprocessing.get_context("spawn")
+    workers = [context.Process(target=_write_share, args=(path, share)) for share in shares]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=60)
+        assert worker.exitcode == 0
+
+    store = ImageStore(path)
+    assert store.complete_ids() == sorted(i for share in shares for i in share)
+    for share in shares:
+        array, attrs = store.read(share[-1])
+        assert array[0, 0] == len(share) - 1 and attrs == {"rank": share[0]}
+
+
+def test_a_store_made_with_other_settings_is_started_anew(tmp_path):
+    store = ImageStore(tmp_path / "cams.zarr", stage="cams")
+    assert store.reset_unless("settings-a") is False
+    store.write("a", np.zeros((2, 2), dtype=np.uint8))
+    assert store.reset_unless("settings-a") is True
+    assert store.complete_ids() == ["a"]
+    assert store.reset_unless("settings-b") is False
+    assert store.complete_ids() == [] and store.fingerprint == "settings-b"
+
+
+def test_only_a_store_marked_complete_is_taken_as_complete(tmp_path):
+    store = ImageStore(tmp_path / "masks.zarr", stage="prune")
+    store.reset_unless("x")
+    store.write("a", np.zeros((2, 2), dtype=np.uint8))
+    with pytest.raises(InputError, match=r"masks\.zarr: incomplete store \(rerun the prune stage\)"):
+        store.require_complete()
+    with pytest.raises(InputError, match="1 image\\(s\\) missing, e.g. 'b'"):
+        store.mark_complete(["a", "b"])
+    store.mark_complete(["a"])
+    store.require_complete()
+    assert store.reset_unless("y") is False and not store.is_complete()
