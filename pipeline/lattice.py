@@ -146,18 +146,21 @@ def permutohedral_filter(features: Tensor, values: Tensor) -> Tensor:
     """Approximately ``sum_j exp(-|f_i - f_j|^2 / 2) v_j`` for each batch element, in O(points).
 
     ``features`` (N, P, d), already divided by the kernel's standard deviations; ``values``
-    (N, P, K). Returns (N, P, K). Batch elements share no lattice vertices. Not differentiable.
+    (N, P, K). Returns (N, P, K). Batch elements share no lattice vertices. Not differentiable
+    (:mod:`pipeline.losses` gives its filters a gradient).
     """
     n, p, d = features.shape
     k = values.shape[-1]
     origin, rank, weights = _simplex(_elevate(features.reshape(n * p, d)))
     group = torch.arange(n, device=features.device).repeat_interleave(p)
     codes, steps = _vertex_codes(origin, rank, group)
+    # the lattice: the occupied vertices and their neighbours, sorted; each point's vertex indices
     splat_codes, order = codes.reshape(-1).sort()
     occupied, occupant = splat_codes.unique_consecutive(return_inverse=True)
     lattice = torch.cat([occupied, (occupied + torch.cat([steps, -steps])[:, None]).reshape(-1)]).unique()
     vertex = torch.empty_like(order)
     vertex[order] = torch.searchsorted(lattice, occupied)[occupant]
+    # splat: a vertex sums the values of the points on it, weighted; vertex M is a zero row
     blurred = F.embedding_bag(
         order // (d + 1),
         values.reshape(n * p, k),
@@ -168,5 +171,6 @@ def permutohedral_filter(features: Tensor, values: Tensor) -> Tensor:
     blurred = torch.cat([blurred, blurred.new_zeros(1, k)])
     for ahead, behind in _neighbours(lattice, steps):
         blurred[:-1] = 0.5 * blurred[:-1] + 0.25 * (blurred[ahead] + blurred[behind])
+    # slice: each point takes the blurred values of its vertices with the same weights
     sliced = F.embedding_bag(vertex.reshape(n * p, d + 1), blurred, per_sample_weights=weights, mode="sum")
     return (sliced * (_integral_scale(d) * CALIBRATION)).reshape(n, p, k)

@@ -85,7 +85,7 @@ def _channels_first(values: Tensor, shape: torch.Size) -> Tensor:
 class _SymmetricFilter(torch.autograd.Function):
     """``W @ values`` with the gradient ``W @ grad`` (W is symmetric); none for the images.
 
-    The lattice's blur, axis by axis over a truncated lattice, is symmetric only to about 1e-4
+    The lattice's blur, axis by axis over a truncated lattice, is symmetric only to about 2e-4
     (its transpose blurs the axes in the other order): its gradient is that of the symmetric W it
     approximates.
     """
@@ -189,6 +189,8 @@ def bilateral_filter(images: Tensor, values: Tensor, sigma_rgb: float, sigma_xy:
     """The exact ``W @ values``: (N, 3, H, W) images in 0..255, (N, K, H, W) values.
 
     Fused attention on a GPU, the blockwise filter elsewhere; O(pixels x block) memory at most.
+    Differentiable in ``values`` (the gradient is the filtered gradient, W being symmetric), not
+    in ``images``.
     """
     if images.is_cuda:
         return bilateral_filter_sdpa(images, values, sigma_rgb, sigma_xy)
