@@ -78,7 +78,8 @@ def manifest(tmp_path: Path) -> Manifest:
     rng = np.random.default_rng(0)
     items = []
     for index, ((height, width), labels) in enumerate(zip(SIZES, LABELS, strict=True)):
-        write_image(tmp_path / "images" / f"im{index}.png", rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+        image = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+        write_image(tmp_path / "images" / f"im{index}.png", image)
         items.append(Item(f"im{index}", labels))
     return Manifest("sizes", ("a", "b", "c"), tmp_path / "images", ".png", {"train": tuple(items)})
 
@@ -105,6 +106,11 @@ def test_size_grouped_batches_keep_one_size_per_batch_in_first_seen_order():
     sizes = dict(enumerate(SIZES))
     assert size_grouped_batches(sizes, batch_size=2) == [[0, 2], [5], [1, 4], [3], [6]]
     assert size_grouped_batches({4: (9, 9), 7: (9, 9)}, batch_size=8) == [[4, 7]]
+
+
+def test_a_pixel_budget_caps_batches_of_large_images():
+    sizes = {0: (10, 10), 1: (10, 10), 2: (10, 10), 3: (50, 50), 4: (50, 50)}
+    assert size_grouped_batches(sizes, batch_size=8, batch_pixels=250) == [[0, 1], [2], [3], [4]]
 
 
 def test_image_size_comes_from_the_header(manifest, tmp_path):
