@@ -51,7 +51,7 @@ class SegmentParams:
     flip: bool = True
     batch_size: int = 8
     steps: int = 600
-    lr: float = 0.01
+    lr: float = 0.001
     momentum: float = 0.9
     weight_decay: float = 1e-5
     num_workers: int = 2

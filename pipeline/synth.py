@@ -32,7 +32,13 @@ from skimage.transform import resize
 from tqdm import tqdm
 
 from pipeline.io import atomic_open, write_image, write_json, write_mask
-from pipeline.manifest import Item, Manifest, default_palette, labels_from_mask, make_split
+from pipeline.manifest import (
+    Item,
+    Manifest,
+    default_palette,
+    labels_from_mask,
+    make_split,
+)
 from pipeline.params import check_range
 
 SPLITS = ("train", "val")

@@ -28,7 +28,13 @@ from scipy.io.matlab import MatReadError
 
 from pipeline.errors import InputError
 from pipeline.io import read_mask
-from pipeline.manifest import Item, Manifest, default_palette, labels_from_mask, make_split
+from pipeline.manifest import (
+    Item,
+    Manifest,
+    default_palette,
+    labels_from_mask,
+    make_split,
+)
 
 VOC_CLASSES: tuple[str, ...] = (
     "aeroplane", "bicycle", "bird", "boat", "bottle",

@@ -9,8 +9,8 @@ from pipeline.classifier import ClassifierParams
 from pipeline.crf import INFERENCE_CRF
 from pipeline.io import file_digest, fingerprint
 from pipeline.metrics import write_metrics
+from pipeline.mining import load_prune_params
 from pipeline.params import load_params
-from pipeline.prune import PruneParams
 from pipeline.segment import SegmentParams, infer_split, train_segmentation
 from pipeline.stage import load_dataset, run, stopwatch
 from pipeline.store import ImageStore
@@ -29,7 +29,7 @@ def main(params_path: Path) -> None:
     manifest, dataset = load_dataset(params_path)
     classifier = load_params(ClassifierParams, "classifier", params_path)
     params = load_params(SegmentParams, "segment", params_path)
-    prune = load_params(PruneParams, "prune", params_path)
+    prune, _ = load_prune_params(params_path)
     ctx = init_distributed()
     device = default_device(ctx)
     with stopwatch() as training:

@@ -5,7 +5,12 @@ import numpy as np
 import pytest
 
 from pipeline.errors import InputError
-from pipeline.manifest import check_images_exist, default_palette, labels_from_mask, load_manifest
+from pipeline.manifest import (
+    check_images_exist,
+    default_palette,
+    labels_from_mask,
+    load_manifest,
+)
 
 
 def test_voc_palette_first_colours():

@@ -7,9 +7,9 @@ import pytest
 from pipeline.io import IGNORE
 from pipeline.metrics import (
     PartialLabelScore,
+    SegmentationScore,
     average_precision,
     classification_scores,
-    SegmentationScore,
     confusion_matrix,
     per_image_iou,
     write_metrics,

@@ -7,7 +7,13 @@ import pytest
 
 from pipeline.errors import InputError
 from pipeline.params import build_params
-from pipeline.prune import PruneParams, background_score, label_reliable, prune_image, reliable_regions
+from pipeline.prune import (
+    PruneParams,
+    background_score,
+    label_reliable,
+    prune_image,
+    reliable_regions,
+)
 
 
 def noisy(image: np.ndarray, seed: int = 0) -> np.ndarray:

@@ -14,7 +14,13 @@ Typical use::
 """
 
 from pipeline.models.backbones import BACKBONES, build_backbone, load_backbone_weights
-from pipeline.models.nets import CAMNet, JointOutput, SegNet, freeze_batchnorm, param_groups
+from pipeline.models.nets import (
+    CAMNet,
+    JointOutput,
+    SegNet,
+    freeze_batchnorm,
+    param_groups,
+)
 from pipeline.models.weights import load_checkpoint, read_weights, save_checkpoint
 
 __all__ = [

@@ -1,0 +1,293 @@
+"""Reliable-region mining of a whole split over a dask cluster, scored as it goes.
+
+The rule (:func:`pipeline.prune.prune_image`) costs two dense CRFs per image and every image is
+independent, so the images are spread over the processes of a ``dask.distributed`` cluster: a
+``LocalCluster`` of one single-threaded process per core by default (pydensecrf holds the GIL,
+so threads would not run in parallel), or a running scheduler given by its address, so the
+same command runs on a cluster.
+
+- Tasks take a chunk of :class:`~pipeline.manifest.Item` (ids and labels), never arrays: each
+  worker reads the CAMs and the image, writes the mask into the mask store itself and returns
+  only small counts, so no process ever holds all masks.
+- The driver keeps a bounded number of tasks in flight and submits the next one as each
+  finishes, so its memory does not grow with the number of images.
+- A mask already complete in the store is read back instead of recomputed: a run killed
+  part-way redoes only what it had not written. The store's fingerprint depends on
+  :class:`~pipeline.prune.PruneParams` and the CAM store's fingerprint only, never on
+  :class:`ClusterParams`: another worker count or scheduler keeps the finished masks.
+- Each image's mask depends only on its own inputs and the counts are integer sums, so masks
+  and scores do not depend on the number of workers or the order tasks finish in.
+
+Scoring reads each image's ground truth once, in the task that prunes it: the precision and
+coverage of the reliable pixels (:class:`~pipeline.metrics.PartialLabelScore`) and, for
+comparison, the IoU of the plain CAM argmax with the rule's own background score
+``(1 - max_c cam_c) ** ha_alpha`` (the dense labelling that pruning starts from; the best
+fixed threshold is what ``metrics/cams.json`` reports).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, fields, replace
+from functools import partial
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+import dask.config
+import numpy as np
+from distributed import Client, LocalCluster, as_completed
+from tqdm import tqdm
+
+from pipeline.errors import InputError
+from pipeline.io import IGNORE, fingerprint
+from pipeline.manifest import Item, Manifest
+from pipeline.metrics import PartialLabelScore, SegmentationScore
+from pipeline.params import build_params, check_range, read_params_file
+from pipeline.prune import PruneParams, prune_image, stack_scores
+from pipeline.store import ImageStore
+
+PRE_SPAWN_ENVIRON = "distributed.nanny.pre-spawn-environ"
+"""Dask's setting of the environment its worker processes start with (None unsets a variable)."""
+
+TASKS_PER_WORKER = 2
+"""Tasks in flight per worker thread: one running and one queued, so no worker waits for the driver."""
+
+
+@dataclass(frozen=True)
+class ClusterParams:
+    """How the prune stage runs, never what it computes: no mask depends on these.
+
+    ``scheduler``: address of a running dask scheduler (e.g. ``tcp://10.0.0.1:8786``); None
+    starts a ``LocalCluster`` of ``workers`` processes with one thread each (None: one per CPU
+    core). ``workers`` applies to that local cluster only. ``chunk_size``: images per task,
+    which spreads the per-task overhead of the scheduler over several images.
+    """
+
+    scheduler: str | None = None
+    workers: int | None = None
+    chunk_size: int = 8
+
+    def __post_init__(self) -> None:
+        if self.workers is not None:
+            check_range("workers", self.workers, 1)
+        check_range("chunk_size", self.chunk_size, 1)
+
+
+def load_prune_params(params_path: str | Path) -> tuple[PruneParams, ClusterParams]:
+    """The `prune:` section: the rule's settings and, beside them, how to run it."""
+    section = read_params_file(params_path).get("prune") or {}
+    if not isinstance(section, dict):
+        raise InputError(params_path, "section 'prune' must be a mapping")
+    where = f"{params_path} [prune]"
+    execution = {f.name for f in fields(ClusterParams)}
+    rule = {key: value for key, value in section.items() if key not in execution}
+    run = {key: value for key, value in section.items() if key in execution}
+    return build_params(PruneParams, rule, where), build_params(ClusterParams, run, where)
+
+
+def mask_fingerprint(params: PruneParams, cams: ImageStore) -> str:
+    """What the masks are made from: the rule's settings and the CAMs (by their store's fingerprint)."""
+    return fingerprint(asdict(params), cams.fingerprint)
+
+
+@dataclass(frozen=True)
+class MiningJob:
+    """What every task needs besides its items; small, so it travels with each task.
+
+    ``manifest`` locates images and ground truth (its splits are not needed); store paths are
+    absolute, so workers started elsewhere find them (they must see the same file system).
+    """
+
+    manifest: Manifest
+    cams: ImageStore
+    masks: ImageStore
+    params: PruneParams
+
+    @classmethod
+    def create(cls, manifest: Manifest, cams: ImageStore, masks: ImageStore, params: PruneParams) -> MiningJob:
+        return cls(
+            replace(manifest, splits={}),
+            ImageStore(cams.path.resolve(), cams.stage),
+            ImageStore(masks.path.resolve(), masks.stage),
+            params,
+        )
+
+
+@dataclass
+class MiningScore:
+    """Counts over a set of images, summed from the tasks' own.
+
+    ``computed``: ids whose masks were pruned (the others were read back from the store);
+    ``images``: images seen; ``scored``: those with a ground-truth mask; ``masks``: the
+    reliable pixels against the ground truth; ``cams``: the plain CAM argmax against it.
+    """
+
+    num_labels: int
+    computed: list[str] = field(default_factory=list)
+    images: int = 0
+    scored: int = 0
+    masks: PartialLabelScore = field(init=False)
+    cams: SegmentationScore = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.masks = PartialLabelScore(self.num_labels)
+        self.cams = SegmentationScore(self.num_labels)
+
+    def add(self, other: MiningScore) -> None:
+        self.computed += other.computed
+        self.images += other.images
+        self.scored += other.scored
+        self.masks.counts += other.masks.counts
+        self.cams.confusion += other.cams.confusion
+
+    def as_dict(self, label_names: Sequence[str]) -> dict[str, Any]:
+        """``{"precision", "coverage", "per_class", "cam_argmax": {"miou", ...}, "images", "scored_images"}``
+        for JSON (None for a ratio with nothing to count, e.g. without ground truth)."""
+        return {
+            **self.masks.as_dict(label_names),
+            "cam_argmax": self.cams.as_dict(label_names),
+            "images": self.images,
+            "scored_images": self.scored,
+        }
+
+
+def per_class_rows(metrics: dict[str, Any]) -> list[dict[str, Any]]:
+    """``[{"class", "precision", "coverage"}, ...]`` from :meth:`MiningScore.as_dict`, for a DVC bar plot."""
+    return [
+        {"class": name, "precision": scores["precision"], "coverage": scores["coverage"]}
+        for name, scores in metrics["per_class"].items()
+    ]
+
+
+def cam_argmax(cams: np.ndarray, classes: Sequence[int], alpha: float) -> np.ndarray:
+    """uint8 (H, W) labels of ``argmax([(1 - max cam) ** alpha, cams])``: 0 or class index + 1.
+
+    All background for an image without classes (k = 0).
+    """
+    if cams.shape[0] == 0:
+        return np.zeros(cams.shape[1:], dtype=np.uint8)
+    values = np.concatenate([[0], np.asarray(classes) + 1]).astype(np.uint8)
+    return values[stack_scores(cams, alpha).argmax(axis=0)]
+
+
+def _check_size(where: Path, what: str, shape: tuple[int, ...], image: tuple[int, ...], hint: str) -> None:
+    """Raise naming ``where`` unless an array of ``shape`` (H, W) matches its ``image`` (H, W)."""
+    if shape != image:
+        raise InputError(where, f"{what} is {shape[0]}x{shape[1]}, its image {image[0]}x{image[1]} ({hint})")
+
+
+def _mask(job: MiningJob, item: Item, cams: np.ndarray, classes: Sequence[int]) -> tuple[np.ndarray, bool]:
+    """The image's mask and whether it was computed now (False: read back from the store).
+
+    An image without classes (k = 0) gets all 255: without its tags nothing is known about
+    it, and calling it all background would teach that any untagged object is background.
+    """
+    if item.id in job.masks:
+        return job.masks.read(item.id)[0], False
+    if cams.shape[0] == 0:
+        mask = np.full(cams.shape[1:], IGNORE, dtype=np.uint8)
+    else:
+        image = job.manifest.read_image(item.id)
+        what = f"the CAM array of {item.id!r}"
+        _check_size(job.cams.path, what, cams.shape[1:], image.shape[:2], "rerun the cams stage")
+        mask = prune_image(image, cams, np.asarray(classes), job.params)
+    job.masks.write(item.id, mask)
+    return mask, True
+
+
+def mine_chunk(job: MiningJob, items: Sequence[Item]) -> MiningScore:
+    """Prune (or read back) and score each of ``items``: the task that runs on the workers."""
+    score = MiningScore(job.manifest.num_classes + 1)
+    for item in items:
+        cams, attrs = job.cams.read(item.id)
+        cams = cams.astype(np.float32)
+        mask, computed = _mask(job, item, cams, attrs["classes"])
+        score.images += 1
+        if computed:
+            score.computed.append(item.id)
+        gt = job.manifest.read_mask(item)
+        if gt is None:
+            continue
+        what = f"the ground-truth mask of {item.id!r}"
+        _check_size(job.manifest.mask_path(item.id), what, gt.shape, mask.shape, "a mask must match its image")
+        score.scored += 1
+        score.masks.update(gt, mask)
+        score.cams.update(gt, cam_argmax(cams, attrs["classes"], job.params.ha_alpha))
+    return score
+
+
+@contextmanager
+def connect(cluster: ClusterParams) -> Iterator[Client]:
+    """A client of the scheduler at ``cluster.scheduler``, or of a new local cluster closed on exit.
+
+    Without an address in the params, dask's own setting (``DASK_SCHEDULER_ADDRESS``) is used
+    if present. The local cluster has no dashboard, so that several runs never compete for its
+    port, and its workers keep glibc's default memory trimming: dask sets
+    ``MALLOC_TRIM_THRESHOLD_``, which turns off glibc's adaptive mmap threshold, so each CRF's
+    large buffers would be mapped and faulted in afresh (measured 12-15% slower per image).
+    """
+    address = cluster.scheduler or dask.config.get("scheduler-address", None)
+    if address:
+        with Client(address) as client:
+            yield client
+        return
+    workers = cluster.workers or os.cpu_count() or 1
+    with (
+        dask.config.set({f"{PRE_SPAWN_ENVIRON}.MALLOC_TRIM_THRESHOLD_": None}),
+        LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None) as local,
+        Client(local) as client,
+    ):
+        yield client
+
+
+def _chunks(items: Sequence[Item], size: int) -> Iterator[Sequence[Item]]:
+    return (items[start : start + size] for start in range(0, len(items), size))
+
+
+def _bounded_map(
+    client: Client, job: MiningJob, chunks: Iterable[Sequence[Item]], in_flight: int
+) -> Iterator[MiningScore]:
+    """:func:`mine_chunk` of each of ``chunks``, in the order they finish, at most ``in_flight`` at once."""
+    pending = iter(chunks)
+    submit = partial(client.submit, mine_chunk, job, pure=False)
+    running = as_completed([submit(chunk) for chunk in islice(pending, in_flight)])
+    for future in running:
+        yield future.result()
+        for chunk in islice(pending, 1):
+            running.add(submit(chunk))
+
+
+def mine_split(
+    manifest: Manifest,
+    split: str,
+    cams: ImageStore,
+    masks: ImageStore,
+    params: PruneParams,
+    cluster: ClusterParams,
+    progress: bool = True,
+) -> MiningScore:
+    """Write the reliable-region mask of every image of ``split`` into ``masks``, and score them.
+
+    Refuses to start unless the CAM store is complete. Keeps the masks already in the store if
+    it was started from the same settings and CAMs, else starts it anew; marks it complete once
+    every image is in. Returns the summed counts (``computed`` sorted).
+    """
+    cams.require_complete()
+    items = manifest.split(split)
+    masks.reset_unless(mask_fingerprint(params, cams))
+    job = MiningJob.create(manifest, cams, masks, params)
+    total = MiningScore(manifest.num_classes + 1)
+    with (
+        connect(cluster) as client,
+        tqdm(total=len(items), desc=f"prune {split}", unit="img", disable=not progress) as bar,
+    ):
+        in_flight = TASKS_PER_WORKER * max(1, sum(client.nthreads().values()))
+        for score in _bounded_map(client, job, _chunks(items, cluster.chunk_size), in_flight):
+            total.add(score)
+            bar.update(score.images)
+    masks.mark_complete(item.id for item in items)
+    total.computed.sort()
+    return total

@@ -1,0 +1,43 @@
+"""Stage `prune`: mine the reliable regions of the training split's CAMs; score them.
+
+Only the training split is pruned: its masks are what the segmentation stage learns from, and
+pruning is the costly part (two dense CRFs per image). The validation split is judged on the
+segmentation predictions, against its full masks, by the segment stage.
+
+``python -m stages.prune [params.yaml]``; the `prune:` section holds both the rule's settings
+and how to run it (``scheduler``, ``workers``, ``chunk_size``, see ``ClusterParams``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+from pipeline.io import write_json
+from pipeline.metrics import write_metrics
+from pipeline.mining import load_prune_params, mine_split, per_class_rows
+from pipeline.stage import load_dataset, run, stopwatch
+from pipeline.store import ImageStore
+
+CAMS = Path("artifacts/cams.zarr")
+MASKS = Path("artifacts/masks.zarr")
+METRICS = Path("metrics/prune.json")
+PLOT = Path("plots/prune_per_class.json")
+
+
+def main(params_path: Path, scheduler: str | None = None) -> None:
+    """Run the stage; ``scheduler`` (a dask scheduler address) overrides ``prune.scheduler``."""
+    manifest, dataset = load_dataset(params_path)
+    params, cluster = load_prune_params(params_path)
+    if scheduler is not None:
+        cluster = replace(cluster, scheduler=scheduler)
+    cams, masks = ImageStore(CAMS, stage="cams"), ImageStore(MASKS, stage="prune")
+    with stopwatch() as timing:
+        score = mine_split(manifest, dataset.train_split, cams, masks, params, cluster)
+    metrics = score.as_dict(manifest.label_names)
+    write_metrics(METRICS, {**metrics, **timing})
+    write_json(PLOT, per_class_rows(metrics))
+
+
+if __name__ == "__main__":
+    run(main)
