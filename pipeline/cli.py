@@ -133,6 +133,10 @@ def _report_manifest(built, out: Path) -> None:
 @click.argument("name", type=click.Choice(STAGES))
 @click.option("--params", "params_path", type=click.Path(path_type=Path), default=Path("params.yaml"),
               show_default=True, help="Parameters file.")
-def stage(name: str, params_path: Path) -> None:
+@click.option("--scheduler", help="prune only: address of a running dask scheduler (overrides prune.scheduler).")
+def stage(name: str, params_path: Path, scheduler: str | None) -> None:
     """Run one pipeline stage directly, as `dvc repro` would (without DVC's bookkeeping)."""
-    importlib.import_module(f"stages.{name}").main(params_path)
+    if scheduler is not None and name != "prune":
+        raise click.UsageError("--scheduler is for the prune stage")
+    options = {} if scheduler is None else {"scheduler": scheduler}
+    importlib.import_module(f"stages.{name}").main(params_path, **options)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -14,14 +15,22 @@ from pipeline.manifest import Manifest, load_manifest
 from pipeline.params import PARAMS_FILE, load_params
 
 
-def run(main: Callable[[Path], None]) -> None:
-    """Run a stage's ``main(params_path)`` as ``python -m stages.<name> [params.yaml]``.
+def run(main: Callable[..., None], *options: str) -> None:
+    """Run a stage's ``main(params_path, **options)`` as
+    ``python -m stages.<name> [params.yaml] [--option VALUE ...]``.
 
-    Bad input ends the process with one line on stderr and exit status 2, not a traceback.
+    ``options`` name the keyword arguments ``main`` takes from the command line (for instance
+    ``scheduler``); one not given is not passed. Bad input ends the process with one line on
+    stderr and exit status 2, not a traceback.
     """
-    params_path = Path(sys.argv[1]) if len(sys.argv) > 1 else PARAMS_FILE
+    parser = argparse.ArgumentParser(prog=f"python -m {main.__module__}", description=main.__doc__)
+    parser.add_argument("params", nargs="?", type=Path, default=PARAMS_FILE, help="parameters file")
+    for option in options:
+        parser.add_argument(f"--{option.replace('_', '-')}", dest=option)
+    arguments = vars(parser.parse_args())
+    params_path = arguments.pop("params")
     try:
-        main(params_path)
+        main(params_path, **{name: value for name, value in arguments.items() if value is not None})
     except InputError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)

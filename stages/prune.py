@@ -4,7 +4,7 @@ Only the training split is pruned: its masks are what the segmentation stage lea
 pruning is the costly part (two dense CRFs per image). The validation split is judged on the
 segmentation predictions, against its full masks, by the segment stage.
 
-``python -m stages.prune [params.yaml]``; the `prune:` section holds both the rule's settings
+``python -m stages.prune [params.yaml] [--scheduler ADDRESS]``; the `prune:` section holds both the rule's settings
 and how to run it (``scheduler``, ``workers``, ``chunk_size``, see ``ClusterParams``).
 """
 
@@ -40,4 +40,4 @@ def main(params_path: Path, scheduler: str | None = None) -> None:
 
 
 if __name__ == "__main__":
-    run(main)
+    run(main, "scheduler")
