@@ -191,7 +191,8 @@ def main() -> None:
     print(f"machine: {os.cpu_count()} cores, load average {_load()} before the run")
     print(
         f"device {device}, backbone {args.backbone}, scales {params.scales}, flip {params.flip}, "
-        f"batch {params.batch_size} (at most {params.batch_pixels} pixels), workers {params.num_workers}, torch threads {args.threads}"
+        f"batch {params.batch_size} (at most {params.batch_pixels} pixels), workers {params.num_workers}, "
+        f"torch threads {args.threads}"
     )
     for name, sizes in SIZE_SETS.items():
         with tempfile.TemporaryDirectory() as tmp:

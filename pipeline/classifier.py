@@ -14,7 +14,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
 from torch.utils.data import DataLoader
 
 from pipeline.data import ClassificationDataset, ImageDataset
@@ -33,6 +32,7 @@ from pipeline.training import (
     Checkpoint,
     Distributed,
     LoopSettings,
+    data_parallel,
     make_loader,
     train,
     unwrap,
@@ -99,9 +99,7 @@ def train_classifier(manifest: Manifest, split: str, params: ClassifierParams, o
         dataset = ClassificationDataset(manifest, split, params.crop_size, params.scale_range, params.flip,
                                         params.seed)
         loader = make_loader(dataset, params.batch_size, params.num_workers, ctx, params.seed, device)
-        model: nn.Module = net
-        if ctx.enabled:
-            model = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
+        model = data_parallel(net, ctx, device)
         optimizer = torch.optim.SGD(param_groups(net, params.lr, params.weight_decay), lr=params.lr,
                                     momentum=params.momentum)
 

@@ -59,7 +59,7 @@ class PruneParams:
         check_range("bg_threshold", self.bg_threshold, 0, 1)
         check_range("crf_confidence", self.crf_confidence, 0, 1)
         try:
-            self.crf  # CRFParams checks the CRF settings, naming them without the "crf_" prefix
+            _ = self.crf  # CRFParams checks the CRF settings, naming them without the "crf_" prefix
         except ValueError as error:
             raise ValueError(f"crf_{error}") from None
 

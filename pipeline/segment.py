@@ -23,11 +23,10 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from pipeline.cams import image_size, multiscale_cams, select_and_normalise, size_grouped_batches
+from pipeline.cams import CamParams, image_size, multiscale_cams, select_and_normalise, size_grouped_batches
 from pipeline.classifier import ClassifierParams
 from pipeline.crf import CRFParams, dense_crf
 from pipeline.data import ImageDataset, SegmentationDataset
@@ -39,7 +38,7 @@ from pipeline.models import SegNet, build_backbone, load_checkpoint, param_group
 from pipeline.params import check_range
 from pipeline.prune import PruneParams, prune_image
 from pipeline.store import ImageStore
-from pipeline.training import Checkpoint, Distributed, LoopSettings, make_loader, train, unwrap
+from pipeline.training import Checkpoint, Distributed, LoopSettings, data_parallel, make_loader, train, unwrap
 
 
 @dataclass(frozen=True)
@@ -162,11 +161,7 @@ def train_segmentation(manifest: Manifest, split: str, classifier: ClassifierPar
     dataset = SegmentationDataset(manifest, split, read_label, params.crop_size, params.scale_range, params.flip,
                                   params.seed)
     loader = make_loader(dataset, params.batch_size, params.num_workers, ctx, params.seed, device)
-    model: nn.Module = net
-    if ctx.enabled:
-        # The staged mode leaves the classification layer out of the loss.
-        model = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None,
-                                                    find_unused_parameters=staged)
+    model = data_parallel(net, ctx, device, find_unused=staged)  # staged: the classification layer has no loss
     optimizer = torch.optim.SGD(param_groups(net, params.lr, params.weight_decay), lr=params.lr,
                                 momentum=params.momentum)
     energy = DenseEnergyLoss(params.dense_weight, params.sigma_rgb, params.sigma_xy, params.energy_scale,
@@ -212,20 +207,22 @@ def _crf_labels(image: np.ndarray, probs: np.ndarray, params: CRFParams) -> np.n
 
 @torch.inference_mode()
 def predict(net: SegNet, manifest: Manifest, split: str, device: torch.device, crf: CRFParams | None,
-            batch_size: int = 4, workers: int = 2, progress: bool = True
-            ) -> Iterator[tuple[Item, np.ndarray, np.ndarray]]:
+            batch_size: int = 8, batch_pixels: int = CamParams.batch_pixels, workers: int = 2,
+            progress: bool = True) -> Iterator[tuple[Item, np.ndarray, np.ndarray]]:
     """``(item, plain, refined)`` label maps (uint8 (H, W)) for every image of ``split``.
 
     ``plain`` is the argmax of the upsampled softmax; ``refined`` the same after the dense CRF
     (``plain`` again without ``crf``). Images of one size go through the network together; the
     CRFs run in ``workers`` processes while the network goes on, a bounded number in flight.
+    Batches are capped at ``batch_pixels`` as in the CAM stage (see :class:`CamParams`).
     """
     net.eval()
     dataset = ImageDataset(manifest, split)
     items = {item.id: item for item in dataset.items}
     sizes = {index: image_size(manifest.image_path(item.id)) for index, item in enumerate(dataset.items)}
-    loader = DataLoader(dataset, batch_sampler=size_grouped_batches(sizes, batch_size))
-    pool = nullcontext() if crf is None else ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+    loader = DataLoader(dataset, batch_sampler=size_grouped_batches(sizes, batch_size, batch_pixels))
+    context = multiprocessing.get_context("spawn")
+    pool = nullcontext() if crf is None else ProcessPoolExecutor(workers, mp_context=context)
     pending: deque[tuple[Item, np.ndarray, Future | None]] = deque()
 
     def finished(item: Item, plain: np.ndarray, refined: Future | None) -> tuple[Item, np.ndarray, np.ndarray]:

@@ -166,6 +166,17 @@ class Checkpoint:
         return int(state["step"])
 
 
+def data_parallel(net: nn.Module, ctx: Distributed, device: torch.device, find_unused: bool = False) -> nn.Module:
+    """``net`` wrapped for data-parallel training under torchrun (``net`` itself when run plainly).
+
+    ``find_unused``: some parameters get no gradient in a step (a head left out of the loss).
+    """
+    if not ctx.enabled:
+        return net
+    device_ids = [device.index] if device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(net, device_ids=device_ids, find_unused_parameters=find_unused)
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     """The module inside a DistributedDataParallel wrapper (or the module itself)."""
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
