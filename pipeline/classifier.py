@@ -24,23 +24,20 @@ from pipeline.models import (
     CAMNet,
     build_backbone,
     load_checkpoint,
-    param_groups,
     save_checkpoint,
 )
-from pipeline.params import check_range
 from pipeline.training import (
     Checkpoint,
     Distributed,
-    LoopSettings,
+    TrainingParams,
     data_parallel,
-    make_loader,
     train,
     unwrap,
 )
 
 
 @dataclass(frozen=True)
-class ClassifierParams:
+class ClassifierParams(TrainingParams):
     backbone: str = "small"
     """small | resnet38 | resnet50 | resnet101."""
     weights: str | None = None
@@ -49,28 +46,6 @@ class ClassifierParams:
     """A whole trained classifier to start from (ours, or PSA's res38_cls.pth); with steps 0, used as is."""
     output_stride: int = 8
     freeze_bn: bool = False
-    crop_size: int = 96
-    scale_range: tuple[float, ...] = (0.9, 1.1)
-    flip: bool = True
-    batch_size: int = 16
-    steps: int = 600
-    lr: float = 0.01
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    num_workers: int = 2
-    seed: int = 0
-    amp: bool = True
-    checkpoint_every: int = 100
-
-    def __post_init__(self) -> None:
-        check_range("steps", self.steps, 0)
-        check_range("batch_size", self.batch_size, 1)
-        check_range("crop_size", self.crop_size, 8)
-        check_range("lr", self.lr, 0)
-        check_range("num_workers", self.num_workers, 0)
-        check_range("checkpoint_every", self.checkpoint_every, 1)
-        if len(self.scale_range) != 2 or not 0 < self.scale_range[0] <= self.scale_range[1]:
-            raise ValueError(f"scale_range={list(self.scale_range)} must be [low, high] with 0 < low <= high")
 
 
 def build_classifier(params: ClassifierParams, num_classes: int) -> CAMNet:
@@ -98,17 +73,15 @@ def train_classifier(manifest: Manifest, split: str, params: ClassifierParams, o
     if params.steps > 0:
         dataset = ClassificationDataset(manifest, split, params.crop_size, params.scale_range, params.flip,
                                         params.seed)
-        loader = make_loader(dataset, params.batch_size, params.num_workers, ctx, params.seed, device)
+        loader = params.loader(dataset, ctx, device)
         model = data_parallel(net, ctx, device)
-        optimizer = torch.optim.SGD(param_groups(net, params.lr, params.weight_decay), lr=params.lr,
-                                    momentum=params.momentum)
+        optimizer = params.optimizer(net)
 
         def step(batch: dict[str, Any]) -> dict[str, torch.Tensor]:
             logits = model(batch["image"].to(device, non_blocking=True))
             return {"loss": F.multilabel_soft_margin_loss(logits.float(), batch["labels"].to(device))}
 
-        settings = LoopSettings(params.steps, params.checkpoint_every, amp=params.amp, description="classifier",
-                                progress=progress)
+        settings = params.loop("classifier", progress)
         key = fingerprint(asdict(params), manifest.name, split, len(dataset))
         train(model, loader, step, optimizer, settings, Checkpoint(state, key), ctx, device)
     if ctx.is_main:

@@ -34,29 +34,21 @@ from pipeline.io import IGNORE, fingerprint
 from pipeline.losses import DENSE_ENERGY_WEIGHT, DenseEnergyLoss, check_method, segmentation_ce
 from pipeline.manifest import Item, Manifest
 from pipeline.metrics import SegmentationScore
-from pipeline.models import SegNet, build_backbone, load_checkpoint, param_groups, save_checkpoint
+from pipeline.models import SegNet, build_backbone, load_checkpoint, save_checkpoint
 from pipeline.params import check_range
 from pipeline.prune import PruneParams, prune_image
 from pipeline.store import ImageStore
-from pipeline.training import Checkpoint, Distributed, LoopSettings, data_parallel, make_loader, train, unwrap
+from pipeline.training import Checkpoint, Distributed, TrainingParams, data_parallel, train, unwrap
 
 
 @dataclass(frozen=True)
-class SegmentParams:
+class SegmentParams(TrainingParams):
+    scale_range: tuple[float, ...] = (0.7, 1.3)
+    batch_size: int = 8
+    lr: float = 0.001
+    weight_decay: float = 1e-5
     mode: str = "staged"
     """staged: learn from the prune stage's masks; end_to_end: re-mine them every step (the paper)."""
-    crop_size: int = 96
-    scale_range: tuple[float, ...] = (0.7, 1.3)
-    flip: bool = True
-    batch_size: int = 8
-    steps: int = 600
-    lr: float = 0.001
-    momentum: float = 0.9
-    weight_decay: float = 1e-5
-    num_workers: int = 2
-    seed: int = 0
-    amp: bool = True
-    checkpoint_every: int = 100
     dense_weight: float = DENSE_ENERGY_WEIGHT
     """Weight of the dense energy with the exact kernel; 5e-8 matches the paper's 1e-7 (see losses)."""
     sigma_rgb: float = 15.0
@@ -74,17 +66,15 @@ class SegmentParams:
     crf_workers: int = 2
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.mode not in ("staged", "end_to_end"):
             raise ValueError(f"mode={self.mode!r} is not one of staged, end_to_end")
         check_method(self.energy_method)
-        for name in ("steps", "dense_weight", "cls_weight", "num_workers", "lr", "weight_decay"):
+        for name in ("dense_weight", "cls_weight"):
             check_range(name, getattr(self, name), 0)
-        for name in ("batch_size", "checkpoint_every", "mining_workers", "crf_workers"):
+        for name in ("mining_workers", "crf_workers"):
             check_range(name, getattr(self, name), 1)
-        check_range("crop_size", self.crop_size, 8)
         check_range("energy_scale", self.energy_scale, 0.05, 1)
-        if len(self.scale_range) != 2 or not 0 < self.scale_range[0] <= self.scale_range[1]:
-            raise ValueError(f"scale_range={list(self.scale_range)} must be [low, high] with 0 < low <= high")
         if not self.mining_scales or min(self.mining_scales) <= 0:
             raise ValueError(f"mining_scales={list(self.mining_scales)} must be positive factors")
 
@@ -160,10 +150,9 @@ def train_segmentation(manifest: Manifest, split: str, classifier: ClassifierPar
             return np.full(image_size(manifest.image_path(image_id)), IGNORE, dtype=np.uint8)
     dataset = SegmentationDataset(manifest, split, read_label, params.crop_size, params.scale_range, params.flip,
                                   params.seed)
-    loader = make_loader(dataset, params.batch_size, params.num_workers, ctx, params.seed, device)
+    loader = params.loader(dataset, ctx, device)
     model = data_parallel(net, ctx, device, find_unused=staged)  # staged: the classification layer has no loss
-    optimizer = torch.optim.SGD(param_groups(net, params.lr, params.weight_decay), lr=params.lr,
-                                momentum=params.momentum)
+    optimizer = params.optimizer(net)
     energy = DenseEnergyLoss(params.dense_weight, params.sigma_rgb, params.sigma_xy, params.energy_scale,
                              params.energy_method)
     miner = None if staged else Miner(prune, params.mining_scales, params.mining_workers)
@@ -180,8 +169,7 @@ def train_segmentation(manifest: Manifest, split: str, classifier: ClassifierPar
                                                                               batch["labels"].to(device))
         return {"loss": sum(losses.values()), **losses}
 
-    settings = LoopSettings(params.steps, params.checkpoint_every, amp=params.amp, description=f"segment {params.mode}",
-                            progress=progress)
+    settings = params.loop(f"segment {params.mode}", progress)
     key = fingerprint(asdict(params), asdict(prune) if miner else masks.fingerprint, asdict(classifier),
                       manifest.name, split, len(dataset))
     try:

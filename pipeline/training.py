@@ -21,6 +21,48 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
 from pipeline.io import atomic_open
+from pipeline.models import param_groups
+from pipeline.params import check_range
+
+
+@dataclass(frozen=True)
+class TrainingParams:
+    """What every trained stage sets: its crops, its schedule, its optimiser (SGD with momentum).
+
+    A stage's own parameters extend this class and may give other defaults.
+    """
+
+    crop_size: int = 96
+    scale_range: tuple[float, ...] = (0.9, 1.1)
+    flip: bool = True
+    batch_size: int = 16
+    steps: int = 600
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    num_workers: int = 2
+    seed: int = 0
+    amp: bool = True
+    checkpoint_every: int = 100
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "lr", "momentum", "weight_decay", "num_workers"):
+            check_range(name, getattr(self, name), 0)
+        for name in ("batch_size", "checkpoint_every"):
+            check_range(name, getattr(self, name), 1)
+        check_range("crop_size", self.crop_size, 8)
+        if len(self.scale_range) != 2 or not 0 < self.scale_range[0] <= self.scale_range[1]:
+            raise ValueError(f"scale_range={list(self.scale_range)} must be [low, high] with 0 < low <= high")
+
+    def optimizer(self, net: nn.Module) -> torch.optim.Optimizer:
+        """SGD over PSA's four parameter groups (new layers at 10x, biases at 2x)."""
+        return torch.optim.SGD(param_groups(net, self.lr, self.weight_decay), lr=self.lr, momentum=self.momentum)
+
+    def loader(self, dataset: Dataset, ctx: Distributed, device: torch.device) -> DataLoader:
+        return make_loader(dataset, self.batch_size, self.num_workers, ctx, self.seed, device)
+
+    def loop(self, description: str, progress: bool) -> LoopSettings:
+        return LoopSettings(self.steps, self.checkpoint_every, amp=self.amp, description=description, progress=progress)
 
 
 class TrainingDiverged(RuntimeError):
