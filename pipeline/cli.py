@@ -140,3 +140,22 @@ def stage(name: str, params_path: Path, scheduler: str | None) -> None:
         raise click.UsageError("--scheduler is for the prune stage")
     options = {} if scheduler is None else {"scheduler": scheduler}
     importlib.import_module(f"stages.{name}").main(params_path, **options)
+
+
+@main.command()
+@click.option("--metrics", "metrics_dir", type=click.Path(file_okay=False, path_type=Path),
+              default=Path("metrics"), show_default=True, help="Folder of the stages' metrics files.")
+@click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON instead of a table.")
+def report(metrics_dir: Path, as_json: bool) -> None:
+    """The scores of the paper's ablation (percent) and the seconds each stage took.
+
+    CAM mIoU on val and train, reliable-region precision and coverage, one-step mIoU with and
+    without CRF, pseudo-label mIoU on train and two-step (DeepLab) mIoU, read from
+    metrics/<stage>.json; a stage that has not run reads "not run".
+    """
+    import json
+
+    from pipeline.report import format_rows, read_metrics, report_rows, rows_as_json
+
+    rows = report_rows(read_metrics(metrics_dir, STAGES))
+    click.echo(json.dumps(rows_as_json(rows), indent=1) if as_json else format_rows(rows))

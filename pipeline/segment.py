@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import multiprocessing
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Executor, Future, ProcessPoolExecutor
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
@@ -88,7 +88,8 @@ def build_segnet(classifier: ClassifierParams, num_classes: int, init: Path | No
     return net
 
 
-def _upsample(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+def upsample(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Logits resized bilinearly (in float32) to ``size`` = (height, width)."""
     return F.interpolate(logits.float(), size=size, mode="bilinear", align_corners=False)
 
 
@@ -161,7 +162,7 @@ def train_segmentation(manifest: Manifest, split: str, classifier: ClassifierPar
         labels = batch["label"] if miner is None else miner(net, batch, device)
         labels, valid = labels.to(device), batch["valid"].to(device)
         output = model(batch["image"].to(device, non_blocking=True))
-        seg = _upsample(output.seg, tuple(labels.shape[-2:]))
+        seg = upsample(output.seg, tuple(labels.shape[-2:]))
         losses = {"ce": segmentation_ce(seg, labels),
                   "energy": energy(batch["rgb"].to(device).float(), seg.softmax(1), valid, labels)}
         if miner is not None:
@@ -193,18 +194,28 @@ def _crf_labels(image: np.ndarray, probs: np.ndarray, params: CRFParams) -> np.n
     return dense_crf(image, probs, params).argmax(axis=0).astype(np.uint8)
 
 
+ProbabilityFn = Callable[[torch.Tensor], torch.Tensor]
+"""Normalised images (N, 3, H, W) of one size -> class probabilities (N, K, H, W) at that size."""
+
+
+def segnet_probabilities(net: SegNet) -> ProbabilityFn:
+    """The softmax of ``net``'s segmentation logits upsampled to the input; puts ``net`` in eval mode."""
+    net.eval()
+    return lambda images: upsample(net.segment(images), tuple(images.shape[-2:])).softmax(1)
+
+
 @torch.inference_mode()
-def predict(net: SegNet, manifest: Manifest, split: str, device: torch.device, crf: CRFParams | None,
-            batch_size: int = 8, batch_pixels: int = CamParams.batch_pixels, workers: int = 2,
+def predict(probabilities: ProbabilityFn, manifest: Manifest, split: str, device: torch.device,
+            crf: CRFParams | None, batch_size: int = 8, batch_pixels: int = CamParams.batch_pixels, workers: int = 2,
             progress: bool = True) -> Iterator[tuple[Item, np.ndarray, np.ndarray]]:
     """``(item, plain, refined)`` label maps (uint8 (H, W)) for every image of ``split``.
 
-    ``plain`` is the argmax of the upsampled softmax; ``refined`` the same after the dense CRF
-    (``plain`` again without ``crf``). Images of one size go through the network together; the
+    ``probabilities`` is the network's inference (one pass, or several scales averaged; a
+    network in eval mode). ``plain`` is the argmax of its probabilities; ``refined`` the same
+    after the dense CRF (``plain`` again without ``crf``). Images of one size go through the network together; the
     CRFs run in ``workers`` processes while the network goes on, a bounded number in flight.
     Batches are capped at ``batch_pixels`` as in the CAM stage (see :class:`CamParams`).
     """
-    net.eval()
     dataset = ImageDataset(manifest, split)
     items = {item.id: item for item in dataset.items}
     sizes = {index: image_size(manifest.image_path(item.id)) for index, item in enumerate(dataset.items)}
@@ -221,8 +232,7 @@ def predict(net: SegNet, manifest: Manifest, split: str, device: torch.device, c
         for batch in loader:
             images = batch["image"].to(device)
             with torch.autocast(device.type, enabled=device.type == "cuda"):
-                logits = net.segment(images)
-            probs = _upsample(logits, tuple(images.shape[-2:])).softmax(1).cpu().numpy()
+                probs = probabilities(images).float().cpu().numpy()
             for index, image_id in enumerate(batch["id"]):
                 plain = probs[index].argmax(axis=0).astype(np.uint8)
                 refined = None if crf is None else pool.submit(_crf_labels, batch["rgb"][index].numpy(),
@@ -234,13 +244,14 @@ def predict(net: SegNet, manifest: Manifest, split: str, device: torch.device, c
             yield finished(*pending.popleft())
 
 
-def infer_split(net: SegNet, manifest: Manifest, split: str, store: ImageStore, device: torch.device,
-                crf: CRFParams | None, workers: int, progress: bool = True) -> dict[str, Any]:
+def infer_split(probabilities: ProbabilityFn, manifest: Manifest, split: str, store: ImageStore,
+                device: torch.device, crf: CRFParams | None, workers: int, progress: bool = True) -> dict[str, Any]:
     """Write the (refined) predictions of ``split`` to ``store`` and score both kinds against the
     ground truth where it exists: ``{"miou", "miou_no_crf", "iou", "scored_images"}``."""
     plain_score, refined_score = (SegmentationScore(manifest.num_classes + 1) for _ in range(2))
     scored = 0
-    for item, plain, refined in predict(net, manifest, split, device, crf, workers=workers, progress=progress):
+    for item, plain, refined in predict(probabilities, manifest, split, device, crf, workers=workers,
+                                        progress=progress):
         store.write(item.id, refined)
         gt = manifest.read_mask(item)
         if gt is not None:

@@ -11,7 +11,7 @@ from pipeline.io import file_digest, fingerprint
 from pipeline.metrics import write_metrics
 from pipeline.mining import load_prune_params
 from pipeline.params import load_params
-from pipeline.segment import SegmentParams, infer_split, train_segmentation
+from pipeline.segment import SegmentParams, infer_split, segnet_probabilities, train_segmentation
 from pipeline.stage import load_dataset, run, stopwatch
 from pipeline.store import ImageStore
 from pipeline.training import default_device, init_distributed
@@ -43,7 +43,8 @@ def main(params_path: Path) -> None:
         for name, path, split in (("val", PREDICTIONS, dataset.val_split), ("pseudo", PSEUDO, dataset.train_split)):
             store = ImageStore(path, stage="segment")
             store.reset_unless(fingerprint(file_digest(WEIGHTS), params.crf, split))
-            results[name] = infer_split(net, manifest, split, store, device, crf, params.crf_workers)
+            results[name] = infer_split(segnet_probabilities(net), manifest, split, store, device, crf,
+                                        params.crf_workers)
     val = results["val"]
     write_metrics(METRICS, {"miou": val["miou"], "miou_no_crf": val["miou_no_crf"], "iou": val["iou"],
                             "mode": params.mode, "pseudo": results["pseudo"],

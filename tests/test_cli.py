@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 from pipeline.cli import main
 
-COMMANDS = [[], ["synth"], ["manifest"], ["manifest", "voc12"], ["manifest", "folder"], ["stage"]]
+COMMANDS = [[], ["synth"], ["manifest"], ["manifest", "voc12"], ["manifest", "folder"], ["stage"], ["report"]]
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=lambda c: " ".join(c) or "rrm")

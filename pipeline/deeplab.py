@@ -1,0 +1,153 @@
+"""Stage 6, the optional two-step: DeepLabV3 retrained on the one-step predictions.
+
+torchvision's DeepLabV3 head (ASPP with image pooling) on one of our dilated backbones, trained
+with plain cross-entropy on the segment stage's pseudo labels for the training images (255
+ignored), through the shared loop of :mod:`pipeline.training` (polynomial decay, AMP on CUDA,
+torchrun data parallel, resume). Inference averages the softmax over several scales and their
+mirror images, then runs the optional dense CRF, through :func:`pipeline.segment.infer_split`.
+
+The defaults follow the usual DeepLab recipe on VOC (ResNet-101 from ImageNet weights, 321
+crops, batches of 10, 20k steps, scale jitter 0.5-1.5), with the new head at 10x the base rate as
+in every trained stage here; the synthetic benchmark's ``params.yaml`` picks the small backbone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Self
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.models.segmentation.deeplabv3 import DeepLabHead
+
+from pipeline.cams import multiscale_cams
+from pipeline.data import SegmentationDataset
+from pipeline.io import IGNORE, fingerprint
+from pipeline.manifest import Manifest
+from pipeline.models import build_backbone, freeze_batchnorm, save_checkpoint
+from pipeline.segment import ProbabilityFn, upsample
+from pipeline.store import ImageStore
+from pipeline.training import Checkpoint, Distributed, TrainingParams, data_parallel, train, unwrap
+
+ASPP_RATES_AT_STRIDE_8 = (12, 24, 36)
+"""torchvision's ASPP dilations, for output stride 8; other strides scale them to the same field of view."""
+
+
+@dataclass(frozen=True)
+class DeepLabParams(TrainingParams):
+    enabled: bool = False
+    """Off by default: a plain ``dvc repro`` then only records ``{"enabled": false}``."""
+    backbone: str = "resnet101"
+    """small | resnet50 | resnet101 (a dilated backbone of :func:`pipeline.models.build_backbone`)."""
+    weights: str | None = None
+    """Backbone initialisation file (torchvision's ImageNet .pth); None: from scratch."""
+    output_stride: int = 8
+    crop_size: int = 321
+    scale_range: tuple[float, ...] = (0.5, 1.5)
+    batch_size: int = 10
+    steps: int = 20000
+    lr: float = 0.001
+    weight_decay: float = 1e-4
+    scales: tuple[float, ...] = (1.0, 0.75, 1.25)
+    """Inference scales whose softmax is averaged."""
+    flip: bool = True
+    """Training: random mirror crops; inference: the mirror images join the average."""
+    crf: bool = True
+    """Refine the val predictions with the dense CRF of the spec's inference settings."""
+    crf_workers: int = 2
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.scales or min(self.scales) <= 0:
+            raise ValueError(f"scales={list(self.scales)} must be one or more positive factors")
+        if self.output_stride not in (8, 16, 32):
+            raise ValueError(f"output_stride={self.output_stride} is not one of 8, 16, 32")
+        if self.batch_size < 2:
+            raise ValueError("batch_size must be at least 2: the ASPP image-pooling branch normalises over the batch")
+        if self.crf_workers < 1:
+            raise ValueError(f"crf_workers={self.crf_workers} must be at least 1")
+
+
+class DeepLab(nn.Module):
+    """A backbone (the child ``backbone``, so its layers learn at the base rate) and DeepLabV3's head.
+
+    ``freeze_bn``: keep the backbone's batch norm at the statistics of its weights file, which
+    batches of a few crops would estimate badly (the head's batch norm always trains).
+    """
+
+    def __init__(self, backbone: nn.Module, num_labels: int, output_stride: int, *, freeze_bn: bool) -> None:
+        super().__init__()
+        self.backbone = backbone
+        rates = [rate * 8 // output_stride for rate in ASPP_RATES_AT_STRIDE_8]
+        self.head = DeepLabHead(backbone.out_channels, num_labels, rates)
+        self.freeze_bn = freeze_bn
+        if freeze_bn:
+            freeze_batchnorm(self.backbone)
+
+    def train(self, mode: bool = True) -> Self:
+        super().train(mode)
+        if self.freeze_bn:
+            freeze_batchnorm(self.backbone)
+        return self
+
+    def forward(self, images: Tensor) -> Tensor:
+        """Logits (N, C + 1, h, w) of normalised images, at the output stride."""
+        return self.head(self.backbone(images))
+
+
+def build_deeplab(params: DeepLabParams, num_classes: int) -> DeepLab:
+    """The network for ``num_classes`` foreground classes, its backbone from ``params.weights``
+    (batch norm then frozen) or from PyTorch's default initialisation."""
+    weights = Path(params.weights) if params.weights else None
+    backbone = build_backbone(params.backbone, weights, params.output_stride)
+    return DeepLab(backbone, num_classes + 1, params.output_stride, freeze_bn=weights is not None)
+
+
+def pseudo_label_loss(logits: Tensor, labels: Tensor) -> Tensor:
+    """Cross-entropy averaged over the labelled pixels (not ``IGNORE``); 0 when there are none."""
+    losses = F.cross_entropy(logits, labels.long(), ignore_index=IGNORE, reduction="none")
+    return losses.sum() / (labels != IGNORE).sum().clamp(min=1)
+
+
+def train_deeplab(manifest: Manifest, split: str, params: DeepLabParams, pseudo: ImageStore, out: Path,
+                  state: Path, ctx: Distributed, device: torch.device, progress: bool = True) -> DeepLab:
+    """Train (or resume training) on the pseudo labels of ``split``; write the weights to ``out`` (rank 0)."""
+    pseudo.require_complete()
+    torch.manual_seed(params.seed)
+    net = build_deeplab(params, manifest.num_classes).to(device)
+
+    def read_label(image_id: str) -> np.ndarray:
+        return pseudo.read(image_id)[0]
+
+    dataset = SegmentationDataset(manifest, split, read_label, params.crop_size, params.scale_range, params.flip,
+                                  params.seed)
+    loader = params.loader(dataset, ctx, device)
+    model = data_parallel(net, ctx, device)
+    optimizer = params.optimizer(net)
+
+    def step(batch: dict[str, Any]) -> dict[str, Tensor]:
+        labels = batch["label"].to(device)
+        logits = upsample(model(batch["image"].to(device, non_blocking=True)), tuple(labels.shape[-2:]))
+        return {"loss": pseudo_label_loss(logits, labels)}
+
+    key = fingerprint(asdict(params), pseudo.fingerprint, manifest.name, split, len(dataset))
+    train(model, loader, step, optimizer, params.loop("deeplab", progress), Checkpoint(state, key), ctx, device)
+    if ctx.is_main:
+        save_checkpoint(unwrap(net), out)
+    return net
+
+
+def deeplab_probabilities(net: DeepLab, scales: Sequence[float], flip: bool) -> ProbabilityFn:
+    """The softmax averaged over ``scales`` (and mirror images), each upsampled to its input first;
+    puts ``net`` in eval mode."""
+    net.eval()
+    passes = len(scales) * (2 if flip else 1)
+
+    def softmax(images: Tensor) -> Tensor:
+        return upsample(net(images), tuple(images.shape[-2:])).softmax(1)
+
+    return lambda images: multiscale_cams(softmax, images, scales, flip) / passes

@@ -1,0 +1,107 @@
+"""The optional two-step stage: DeepLabV3 on the pseudo labels, on a tiny synthetic project."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from pipeline.deeplab import DeepLabParams, build_deeplab, deeplab_probabilities, pseudo_label_loss
+from pipeline.errors import InputError
+from pipeline.io import IGNORE
+from pipeline.manifest import load_manifest
+from pipeline.params import build_params
+from pipeline.store import ImageStore
+from stages import data, deeplab
+
+PARAMS = {
+    "dataset": {"manifest": "manifests/synth.json", "train_split": "train", "val_split": "val"},
+    "data": {"root": "data/synth", "manifest": "manifests/synth.json", "image_size": 48, "num_classes": 3,
+             "train_images": 8, "val_images": 4, "seed": 1},
+    "deeplab": {"enabled": True, "backbone": "small", "crop_size": 48, "batch_size": 4, "steps": 3,
+                "num_workers": 0, "scales": [1.0, 0.5], "crf_workers": 1},
+}
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A project after the data stage, with pseudo labels standing in for the segment stage's:
+    the ground truth with its left quarter unlabelled."""
+    root = tmp_path_factory.mktemp("project")
+    (root / "params.yaml").write_text(yaml.safe_dump(PARAMS))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(root)
+        data.main(Path("params.yaml"))
+        manifest = load_manifest("manifests/synth.json")
+        pseudo = ImageStore(deeplab.PSEUDO)
+        pseudo.reset_unless("test")
+        for item in manifest.split("train"):
+            label = manifest.read_mask(item).copy()
+            label[:, : label.shape[1] // 4] = IGNORE
+            pseudo.write(item.id, label)
+        pseudo.mark_complete(item.id for item in manifest.split("train"))
+    return root
+
+
+def test_stage_trains_predicts_every_val_image_and_scores(project, monkeypatch):
+    monkeypatch.chdir(project)
+    deeplab.main(Path("params.yaml"))
+    assert deeplab.WEIGHTS.is_file()
+    scores = json.loads(deeplab.METRICS.read_text())
+    assert scores["enabled"] is True and scores["backbone"] == "small"
+    assert 0 <= scores["miou"] <= 1 and 0 <= scores["miou_no_crf"] <= 1
+    assert set(scores["iou"]) == {"background", "ant", "bee", "cat"}
+    val_ids = [item["id"] for item in json.loads(Path("manifests/synth.json").read_text())["splits"]["val"]]
+    predictions = ImageStore(deeplab.PREDICTIONS)
+    assert predictions.is_complete() and sorted(predictions.complete_ids()) == sorted(val_ids)
+    label, _ = predictions.read(val_ids[0])
+    assert label.dtype == np.uint8 and label.shape == (48, 48) and label.max() <= 3
+
+
+def test_disabled_stage_writes_only_its_marker_outputs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no data, no pseudo labels: nothing is read
+    Path("params.yaml").write_text(yaml.safe_dump({"deeplab": {"enabled": False}}))
+    deeplab.main(Path("params.yaml"))
+    assert json.loads(deeplab.METRICS.read_text()) == {"enabled": False}
+    store = ImageStore(deeplab.PREDICTIONS)
+    assert store.is_complete() and store.complete_ids() == []
+    assert deeplab.WEIGHTS.parent.is_dir() and not deeplab.WEIGHTS.exists()
+
+
+def test_training_needs_the_segment_stage_pseudo_labels(project, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for name in ("params.yaml", "manifests", "data"):
+        (tmp_path / name).symlink_to(project / name)
+    with pytest.raises(InputError, match=r"pseudo\.zarr: incomplete store \(rerun the segment stage\)"):
+        deeplab.main(Path("params.yaml"))
+
+
+def test_multiscale_flip_inference_averages_probabilities_and_is_mirror_symmetric():
+    torch.manual_seed(0)
+    net = build_deeplab(DeepLabParams(backbone="small"), num_classes=3)
+    probabilities = deeplab_probabilities(net, scales=(1.0, 0.75), flip=True)
+    images = torch.randn(2, 3, 40, 56)
+    with torch.no_grad():
+        probs, mirrored = probabilities(images), probabilities(images.flip(-1))
+    assert probs.shape == (2, 4, 40, 56)
+    torch.testing.assert_close(probs.sum(1), torch.ones(2, 40, 56))
+    torch.testing.assert_close(mirrored, probs.flip(-1))
+
+
+def test_pseudo_label_loss_averages_over_labelled_pixels_only():
+    logits = torch.randn(1, 3, 2, 2)
+    labels = torch.tensor([[[0, 2], [IGNORE, IGNORE]]])
+    expected = torch.nn.functional.cross_entropy(logits[..., 0, :], labels[..., 0, :])
+    torch.testing.assert_close(pseudo_label_loss(logits, labels), expected)
+    assert pseudo_label_loss(logits, torch.full_like(labels, IGNORE)) == 0
+
+
+def test_aspp_keeps_its_field_of_view_at_output_stride_16_and_needs_batches_of_two():
+    net = build_deeplab(DeepLabParams(backbone="resnet50", output_stride=16), num_classes=20)
+    assert [branch[0].dilation for branch in list(net.head[0].convs)[1:4]] == [(6, 6), (12, 12), (18, 18)]
+    with pytest.raises(InputError, match=r"deeplab\]: parameter batch_size must be at least 2"):
+        build_params(DeepLabParams, {"batch_size": 1}, "params.yaml [deeplab]")

@@ -1,0 +1,147 @@
+"""`rrm report`: the stages' metrics as the paper's ablation rows; and the VOC preset's parameters."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from pipeline.cams import CamParams
+from pipeline.classifier import ClassifierParams
+from pipeline.cli import STAGES, main
+from pipeline.deeplab import DeepLabParams
+from pipeline.mining import load_prune_params
+from pipeline.params import load_params
+from pipeline.report import format_rows, read_metrics, report_rows
+from pipeline.segment import SegmentParams
+from pipeline.stage import DatasetParams
+from stages.data import read_data_params
+
+PRESET = Path(__file__).resolve().parents[1] / "presets" / "voc12.yaml"
+
+METRICS = {
+    "data": {"images": {"train": 400, "val": 100}, "seconds": 5.34},
+    "classifier": {"map": 0.96268, "seconds": 67.09},
+    "cams": {"miou": 0.514669, "threshold": 0.4, "train": {"miou": 0.487204, "threshold": 0.35}, "seconds": 14.19},
+    "prune": {"precision": 0.911319, "coverage": 0.200842, "cam_argmax": {"miou": 0.24783}, "seconds": 8.34},
+    "segment": {"miou": 0.823666, "miou_no_crf": 0.728428, "mode": "staged",
+                "pseudo": {"miou": 0.848356, "miou_no_crf": 0.752051}, "seconds": 88.6},
+    "deeplab": {"miou": 0.66349, "seconds": 120.0},
+}
+
+
+def write_metrics_dir(folder: Path, metrics: dict[str, dict]) -> Path:
+    folder.mkdir()
+    for stage, data in metrics.items():
+        (folder / f"{stage}.json").write_text(json.dumps(data))
+    return folder
+
+
+def table(text: str) -> dict[str, str]:
+    """Each row's label and what it shows: the two columns of a line are two or more spaces apart."""
+    return dict(re.split(r" {2,}", line.strip(), maxsplit=1) for line in text.splitlines())
+
+
+def values(folder: Path) -> dict[str, float | None]:
+    """Each row's label and its rounded value."""
+    return {row.label: row.value for row in report_rows(read_metrics(folder, STAGES))}
+
+
+def test_the_ablation_rows_are_percentages_with_one_decimal(tmp_path):
+    rows = values(write_metrics_dir(tmp_path / "m", METRICS))
+    assert rows["Classifier mAP (val)"] == 96.3
+    assert rows["CAM mIoU (val)"] == 51.5
+    assert rows["CAM mIoU (train)"] == 48.7
+    assert rows["Reliable-region precision (train)"] == 91.1
+    assert rows["Reliable-region coverage (train)"] == 20.1
+    assert rows["One-step mIoU without CRF (val)"] == 72.8
+    assert rows["One-step mIoU (val)"] == 82.4
+    assert rows["Pseudo-label mIoU (train)"] == 84.8
+    assert rows["Two-step mIoU, DeepLab (val)"] == 66.3
+
+
+def test_stage_seconds_and_their_total_from_the_unrounded_times(tmp_path):
+    rows = values(write_metrics_dir(tmp_path / "m", METRICS))
+    assert [rows[f"Time: {stage}"] for stage in STAGES] == [5.3, 67.1, 14.2, 8.3, 88.6, 120.0]
+    assert rows["Time: total"] == 303.6  # the sum of the rows as shown would be 303.5
+
+
+def test_a_stage_not_run_disabled_or_unscored_says_so(tmp_path):
+    metrics = {stage: data for stage, data in METRICS.items() if stage != "prune"}
+    metrics["deeplab"] = {"enabled": False}
+    metrics["segment"] = {**METRICS["segment"], "pseudo": {"miou": None}}
+    shown = table(format_rows(report_rows(read_metrics(write_metrics_dir(tmp_path / "m", metrics), STAGES))))
+    assert shown["Reliable-region precision (train)"] == "not run"
+    assert shown["Time: prune"] == "not run"
+    assert shown["Two-step mIoU, DeepLab (val)"] == "disabled"
+    assert shown["Time: deeplab"] == "disabled"
+    assert shown["Pseudo-label mIoU (train)"] == "n/a"
+    assert shown["One-step mIoU (val)"] == "82.4 %"
+    assert shown["Time: data"] == "5.3 s"
+    assert shown["Time: total"] == "175.2 s"
+
+
+def test_nothing_run_gives_a_table_of_not_run(tmp_path):
+    rows = report_rows(read_metrics(tmp_path, STAGES))
+    assert {row.status for row in rows} == {"not run"}
+    assert all(row.value is None for row in rows)
+
+
+def test_report_json_holds_the_table_values(tmp_path):
+    folder = write_metrics_dir(tmp_path / "m", {k: v for k, v in METRICS.items() if k != "deeplab"})
+    result = CliRunner().invoke(main, ["report", "--metrics", str(folder), "--json"])
+    assert result.exit_code == 0, result.output
+    rows = {row["label"]: row for row in json.loads(result.output)}
+    assert rows["One-step mIoU (val)"] == {"label": "One-step mIoU (val)", "stage": "segment", "value": 82.4,
+                                           "unit": "%", "status": "ok"}
+    assert rows["Two-step mIoU, DeepLab (val)"]["status"] == "not run"
+    assert rows["Time: total"]["value"] == 183.6
+
+
+def test_report_prints_the_table(tmp_path):
+    folder = write_metrics_dir(tmp_path / "m", METRICS)
+    result = CliRunner().invoke(main, ["report", "--metrics", str(folder)])
+    assert result.exit_code == 0, result.output
+    assert table(result.output)["CAM mIoU (val)"] == "51.5 %"
+    assert list(table(result.output))[-1] == "Time: total"
+
+
+def test_a_broken_metrics_file_is_one_line_naming_it(tmp_path):
+    folder = write_metrics_dir(tmp_path / "m", {})
+    (folder / "cams.json").write_text("{not json")
+    result = CliRunner().invoke(main, ["report", "--metrics", str(folder)])
+    assert result.exit_code == 2
+    assert result.output.count("\n") == 1 and result.output.startswith(f"error: {folder / 'cams.json'}: ")
+
+
+@pytest.mark.parametrize("section, load", [
+    ("dataset", lambda path: load_params(DatasetParams, "dataset", path)),
+    ("data", read_data_params),
+    ("classifier", lambda path: load_params(ClassifierParams, "classifier", path)),
+    ("cams", lambda path: load_params(CamParams, "cams", path)),
+    ("prune", load_prune_params),
+    ("segment", lambda path: load_params(SegmentParams, "segment", path)),
+    ("deeplab", lambda path: load_params(DeepLabParams, "deeplab", path)),
+])
+def test_every_key_of_the_voc_preset_is_a_parameter(section, load):
+    assert section in yaml.safe_load(PRESET.read_text())
+    load(PRESET)
+
+
+def test_the_voc_preset_has_no_section_the_stages_do_not_read():
+    assert set(yaml.safe_load(PRESET.read_text())) == {"dataset", "data", "classifier", "cams", "prune", "segment",
+                                                          "deeplab"}
+
+
+def test_the_voc_preset_holds_the_papers_settings():
+    classifier = load_params(ClassifierParams, "classifier", PRESET)
+    segment = load_params(SegmentParams, "segment", PRESET)
+    prune, _ = load_prune_params(PRESET)
+    assert (classifier.backbone, classifier.crop_size, classifier.freeze_bn) == ("resnet38", 448, True)
+    assert (segment.mode, segment.crop_size, segment.batch_size, segment.steps) == ("end_to_end", 321, 4, 20000)
+    assert (segment.lr, segment.dense_weight) == (7e-4, 5e-8)
+    assert (prune.la_alpha, prune.ha_alpha) == (4.0, 32.0)
