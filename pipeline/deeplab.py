@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Self
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,7 +28,7 @@ from pipeline.cams import multiscale_cams
 from pipeline.data import SegmentationDataset
 from pipeline.io import IGNORE, fingerprint
 from pipeline.manifest import Manifest
-from pipeline.models import build_backbone, freeze_batchnorm, save_checkpoint
+from pipeline.models import OnBackbone, build_backbone, save_checkpoint
 from pipeline.segment import ProbabilityFn, upsample
 from pipeline.store import ImageStore
 from pipeline.training import Checkpoint, Distributed, TrainingParams, data_parallel, train, unwrap
@@ -72,27 +72,14 @@ class DeepLabParams(TrainingParams):
             raise ValueError(f"crf_workers={self.crf_workers} must be at least 1")
 
 
-class DeepLab(nn.Module):
-    """A backbone (the child ``backbone``, so its layers learn at the base rate) and DeepLabV3's head.
-
-    ``freeze_bn``: keep the backbone's batch norm at the statistics of its weights file, which
-    batches of a few crops would estimate badly (the head's batch norm always trains).
-    """
+class DeepLab(OnBackbone):
+    """A backbone (its layers learn at the base rate) and DeepLabV3's head, whose batch norm
+    always trains; ``freeze_bn`` keeps the backbone's at the statistics of its weights file."""
 
     def __init__(self, backbone: nn.Module, num_labels: int, output_stride: int, *, freeze_bn: bool) -> None:
-        super().__init__()
-        self.backbone = backbone
+        super().__init__(backbone, freeze_bn=freeze_bn)
         rates = [rate * 8 // output_stride for rate in ASPP_RATES_AT_STRIDE_8]
         self.head = DeepLabHead(backbone.out_channels, num_labels, rates)
-        self.freeze_bn = freeze_bn
-        if freeze_bn:
-            freeze_batchnorm(self.backbone)
-
-    def train(self, mode: bool = True) -> Self:
-        super().train(mode)
-        if self.freeze_bn:
-            freeze_batchnorm(self.backbone)
-        return self
 
     def forward(self, images: Tensor) -> Tensor:
         """Logits (N, C + 1, h, w) of normalised images, at the output stride."""

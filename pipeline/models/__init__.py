@@ -17,6 +17,7 @@ from pipeline.models.backbones import BACKBONES, build_backbone, load_backbone_w
 from pipeline.models.nets import (
     CAMNet,
     JointOutput,
+    OnBackbone,
     SegNet,
     freeze_batchnorm,
     param_groups,
@@ -27,6 +28,7 @@ __all__ = [
     "BACKBONES",
     "CAMNet",
     "JointOutput",
+    "OnBackbone",
     "SegNet",
     "build_backbone",
     "freeze_batchnorm",

@@ -32,22 +32,18 @@ def freeze_batchnorm(module: nn.Module) -> None:
                 parameter.requires_grad_(False)
 
 
-class _Classifier(nn.Module):
-    """Backbone -> global average pooling -> bias-free 1x1 conv ``fc8`` to one logit per class.
+class OnBackbone(nn.Module):
+    """A network on the child ``backbone`` (the name the weights loaders and the learning-rate
+    groups rely on), whose batch norm can stay frozen.
 
     ``freeze_bn``: keep the backbone's batch norm frozen (see ``freeze_batchnorm``), as PSA and
     RRM do with a pretrained backbone; a backbone trained from scratch (``small``, or any without
     weights) has no statistics worth keeping and must not freeze.
     """
 
-    def __init__(
-        self, backbone: nn.Module, num_classes: int, *, freeze_bn: bool, dropout: float = 0.5
-    ) -> None:
+    def __init__(self, backbone: nn.Module, *, freeze_bn: bool) -> None:
         super().__init__()
         self.backbone = backbone
-        self.dropout7 = nn.Dropout2d(dropout)
-        self.fc8 = nn.Conv2d(backbone.out_channels, num_classes, 1, bias=False)
-        nn.init.xavier_uniform_(self.fc8.weight)
         self.freeze_bn = freeze_bn
         if freeze_bn:
             freeze_batchnorm(self.backbone)
@@ -57,6 +53,18 @@ class _Classifier(nn.Module):
         if self.freeze_bn:
             freeze_batchnorm(self.backbone)
         return self
+
+
+class _Classifier(OnBackbone):
+    """Backbone -> global average pooling -> bias-free 1x1 conv ``fc8`` to one logit per class."""
+
+    def __init__(
+        self, backbone: nn.Module, num_classes: int, *, freeze_bn: bool, dropout: float = 0.5
+    ) -> None:
+        super().__init__(backbone, freeze_bn=freeze_bn)
+        self.dropout7 = nn.Dropout2d(dropout)
+        self.fc8 = nn.Conv2d(backbone.out_channels, num_classes, 1, bias=False)
+        nn.init.xavier_uniform_(self.fc8.weight)
 
     def logits_from(self, features: Tensor) -> Tensor:
         """(N, C) class logits; dropout (training only) before pooling, as in PSA."""
