@@ -30,7 +30,7 @@ from pipeline.errors import InputError
 from pipeline.io import IGNORE
 from pipeline.manifest import Manifest
 from pipeline.metrics import SegmentationScore
-from pipeline.params import check_range
+from pipeline.params import check_range, check_scales
 from pipeline.store import ImageStore
 
 CamFn = Callable[[torch.Tensor], torch.Tensor]
@@ -61,8 +61,7 @@ class CamParams:
     score_thresholds: tuple[float, ...] = tuple(round(0.05 * step, 2) for step in range(1, 20))
 
     def __post_init__(self) -> None:
-        if not self.scales or min(self.scales) <= 0:
-            raise ValueError(f"scales={self.scales!r} must be one or more positive factors")
+        check_scales("scales", self.scales)
         check_range("batch_size", self.batch_size, low=1)
         check_range("batch_pixels", self.batch_pixels, low=1)
         check_range("num_workers", self.num_workers, low=0)

@@ -26,7 +26,7 @@ from torch.utils.data import Dataset, default_collate
 from pipeline.errors import InputError
 from pipeline.io import IGNORE
 from pipeline.manifest import Item, Manifest, check_images_exist
-from pipeline.params import check_range
+from pipeline.params import check_range, check_scale_range
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32) * 255
 """Per-channel RGB mean of ImageNet in 0..255, as the ImageNet-trained backbones expect."""
@@ -122,9 +122,7 @@ class Augmentation:
 
     def __post_init__(self) -> None:
         check_range("crop_size", self.crop_size, low=1)
-        low, high = self.scale_range
-        if not 0 < low <= high:
-            raise ValueError(f"scale_range={self.scale_range!r} must be (low, high) with 0 < low <= high")
+        check_scale_range("scale_range", self.scale_range)
 
     def __call__(
         self, image: np.ndarray, masks: Sequence[np.ndarray], rng: np.random.Generator

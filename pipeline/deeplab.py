@@ -29,6 +29,7 @@ from pipeline.data import SegmentationDataset
 from pipeline.io import IGNORE, fingerprint
 from pipeline.manifest import Manifest
 from pipeline.models import OnBackbone, build_backbone, save_checkpoint
+from pipeline.params import check_scales
 from pipeline.segment import ProbabilityFn, upsample
 from pipeline.store import ImageStore
 from pipeline.training import Checkpoint, Distributed, TrainingParams, data_parallel, train, unwrap
@@ -62,8 +63,7 @@ class DeepLabParams(TrainingParams):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not self.scales or min(self.scales) <= 0:
-            raise ValueError(f"scales={list(self.scales)} must be one or more positive factors")
+        check_scales("scales", self.scales)
         if self.output_stride not in (8, 16, 32):
             raise ValueError(f"output_stride={self.output_stride} is not one of 8, 16, 32")
         if self.batch_size < 2:

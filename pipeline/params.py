@@ -107,6 +107,18 @@ def load_params(cls: type[P], section: str, path: str | Path = PARAMS_FILE) -> P
     return build_params(cls, values, f"{path} [{section}]")
 
 
+def check_scales(name: str, values: tuple[float, ...]) -> None:
+    """Raise ValueError unless ``values`` holds one or more positive scale factors."""
+    if not values or min(values) <= 0:
+        raise ValueError(f"{name}={tuple(values)!r} must be one or more positive factors")
+
+
+def check_scale_range(name: str, values: tuple[float, ...]) -> None:
+    """Raise ValueError unless ``values`` is a (low, high) pair of factors with 0 < low <= high."""
+    if len(values) != 2 or not 0 < values[0] <= values[1]:
+        raise ValueError(f"{name}={tuple(values)!r} must be (low, high) with 0 < low <= high")
+
+
 def check_range(name: str, value: float, low: float | None = None, high: float | None = None) -> None:
     """Raise ValueError unless ``low <= value <= high`` (either bound may be open)."""
     if (low is not None and value < low) or (high is not None and value > high):

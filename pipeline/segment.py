@@ -35,7 +35,7 @@ from pipeline.losses import DENSE_ENERGY_WEIGHT, DenseEnergyLoss, check_method, 
 from pipeline.manifest import Item, Manifest
 from pipeline.metrics import SegmentationScore
 from pipeline.models import SegNet, build_backbone, load_checkpoint, save_checkpoint
-from pipeline.params import check_range
+from pipeline.params import check_range, check_scales
 from pipeline.prune import PruneParams, prune_image
 from pipeline.store import ImageStore
 from pipeline.training import Checkpoint, Distributed, TrainingParams, data_parallel, train, unwrap
@@ -75,8 +75,7 @@ class SegmentParams(TrainingParams):
         for name in ("mining_workers", "crf_workers"):
             check_range(name, getattr(self, name), 1)
         check_range("energy_scale", self.energy_scale, 0.05, 1)
-        if not self.mining_scales or min(self.mining_scales) <= 0:
-            raise ValueError(f"mining_scales={list(self.mining_scales)} must be positive factors")
+        check_scales("mining_scales", self.mining_scales)
 
 
 def build_segnet(classifier: ClassifierParams, num_classes: int, init: Path | None) -> SegNet:
@@ -143,7 +142,7 @@ def train_segmentation(manifest: Manifest, split: str, classifier: ClassifierPar
     staged = params.mode == "staged"
     if staged:
         masks.require_complete()
-    if staged:
+
         def read_label(image_id: str) -> np.ndarray:
             return masks.read(image_id)[0]
     else:
@@ -181,13 +180,6 @@ def train_segmentation(manifest: Manifest, split: str, classifier: ClassifierPar
     if ctx.is_main:
         save_checkpoint(unwrap(net), out)
     return net
-
-
-def load_segnet(classifier: ClassifierParams, num_classes: int, weights: Path) -> SegNet:
-    """The trained segmentation network written by the segment stage, for inference."""
-    net = build_segnet(classifier, num_classes, None)
-    load_checkpoint(net, weights)
-    return net.eval()
 
 
 def _crf_labels(image: np.ndarray, probs: np.ndarray, params: CRFParams) -> np.ndarray:

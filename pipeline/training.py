@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from pipeline.io import atomic_open
 from pipeline.models import param_groups
-from pipeline.params import check_range
+from pipeline.params import check_range, check_scale_range
 
 
 @dataclass(frozen=True)
@@ -51,8 +51,7 @@ class TrainingParams:
         for name in ("batch_size", "checkpoint_every"):
             check_range(name, getattr(self, name), 1)
         check_range("crop_size", self.crop_size, 8)
-        if len(self.scale_range) != 2 or not 0 < self.scale_range[0] <= self.scale_range[1]:
-            raise ValueError(f"scale_range={list(self.scale_range)} must be [low, high] with 0 < low <= high")
+        check_scale_range("scale_range", self.scale_range)
 
     def optimizer(self, net: nn.Module) -> torch.optim.Optimizer:
         """SGD over PSA's four parameter groups (new layers at 10x, biases at 2x)."""
