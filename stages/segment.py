@@ -38,11 +38,12 @@ def main(params_path: Path) -> None:
     if not ctx.is_main:
         return
     crf = INFERENCE_CRF if params.crf else None
+    weights = file_digest(WEIGHTS)
     results = {}
     with stopwatch() as inference:
         for name, path, split in (("val", PREDICTIONS, dataset.val_split), ("pseudo", PSEUDO, dataset.train_split)):
             store = ImageStore(path, stage="segment")
-            store.reset_unless(fingerprint(file_digest(WEIGHTS), params.crf, split))
+            store.reset_unless(fingerprint(weights, params.crf, split))
             results[name] = infer_split(segnet_probabilities(net), manifest, split, store, device, crf,
                                         params.crf_workers)
     val = results["val"]
