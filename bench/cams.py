@@ -6,12 +6,16 @@ batched path, so that only the way images go through the network differs). Both 
 JPEGs and write the same CAMs to a store, with the same network on the same device, once each,
 over the synthetic default's image size (96x96) and a VOC-like mix of sizes. Wall time is what
 a user waits; CPU time (this process and its finished DataLoader workers) is less disturbed by
-other jobs on a shared machine. Peak host memory of the batched extractor is measured in fresh
-processes for N and 4N images: it depends on the batch, not on the number of images.
+other jobs on a shared machine. Peak host memory (resident set) of the batched extractor is
+measured in a fresh process for each count of ``--memory`` (default 200 and 2000 images of
+``--memory-set``, the synthetic 96x96 by default), at the scales of ``--memory-scales`` (default
+1.0 alone, so that 2000 images take a few minutes on a 2-core CPU): it depends on the batch,
+not on the number of images.
 
 With the project installed (``pip install -e .``)::
 
     python bench/cams.py --device cpu --images 32 --threads 1
+    python bench/cams.py --no-speed --memory 200,2000
 """
 
 from __future__ import annotations
@@ -23,7 +27,8 @@ import resource
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from multiprocessing.queues import Queue
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -131,22 +136,16 @@ def compare(
 
 
 def _measure_peak_rss(
-    manifest_path: Path,
-    store_path: Path,
-    params: CamParams,
-    backbone: str,
-    device: str,
-    threads: int,
-    results: Queue,
-) -> None:
-    """In a fresh process: run the batched extractor; report the peak resident MB of this process
-    and of its largest DataLoader worker."""
+    manifest_path: Path, store_path: Path, params: CamParams, backbone: str, device: str, threads: int
+) -> tuple[float, float]:
+    """In a fresh process: run the batched extractor; the peak resident MB of this process and of
+    its largest DataLoader worker."""
     torch.set_num_threads(threads)
     cam_fn = build_cam_fn(backbone, torch.device(device))
     manifest = load_manifest(manifest_path)
     extract_cams(cam_fn, manifest, "all", ImageStore(store_path), params, torch.device(device), progress=False)
     kilobytes = [resource.getrusage(who).ru_maxrss for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
-    results.put(tuple(size / 1024 for size in kilobytes))
+    return kilobytes[0] / 1024, kilobytes[1] / 1024
 
 
 def peak_memory(
@@ -160,14 +159,9 @@ def peak_memory(
 ) -> tuple[float, float]:
     """Peak resident MB (main process, largest worker) of a fresh extraction of ``count`` images of ``sizes``."""
     manifest_path = make_dataset(root, sizes, count)
-    context = multiprocessing.get_context("spawn")
-    results = context.Queue()
-    arguments = (manifest_path, root / "cams.zarr", params, backbone, device, threads, results)
-    process = context.Process(target=_measure_peak_rss, args=arguments)
-    process.start()
-    peaks = results.get()
-    process.join()
-    return peaks
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as fresh:
+        return fresh.submit(_measure_peak_rss, manifest_path, root / "cams.zarr", params, backbone, device,
+                            threads).result()
 
 
 def _load() -> str:
@@ -177,7 +171,13 @@ def _load() -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--images", type=int, default=32, help="images per size set (N); memory also at 4N")
+    parser.add_argument("--images", type=int, default=32, help="images per size set in the speed comparison")
+    parser.add_argument("--speed", action=argparse.BooleanOptionalAction, default=True,
+                        help="compare the batched extractor with the per-image loop (--no-speed: memory only)")
+    parser.add_argument("--memory", default="200,2000", help="numbers of images to measure peak memory for")
+    parser.add_argument("--memory-set", choices=list(SIZE_SETS), default="synthetic 96x96",
+                        help="the images of the memory runs")
+    parser.add_argument("--memory-scales", default="1.0", help="the CAM scales of the memory runs")
     parser.add_argument("--backbone", default="small", help="a backbone of pipeline.models")
     parser.add_argument("--batch-size", type=int, default=CamParams.batch_size)
     parser.add_argument("--batch-pixels", type=int, default=CamParams.batch_pixels)
@@ -194,7 +194,7 @@ def main() -> None:
         f"batch {params.batch_size} (at most {params.batch_pixels} pixels), workers {params.num_workers}, "
         f"torch threads {args.threads}"
     )
-    for name, sizes in SIZE_SETS.items():
+    for name, sizes in SIZE_SETS.items() if args.speed else ():
         with tempfile.TemporaryDirectory() as tmp:
             results = compare(Path(tmp), sizes, args.images, params, args.backbone, device)
         for way, (wall, cpu) in results.items():
@@ -207,13 +207,16 @@ def main() -> None:
             f"{name}: batched/per-image speed ratio {plain_wall / batched_wall:.2f}x wall, "
             f"{plain_cpu / batched_cpu:.2f}x CPU"
         )
-    for count in (args.images, 4 * args.images):
+    memory_params = replace(params, scales=tuple(float(text) for text in args.memory_scales.split(",")))
+    for count in (int(text) for text in args.memory.split(",")):
         with tempfile.TemporaryDirectory() as tmp:
-            sizes = SIZE_SETS["VOC-like mix"]
-            peaks = peak_memory(Path(tmp), sizes, count, params, args.backbone, args.device, args.threads)
+            sizes = SIZE_SETS[args.memory_set]
+            start = time.perf_counter()
+            peaks = peak_memory(Path(tmp), sizes, count, memory_params, args.backbone, args.device, args.threads)
         print(
-            f"peak host memory, batched extractor, VOC-like mix, {count} images: "
-            f"{peaks[0]:.0f} MB main process, {peaks[1]:.0f} MB largest worker"
+            f"peak host memory (RSS), batched extractor, {args.memory_set}, scales {memory_params.scales}, "
+            f"{count} images: {peaks[0]:.0f} MB main process, {peaks[1]:.0f} MB largest worker "
+            f"({time.perf_counter() - start:.0f} s with writing the images)"
         )
     print(f"load average {_load()} after the run")
 

@@ -14,17 +14,26 @@ classifier is needed. Measured, over the same images:
 The masks of the three runs are checked to be equal. Other jobs on a shared machine slow the
 parallel run most: the load average is printed before and after.
 
+Peak host memory (resident set) of ``mine_split`` on a local cluster of ``--workers`` processes
+is measured in a fresh process for each count of ``--memory`` (default 200 and 2000 images of
+96x96): the driver's and the largest worker's. Neither grows with the number of images: tasks
+carry image ids, workers write the masks, the driver keeps a bounded number of tasks in flight.
+
 With the project installed (``pip install -e .``)::
 
     python bench/prune.py --images 64 --size 96 --size 256
+    python bench/prune.py --no-speed --memory 200,2000
 """
 
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
+import resource
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
@@ -118,18 +127,47 @@ def bench(root: Path, size: int, count: int, cores: int, chunk_size: int) -> Non
     print(f"{size}x{size}: speed-up of {cores} workers over 1: {rates[cores] / rates[1]:.2f}x (load average {_load()})")
 
 
+def _measure_peak_rss(manifest: Manifest, cams: ImageStore, masks: ImageStore, workers: int,
+                      chunk_size: int) -> tuple[float, float]:
+    """In a fresh process: mine the split on a new local cluster; the peak resident MB of this
+    process and of its largest worker process."""
+    mine_split(manifest, SPLIT, cams, masks, PARAMS, ClusterParams(workers=workers, chunk_size=chunk_size),
+               progress=False)
+    kilobytes = [resource.getrusage(who).ru_maxrss for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
+    return kilobytes[0] / 1024, kilobytes[1] / 1024
+
+
+def peak_memory(root: Path, count: int, workers: int, chunk_size: int) -> None:
+    """Print the peak memory of mining ``count`` fresh 96x96 images in a fresh process."""
+    manifest, cams = make_dataset(root, 96, count)
+    start = time.perf_counter()
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as fresh:
+        driver, worker = fresh.submit(_measure_peak_rss, manifest, cams, ImageStore(root / "masks.zarr"), workers,
+                                      chunk_size).result()
+    print(
+        f"peak host memory (RSS), mine_split on {workers} worker(s), 96x96, {count} images: {driver:.0f} MB driver, "
+        f"{worker:.0f} MB largest worker ({time.perf_counter() - start:.0f} s)"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=64)
     parser.add_argument("--size", type=int, action="append", help="image side in pixels (repeatable; default 96)")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="workers of the all-cores run")
     parser.add_argument("--chunk-size", type=int, default=ClusterParams.chunk_size)
+    parser.add_argument("--speed", action=argparse.BooleanOptionalAction, default=True,
+                        help="compare with the serial loop and 1 worker (--no-speed: memory only)")
+    parser.add_argument("--memory", default="200,2000", help="numbers of images to measure peak memory for")
     args = parser.parse_args()
     print(f"machine: {os.cpu_count()} cores, load average {_load()} before the run")
     print(f"chunk size {args.chunk_size}, CRF {PARAMS.crf}")
-    for size in args.size or [96]:
+    for size in (args.size or [96]) if args.speed else ():
         with tempfile.TemporaryDirectory() as tmp:
             bench(Path(tmp), size, args.images, args.workers, args.chunk_size)
+    for count in (int(text) for text in args.memory.split(",")):
+        with tempfile.TemporaryDirectory() as tmp:
+            peak_memory(Path(tmp), count, args.workers, args.chunk_size)
     print(f"load average {_load()} after the run")
 
 

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader
 from tqdm import tqdm
+from upath import UPath
 
 from pipeline.data import ImageDataset
 from pipeline.errors import InputError
@@ -40,14 +41,15 @@ CamFn = Callable[[torch.Tensor], torch.Tensor]
 class CamParams:
     """Parameters of the ``cams`` stage.
 
-    Up to ``batch_size`` images of one size (each with its mirror image when ``flip``) go
-    through the network at once, and no more than ``batch_pixels`` image pixels in all (an
-    image larger than that goes alone). Large batches pay on a GPU; on a CPU the convolutions
-    keep the cores busy with one large image already, and batches of large images are slower
-    there (the fresh memory of big tensors is page-faulted on every pass: measured 0.5-0.8x the
-    per-image speed at 8 VOC-size images), while batches of small images are faster. The
-    default budget batches the synthetic 96x96 images and runs VOC-size images one by one; on
-    a GPU raise it (e.g. 2000000).
+    A batch holds up to ``batch_size`` images of one size, ``batch_pixels`` pixels in all; at
+    each scale it goes through the network in passes of at most ``batch_pixels`` pixels,
+    counted at the scaled size with the mirror images (an image larger than that goes alone).
+    Large passes pay on a GPU; on a CPU the convolutions keep the cores busy with a few hundred
+    thousand pixels already, and larger passes are slower there (their fresh memory is
+    page-faulted on every pass; on this 2-core CPU the small backbone ran 96x96 images 15-20%
+    faster per image in passes of 4 at scale 2.0 than of 16), while passes of many small images
+    are faster than one by one (3x at scale 0.5). The default suits a CPU; on a GPU raise it
+    (e.g. 2000000).
     ``amp`` runs the network under float16 autocast on CUDA (ignored on the CPU).
     ``score_thresholds`` are the background scores tried when scoring the CAMs.
     """
@@ -71,10 +73,12 @@ class CamParams:
             check_range("score_thresholds", threshold, 0, 1)
 
 
-def image_size(path: Path) -> tuple[int, int]:
-    """(height, width) of an image file, read from its header without decoding the pixels."""
+def image_size(path: Path | UPath) -> tuple[int, int]:
+    """(height, width) of an image file, read from its header without decoding the pixels.
+
+    ``path`` may be a :class:`UPath` (an image at an fsspec URL)."""
     try:
-        with Image.open(path) as image:
+        with path.open("rb") as handle, Image.open(handle) as image:
             width, height = image.size
     except OSError as error:  # a missing file or one PIL cannot identify
         raise InputError(path, f"cannot read image ({error})") from None
@@ -106,15 +110,24 @@ def _resize(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(maps, size=size, mode="bilinear", align_corners=False)
 
 
+def _in_passes(cam_fn: CamFn, images: torch.Tensor, max_pixels: int | None) -> torch.Tensor:
+    """``cam_fn`` over ``images`` in passes of at most ``max_pixels`` pixels (one image at least),
+    in channels-last layout, as float32."""
+    per_pass = len(images) if max_pixels is None else max(1, max_pixels // (images.shape[-2] * images.shape[-1]))
+    return torch.cat([cam_fn(part.contiguous(memory_format=torch.channels_last)).float()
+                      for part in images.split(per_pass)])
+
+
 def multiscale_cams(
-    cam_fn: CamFn, images: torch.Tensor, scales: Sequence[float], flip: bool
+    cam_fn: CamFn, images: torch.Tensor, scales: Sequence[float], flip: bool, max_pixels: int | None = None
 ) -> torch.Tensor:
     """Class maps summed over ``scales`` (and horizontal flips), at the input size.
 
     ``images`` (N, 3, H, W) normalised, all of one size; returns float32 (N, C, H, W). At each
     scale the batch and its mirror image go through ``cam_fn`` in one pass; the mirrored maps
     are flipped back and added before upsampling, which is the same as after (the bilinear
-    resize commutes with the flip) at half the cost. The batch goes in channels-last memory
+    resize commutes with the flip) at half the cost. At each scale the images go through in
+    passes of at most ``max_pixels`` pixels (all at once without it), in channels-last memory
     layout, which the convolutions of oneDNN (CPU) and cuDNN run faster (20-30% measured on a
     CPU) with the same values. A sum, not a mean: each map is later divided by its own maximum,
     which cancels any constant factor.
@@ -126,7 +139,7 @@ def multiscale_cams(
         scaled = _resize(images, (max(1, round(size[0] * scale)), max(1, round(size[1] * scale))))
         if flip:
             scaled = torch.cat([scaled, scaled.flip(-1)])
-        maps = cam_fn(scaled.contiguous(memory_format=torch.channels_last)).float()
+        maps = _in_passes(cam_fn, scaled, max_pixels)
         if flip:
             maps = maps[:count] + maps[count:].flip(-1)
         total = total + _resize(maps, size)
@@ -187,7 +200,7 @@ def extract_cams(
     ):
         for batch in loader:
             images = batch["image"].to(device, non_blocking=True)
-            cams = multiscale_cams(cam_fn, images, params.scales, params.flip)
+            cams = multiscale_cams(cam_fn, images, params.scales, params.flip, params.batch_pixels)
             for image_id, labels, image_cams in zip(batch["id"], batch["labels"], cams, strict=True):
                 classes = labels.nonzero().flatten().tolist()
                 normalised = select_and_normalise(image_cams, classes).half().cpu().numpy()

@@ -79,6 +79,11 @@ def manifest() -> None:
     """Build a dataset manifest (manifests/<name>.json) from a dataset on disk."""
 
 
+_skip_bad_images = click.option(
+    "--skip-bad", is_flag=True, help="Leave out the images (or masks) that do not decode and list them in "
+    "<out>.rejects.json; without it the first one is an error. Every image is decoded either way.")
+
+
 @manifest.command("voc12")
 @click.option("--voc-root", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
               help="The VOC2012 folder (with JPEGImages/, Annotations/, SegmentationClass/, ImageSets/).")
@@ -86,17 +91,20 @@ def manifest() -> None:
               help="SBD's dataset/ folder (train.txt, val.txt, cls/); adds the train_aug split.")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("manifests/voc12.json"),
               show_default=True, help="Manifest file to write.")
-def voc12(voc_root: Path, sbd_root: Path | None, out: Path) -> None:
+@_skip_bad_images
+def voc12(voc_root: Path, sbd_root: Path | None, out: Path, skip_bad: bool) -> None:
     """PASCAL VOC 2012 (+ SBD): splits train, val and train_aug.
 
     train_aug = (SBD train + SBD val + VOC train) - VOC val (10,582 images). Image-level labels
     come from the XML annotations, falling back to the masks.
     """
+    from pipeline.screen import rejects_beside
     from pipeline.voc import build_voc12
 
-    built = build_voc12(voc_root, sbd_root)
+    rejects = rejects_beside(out) if skip_bad else None
+    built = build_voc12(voc_root, sbd_root, rejects)
     built.save(out)
-    _report_manifest(built, out)
+    _report_manifest(built, out, rejects)
 
 
 @manifest.command("folder")
@@ -112,21 +120,28 @@ def voc12(voc_root: Path, sbd_root: Path | None, out: Path) -> None:
 @click.option("--name", default="custom", show_default=True, help="Dataset name.")
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Manifest file to write [default: manifests/<name>.json].")
+@_skip_bad_images
 def folder(images: Path, labels_csv: Path, masks: Path | None, classes: str | None, name: str,
-           out: Path | None) -> None:
+           out: Path | None, skip_bad: bool) -> None:
     """Any folder of images with a CSV of image-level labels."""
     from pipeline.folder import build_folder
+    from pipeline.screen import rejects_beside
 
     class_list = [c.strip() for c in classes.split(",") if c.strip()] if classes else None
-    built = build_folder(images, labels_csv, masks, class_list, name)
     out = out or Path("manifests") / f"{name}.json"
+    rejects = rejects_beside(out) if skip_bad else None
+    built = build_folder(images, labels_csv, masks, class_list, name, rejects)
     built.save(out)
-    _report_manifest(built, out)
+    _report_manifest(built, out, rejects)
 
 
-def _report_manifest(built, out: Path) -> None:
+def _report_manifest(built, out: Path, rejects: Path | None) -> None:
     sizes = ", ".join(f"{name} {len(items)}" for name, items in built.splits.items())
     click.echo(f"wrote {out}: {built.num_classes} classes; {sizes}")
+    if rejects is not None:
+        import json
+
+        click.echo(f"left out {len(json.loads(rejects.read_text()))} bad image(s), listed in {rejects}")
 
 
 @main.command()
@@ -134,12 +149,17 @@ def _report_manifest(built, out: Path) -> None:
 @click.option("--params", "params_path", type=click.Path(path_type=Path), default=Path("params.yaml"),
               show_default=True, help="Parameters file.")
 @click.option("--scheduler", help="prune only: address of a running dask scheduler (overrides prune.scheduler).")
-def stage(name: str, params_path: Path, scheduler: str | None) -> None:
+@click.option("--skip-bad", is_flag=True, help="Leave out the images (or masks) that do not decode and list them in "
+              "rejects/NAME.json, instead of stopping at the first (overrides dataset.skip_bad).")
+def stage(name: str, params_path: Path, scheduler: str | None, skip_bad: bool) -> None:
     """Run one pipeline stage directly, as `dvc repro` would (without DVC's bookkeeping)."""
     if scheduler is not None and name != "prune":
         raise click.UsageError("--scheduler is for the prune stage")
-    options = {} if scheduler is None else {"scheduler": scheduler}
-    importlib.import_module(f"stages.{name}").main(params_path, **options)
+    if skip_bad and name == "data":
+        raise click.UsageError("--skip-bad is for the stages that read the dataset's images")
+    options = {"scheduler": scheduler, "skip_bad": skip_bad or None}
+    given = {option: value for option, value in options.items() if value is not None}
+    importlib.import_module(f"stages.{name}").main(params_path, **given)
 
 
 @main.command()
@@ -159,3 +179,134 @@ def report(metrics_dir: Path, as_json: bool) -> None:
 
     rows = report_rows(read_metrics(metrics_dir, STAGES))
     click.echo(json.dumps(rows_as_json(rows), indent=1) if as_json else format_rows(rows))
+
+
+INSPECTION = Path("inspection")
+"""Default folder of what the inspection commands write."""
+
+
+def _project_options(command):
+    """The options every inspection command shares: where the dataset and the stores are."""
+    command = click.option("--artifacts", type=click.Path(file_okay=False, path_type=Path),
+                           help="Folder of the stages' stores (cams.zarr, masks.zarr, ...) [default: "
+                           "storage.artifacts of the parameters file].")(command)
+    return click.option("--params", "params_path", type=click.Path(path_type=Path), default=Path("params.yaml"),
+                        show_default=True, help="Parameters file; its `dataset:` section names the manifest and "
+                        "the splits.")(command)
+
+
+@main.command()
+@click.argument("image_id")
+@_project_options
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
+              help=f"PNG file to write [default: {INSPECTION}/IMAGE_ID.png].")
+@click.option("--scale", type=click.IntRange(min=1),
+              help="Enlarge every panel this many times [default: the least that makes panels 192 pixels or more].")
+def show(image_id: str, params_path: Path, artifacts: Path | None, out: Path | None, scale: int | None) -> None:
+    """One image's maps and masks side by side in one PNG.
+
+    Panels: the image; the CAM of each of its classes as a heat map; the reliable mask
+    (unreliable pixels hatched grey) and the segmentation and DeepLab predictions of its split
+    where those stages have run; the ground truth where it exists. A legend names the classes
+    in the dataset's palette.
+    """
+    from pipeline.inspect import image_figure, open_project
+
+    figure, notes = image_figure(open_project(params_path, artifacts), image_id, scale)
+    out = out or INSPECTION / f"{image_id}.png"
+    figure.save(out)
+    for note in notes:
+        click.echo(f"not shown: {note}")
+    click.echo(f"wrote {out}: {', '.join(figure.titles)}")
+
+
+@main.command()
+@_project_options
+@click.option("--split", "role", type=click.Choice(["train", "val"]), default="train", show_default=True,
+              help="train: reliable masks (precision, coverage) and pseudo-labels (IoU); val: segmentation "
+              "predictions (IoU).")
+@click.option("--n", "count", type=click.IntRange(min=1), default=48, show_default=True, help="Rows to show.")
+@click.option("--sort", "order", type=click.Choice(["worst", "best", "random"]), default="worst", show_default=True,
+              help="worst: lowest IoU first (lowest precision where an image has no IoU).")
+@click.option("--class", "class_name", help="Only images tagged with this class.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of --sort random.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=INSPECTION / "gallery.html",
+              show_default=True, help="HTML file to write.")
+def gallery(params_path: Path, artifacts: Path | None, role: str, count: int, order: str, class_name: str | None,
+            seed: int, out: Path) -> None:
+    """A self-contained HTML page, one row per image with its thumbnails and figures.
+
+    Each row: the image, its reliable mask, its prediction and its ground truth, with the
+    precision and coverage of the reliable mask and the IoU of the prediction (the figures of
+    `rrm stats` for that one image). Click a column header to sort by it.
+    """
+    from pipeline.inspect import gallery_html, image_rows, open_project, sort_rows
+    from pipeline.io import atomic_open
+
+    project = open_project(params_path, artifacts)
+    rows = sort_rows(list(image_rows(project, role, class_name)), order, seed)
+    tagged = f", tagged {class_name}" if class_name else ""
+    title = f"{project.manifest.name} {project.split(role)}: {min(count, len(rows))} of {len(rows)} images{tagged}, " \
+            f"{order} first"
+    page = gallery_html(project, role, rows[:count], title)
+    with atomic_open(out) as handle:
+        handle.write(page)
+    click.echo(f"wrote {out}: {title}")
+
+
+@main.command()
+@_project_options
+@click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON instead of tables.")
+def stats(params_path: Path, artifacts: Path | None, as_json: bool) -> None:
+    """Per class, for each stage's masks: labelled pixels, unreliable share, precision, coverage, IoU.
+
+    Stages: the reliable masks (prune, train split), the pseudo-labels (segment, train), the
+    segmentation and DeepLab predictions (val). Precision and coverage are those of
+    metrics/prune.json; "unreliable" is the share of 255 pixels in the images tagged with the
+    class. A stage that has not run says so.
+    """
+    import json
+
+    from pipeline.inspect import all_stats, format_stats, open_project
+
+    report = all_stats(open_project(params_path, artifacts))
+    click.echo(json.dumps(report, indent=1) if as_json else format_stats(report))
+
+
+@main.command()
+@_project_options
+@click.option("--against", required=True,
+              help="The other version: a git revision or DVC experiment (its DVC-cached stores), a folder "
+              "holding a copy of the stores, or one copied store keeping its name (e.g. old/masks.zarr).")
+@click.option("--n", "count", type=click.IntRange(min=0), default=8, show_default=True,
+              help="Images to draw: those whose masks changed most.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=INSPECTION / "diff",
+              show_default=True, help="Folder of the pictures of the most changed images.")
+@click.option("--json", "as_json", is_flag=True, help="Print the comparison as JSON instead of tables.")
+def diff(params_path: Path, artifacts: Path | None, against: str, count: int, out: Path, as_json: bool) -> None:
+    """Compare the masks with another version, e.g. before and after a threshold change.
+
+    Prints each stage's per-class figures in both versions and the images whose masks changed
+    most, and draws those images (`rrm show` panels, each mask beside its other version).
+    """
+    import json
+    import tempfile
+
+    from pipeline.inspect import (
+        against_artifacts,
+        compare,
+        format_comparison,
+        open_project,
+        version_label,
+        write_comparison_figures,
+    )
+
+    project = open_project(params_path, artifacts)
+    label = version_label(against)
+    with tempfile.TemporaryDirectory(prefix="rrm-against-") as workdir:
+        other = project.with_artifacts(against_artifacts(against, Path(workdir)))
+        result = compare(project, other, count)
+        paths = write_comparison_figures(project, other, result, out, label)
+    click.echo(json.dumps(result, indent=1) if as_json else format_comparison(result, label))
+    if paths and not as_json:
+        click.echo(f"wrote {len(paths)} pictures to {out}")

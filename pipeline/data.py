@@ -14,6 +14,8 @@ as long as ``persistent_workers`` is off.
 
 from __future__ import annotations
 
+import functools
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -133,11 +135,39 @@ class Augmentation:
         return random_crop(image, masks, self.crop_size, rng)
 
 
-class _SplitDataset(Dataset):
-    """The items of one manifest split; every image file is checked up front.
+class _WorkerInputError(InputError):
+    """An :class:`InputError` raised while reading an item, kept to one line across a DataLoader worker.
 
-    The up-front check raises :class:`InputError` in the calling process: an error raised
-    inside a DataLoader worker reaches the caller only as a RuntimeError.
+    A DataLoader re-raises a worker's error in the main process as ``type(error)(text)``, the
+    text being the worker's whole traceback, whose last line is ``<class>: <message>``. This
+    type keeps only that message, so the error stays one line naming the file.
+    """
+
+    def __init__(self, where: str | os.PathLike[str], problem: str | None = None) -> None:
+        if problem is None and "\n" in str(where):
+            where = str(where).rstrip().rsplit("\n", 1)[-1].split(": ", 1)[1]
+        super().__init__(where, problem)
+
+
+def _one_line_errors(getitem: Callable[[Any, int], Sample]) -> Callable[[Any, int], Sample]:
+    """Wrap a dataset's ``__getitem__`` so its input errors reach the caller as one line."""
+
+    @functools.wraps(getitem)
+    def wrapped(dataset: Any, index: int) -> Sample:
+        try:
+            return getitem(dataset, index)
+        except InputError as error:
+            raise _WorkerInputError(error.where, error.problem) from None
+
+    return wrapped
+
+
+class _SplitDataset(Dataset):
+    """The items of one manifest split; every image file is checked to exist up front.
+
+    The up-front check fails at once, in the calling process; a file that exists but does not
+    decode fails when its item is read, in a DataLoader worker maybe, as one line all the same
+    (see :class:`_WorkerInputError`).
     """
 
     def __init__(self, manifest: Manifest, split: str) -> None:
@@ -183,6 +213,7 @@ class ClassificationDataset(_AugmentedDataset):
     ``valid`` float32 (S, S), 1 on image pixels and 0 on padding.
     """
 
+    @_one_line_errors
     def __getitem__(self, index: int) -> Sample:
         item = self.items[index]
         image, _, valid = self.augment(self.manifest.read_image(item.id), [], self._rng(index))
@@ -229,6 +260,7 @@ class SegmentationDataset(_AugmentedDataset):
             )
         return image, label
 
+    @_one_line_errors
     def __getitem__(self, index: int) -> Sample:
         item = self.items[index]
         image, label = self._read_pair(item)
@@ -250,6 +282,7 @@ class ImageDataset(_SplitDataset):
     (C,) multi-hot, ``id``, ``size`` int64 (2,) = (H, W).
     """
 
+    @_one_line_errors
     def __getitem__(self, index: int) -> Sample:
         item = self.items[index]
         rgb = self.manifest.read_image(item.id)

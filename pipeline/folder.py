@@ -14,10 +14,11 @@ The CSV has a header row and these columns (others are ignored)::
 
 Classes are the list given to :func:`build_folder` (its order is the class index), else the
 sorted set of names the CSV uses. Ground-truth masks, used only for scoring, are optional:
-``<masks>/<id>.png`` (palette or greyscale, values 0..C and 255), checked when the manifest is
-built. The manifest names images as ``<id><suffix>``, so when the listed images do not all share
-one suffix (``.jpg`` and ``.png`` mixed) the suffix is empty, the id is the whole file name, and
-masks are named ``<file name>.png`` (``0001.jpg.png``).
+``<masks>/<id>.png`` (palette or greyscale, values 0..C and 255). Every image and mask is
+decoded once when the manifest is built (see :mod:`pipeline.screen`). The manifest names
+images as ``<id><suffix>``, so when the listed images do not all share one suffix (``.jpg``
+and ``.png`` mixed) the suffix is empty, the id is the whole file name, and masks are named
+``<file name>.png`` (``0001.jpg.png``).
 """
 
 from __future__ import annotations
@@ -30,8 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.errors import InputError
-from pipeline.io import read_mask
 from pipeline.manifest import Item, Manifest, make_split
+from pipeline.screen import screen_splits
 
 LABEL_SEPARATORS = re.compile(r"[\s;|]+")
 REQUIRED_COLUMNS = ("image", "labels")
@@ -149,26 +150,19 @@ def _class_indices(row: LabelRow, classes: Sequence[str], labels_csv: Path) -> t
     return tuple(sorted({classes.index(label) for label in row.labels}))
 
 
-def _has_mask(masks: Path, image_id: str, num_classes: int) -> bool:
-    """Whether ``<masks>/<id>.png`` exists; one that exists must hold valid label values."""
-    path = masks / f"{image_id}{MASK_SUFFIX}"
-    if not path.is_file():
-        return False
-    read_mask(path, num_classes)
-    return True
-
-
 def build_folder(
     images: Path,
     labels_csv: Path,
     masks: Path | None = None,
     classes: Sequence[str] | None = None,
     name: str = "custom",
+    rejects: Path | None = None,
 ) -> Manifest:
     """Manifest of the images a labels CSV lists (format in the module docstring).
 
-    Every listed image must exist in ``images``; every mask present in ``masks`` is read once to
-    check its values. Splits are those the CSV names (``train`` by default).
+    Every listed image must exist in ``images`` and decode, and so must every mask present in
+    ``masks``; with ``rejects`` the items that do not decode are left out and listed there
+    instead. Splits are those the CSV names (``train`` by default).
     """
     images, labels_csv = Path(images), Path(labels_csv)
     rows = read_label_rows(labels_csv)
@@ -186,10 +180,10 @@ def build_folder(
     for row, file in zip(rows, files):
         image_id = file[: len(file) - len(suffix)]
         labels = _class_indices(row, class_names, labels_csv)
-        has_mask = masks is not None and _has_mask(masks, image_id, len(class_names))
+        has_mask = masks is not None and (masks / f"{image_id}{MASK_SUFFIX}").is_file()
         splits.setdefault(row.split, []).append(Item(image_id, labels, has_mask))
 
-    return Manifest(
+    manifest = Manifest(
         name=name,
         classes=class_names,
         image_dir=images,
@@ -198,3 +192,4 @@ def build_folder(
         mask_suffix=MASK_SUFFIX,
         splits={split: make_split(items) for split, items in sorted(splits.items())},
     )
+    return screen_splits(manifest, manifest.splits, rejects)[0]

@@ -6,18 +6,71 @@ import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from io import BytesIO
 from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
+from fsspec.core import split_protocol
 from PIL import Image, UnidentifiedImageError
+from upath import UPath
 
 from pipeline.errors import InputError
 
 IGNORE = 255
 """Label value of pixels that carry no label (unreliable, or outside the image)."""
+
+LOCAL_PROTOCOLS = ("file", "local")
+"""fsspec's names of the local disk: such a URL is a plain local path."""
+
+URL_DEFAULTS = {"use_listings_cache": False}
+"""fsspec options of every URL unless given otherwise: several processes write one store
+(DataLoader, dask and torchrun workers), and a folder listing cached by one would hide what the
+others wrote since."""
+
+
+def location(path: str | os.PathLike[str] | UPath, storage_options: Mapping[str, Any] | None = None) -> Path | UPath:
+    """Where a file or folder lives: a local path as a :class:`Path`, an fsspec URL
+    (``s3://bucket/key``, ``memory://...``) as a :class:`UPath` that carries ``storage_options``.
+
+    A ``file://`` URL is a local path, so local files always get the local code (and the local
+    zarr store's atomic writes). A ``UPath`` keeps its options when it is pickled, so DataLoader
+    and dask workers reach the same bucket with the same settings. Credentials and endpoint not
+    in ``storage_options`` come from the filesystem's usual environment (for S3:
+    ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_ENDPOINT_URL``, ``~/.aws``). A
+    ``Path`` or ``UPath`` is returned as it is.
+    """
+    if isinstance(path, (Path, UPath)):
+        return path
+    text = os.fspath(path)
+    protocol, local = split_protocol(text)
+    if protocol is None:
+        return Path(text)
+    if protocol in LOCAL_PROTOCOLS:
+        return Path(local)
+    return UPath(text, **{**URL_DEFAULTS, **(storage_options or {})})
+
+
+def detached(path: Path | UPath) -> Path | UPath:
+    """``path`` without the fsspec filesystem that a ``UPath`` caches on first use and hands on to
+    every path joined to it. That instance belongs to the process that made it (s3fs's fails in
+    a forked process: "not fork-safe"), and DataLoader workers are forked with the objects they
+    read through, so those keep detached paths: each use then gets its filesystem from fsspec's
+    own cache, which starts anew in every process. A local ``Path`` is returned as it is.
+    """
+    return path if isinstance(path, Path) else UPath(str(path), **path.storage_options)
+
+
+def _file_mode() -> int:
+    """The mode a plain ``open`` gives a new file (0o666 less the umask); ``mkstemp`` gives 0o600."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+FILE_MODE = _file_mode()
 
 
 @contextmanager
@@ -29,6 +82,7 @@ def atomic_open(path: str | Path, mode: str = "w") -> Iterator[IO[Any]]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.fchmod(fd, FILE_MODE)
     try:
         with os.fdopen(fd, mode) as handle:
             yield handle
@@ -43,9 +97,9 @@ def fingerprint(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def file_digest(path: str | Path) -> str:
+def file_digest(path: str | Path | UPath) -> str:
     """SHA-256 of a file's bytes, read in blocks; a missing file is an error naming it."""
-    path = Path(path)
+    path = location(path)
     if not path.is_file():
         raise InputError(path, "file not found")
     digest = hashlib.sha256()
@@ -62,43 +116,92 @@ def write_json(path: str | Path, data: Any) -> None:
         handle.write("\n")
 
 
-def _open_image(path: Path) -> Image.Image:
-    if not path.is_file():
-        raise InputError(path, "file not found")
+MODE_NAMES = {
+    "1": "a 1-bit black-and-white",
+    "L": "an 8-bit greyscale",
+    "LA": "a greyscale-with-alpha",
+    "P": "a palette",
+    "RGBA": "an RGB-with-alpha",
+    "CMYK": "a CMYK",
+    "I;16": "a 16-bit greyscale",
+    "I": "a 32-bit integer",
+    "F": "a 32-bit float",
+}
+"""How an error names the PIL modes a user is likely to meet."""
+
+SHOWN_VALUES = 8
+"""How many bad mask values an error lists before it only counts them."""
+
+
+def _mode_name(mode: str) -> str:
+    return f"{MODE_NAMES.get(mode, 'an')} image (mode {mode!r})"
+
+
+def _shortened(values: list[int]) -> str:
+    """``values`` as a list, cut after ``SHOWN_VALUES`` with a count of them all."""
+    if len(values) <= SHOWN_VALUES:
+        return str(values)
+    return f"[{', '.join(map(str, values[:SHOWN_VALUES]))}, ...] ({len(values)} values)"
+
+
+def _read_file(path: Path | UPath) -> bytes:
+    """A file's bytes in one read (one GET from an object store, not a HEAD for each check);
+    missing, unreadable and empty files are ``InputError``."""
     try:
-        image = Image.open(path)
+        data = path.read_bytes()
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        raise InputError(path, "file not found") from None
+    except OSError as error:
+        raise InputError(path, f"cannot read file ({error})") from None
+    if not data:
+        raise InputError(path, "empty file (0 bytes)")
+    return data
+
+
+def _open_image(path: Path | UPath) -> Image.Image:
+    """Open and decode an image file; every way it can be unreadable is one ``InputError``.
+
+    PIL reads only the header in ``Image.open``: a truncated file fails in ``load``, so both
+    are inside the ``try``.
+    """
+    data = _read_file(path)
+    try:
+        image = Image.open(BytesIO(data))
         image.load()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
-        raise InputError(path, f"cannot read image ({error})") from None
+    except UnidentifiedImageError:
+        raise InputError(path, "cannot read image (unknown format or broken header)") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+        raise InputError(path, f"cannot read image, truncated or corrupt ({error})") from None
     if image.width == 0 or image.height == 0:
         raise InputError(path, "image has zero size")
     return image
 
 
-def read_image(path: str | Path) -> np.ndarray:
-    """Read an 8-bit RGB image as uint8 (H, W, 3); any other mode is an error naming the file."""
-    path = Path(path)
+def read_image(path: str | Path | UPath) -> np.ndarray:
+    """Read an 8-bit RGB image as uint8 (H, W, 3); any other mode is an error naming the file.
+
+    ``path`` may be an fsspec URL (see :func:`location`)."""
+    path = location(path)
     image = _open_image(path)
     if image.mode != "RGB":
-        raise InputError(path, f"expected an 8-bit RGB image, got mode {image.mode!r}")
+        raise InputError(path, f"expected an 8-bit RGB image, got {_mode_name(image.mode)}")
     return np.array(image, dtype=np.uint8)
 
 
-def read_mask(path: str | Path, num_classes: int) -> np.ndarray:
+def read_mask(path: str | Path | UPath, num_classes: int) -> np.ndarray:
     """Read a label mask as uint8 (H, W) with values 0..num_classes (0 background) or 255.
 
-    Palette ('P') and greyscale ('L') PNGs hold label values directly, as in VOC.
+    Palette ('P') and greyscale ('L') PNGs hold label values directly, as in VOC. ``path`` may
+    be an fsspec URL (see :func:`location`).
     """
-    path = Path(path)
+    path = location(path)
     image = _open_image(path)
     if image.mode not in ("P", "L"):
-        raise InputError(path, f"expected a palette or greyscale label mask, got mode {image.mode!r}")
+        raise InputError(path, f"expected a palette or greyscale label mask, got {_mode_name(image.mode)}")
     mask = np.array(image, dtype=np.uint8)
-    bad = np.unique(mask[(mask > num_classes) & (mask != IGNORE)])
-    if bad.size:
-        raise InputError(
-            path, f"mask values {bad.tolist()} are outside 0..{num_classes} and 255"
-        )
+    bad = np.unique(mask[(mask > num_classes) & (mask != IGNORE)]).tolist()
+    if bad:
+        raise InputError(path, f"mask values {_shortened(bad)} are outside 0..{num_classes} and 255")
     return mask
 
 

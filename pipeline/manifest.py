@@ -20,6 +20,13 @@ in label masks class ``c`` is stored as ``c + 1``, background as 0 and "no label
 ``mask`` says whether a ground-truth mask exists for the image (it is used only for scoring).
 Relative directories are resolved against the manifest file's own folder, so a project and its
 manifests can be moved together. Image ``id`` is the file name without its suffix.
+
+A directory may also be an fsspec URL (``"dir": "s3://bucket/voc/JPEGImages"``), and the manifest
+file itself may live at one (``load_manifest("s3://bucket/manifests/voc.json")``, its relative
+directories then resolved in the bucket): the images are then read through fsspec, with
+credentials from the environment or the ``storage_options`` given (see
+:func:`pipeline.io.location`). Paths are then :class:`upath.UPath`, which pickle with their
+options for DataLoader and dask workers.
 """
 
 from __future__ import annotations
@@ -28,13 +35,15 @@ import json
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from upath import UPath
 
 from pipeline.errors import InputError
-from pipeline.io import IGNORE, atomic_open, read_image, read_mask
+from pipeline.io import IGNORE, atomic_open, detached, location, read_image, read_mask
 
 FORMAT_VERSION = 1
 
@@ -71,15 +80,19 @@ class Manifest:
 
     name: str
     classes: tuple[str, ...]
-    image_dir: Path
+    image_dir: Path | UPath
     image_suffix: str
     splits: Mapping[str, tuple[Item, ...]]
-    mask_dir: Path | None = None
+    mask_dir: Path | UPath | None = None
     mask_suffix: str = ".png"
     palette: np.ndarray = field(default=None)  # type: ignore[assignment]
-    source: Path | None = None
+    source: Path | UPath | None = None
 
     def __post_init__(self) -> None:
+        # Forked DataLoader workers read through the manifest: see pipeline.io.detached.
+        object.__setattr__(self, "image_dir", detached(self.image_dir))
+        if self.mask_dir is not None:
+            object.__setattr__(self, "mask_dir", detached(self.mask_dir))
         if self.palette is None:
             object.__setattr__(self, "palette", default_palette(self.num_classes + 1))
 
@@ -103,10 +116,10 @@ class Manifest:
                 return item
         raise InputError(self.source or self.name, f"no image id {image_id!r} in split {split!r}")
 
-    def image_path(self, image_id: str) -> Path:
+    def image_path(self, image_id: str) -> Path | UPath:
         return self.image_dir / f"{image_id}{self.image_suffix}"
 
-    def mask_path(self, image_id: str) -> Path | None:
+    def mask_path(self, image_id: str) -> Path | UPath | None:
         if self.mask_dir is None:
             return None
         return self.mask_dir / f"{image_id}{self.mask_suffix}"
@@ -143,7 +156,9 @@ class Manifest:
         return [item.id for item in self.split(split) if not self.image_path(item.id).is_file()]
 
     def to_json(self, relative_to: Path) -> dict[str, Any]:
-        def rel(path: Path) -> str:
+        def rel(path: Path | UPath) -> str:
+            if isinstance(path, UPath):
+                return str(path)
             try:
                 return Path(_relpath(path, relative_to)).as_posix()
             except ValueError:
@@ -177,22 +192,31 @@ def _relpath(path: Path, start: Path) -> str:
     return os.path.relpath(Path(path).resolve(), start)
 
 
-def _resolve(base: Path, directory: str) -> Path:
-    return Path(os.path.normpath(base / directory))
+def _resolve(base: Path | UPath, directory: str, storage_options: Mapping[str, Any] | None) -> Path | UPath:
+    """A manifest's directory: a URL as it is, else relative to ``base`` (the manifest's folder), '..' folded."""
+    target = location(directory, storage_options)
+    if isinstance(target, UPath):
+        return target
+    if isinstance(base, UPath):
+        return (base / target.as_posix()).resolve()
+    return Path(os.path.normpath(base / target))
 
 
-def _require(condition: bool, path: Path, problem: str) -> None:
+def _require(condition: bool, path: Path | UPath, problem: str) -> None:
     if not condition:
         raise InputError(path, problem)
 
 
-def load_manifest(path: str | Path) -> Manifest:
-    """Read and validate a manifest file; every problem is one line naming the file."""
-    path = Path(path)
+def load_manifest(path: str | Path | UPath, storage_options: Mapping[str, Any] | None = None) -> Manifest:
+    """Read and validate a manifest file; every problem is one line naming the file.
+
+    ``path`` and the directories it names may be fsspec URLs, reached with ``storage_options``.
+    """
+    path = location(path, storage_options)
     if not path.is_file():
         raise InputError(path, "manifest not found (build one with `rrm manifest` or `rrm synth`)")
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(), object_pairs_hook=partial(_unique_keys, path))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise InputError(path, f"not valid JSON ({error})") from None
     _require(isinstance(data, dict), path, "manifest must be a JSON object")
@@ -222,9 +246,9 @@ def load_manifest(path: str | Path) -> Manifest:
     return Manifest(
         name=str(data["name"]),
         classes=tuple(classes),
-        image_dir=_resolve(base, images["dir"]),
+        image_dir=_resolve(base, images["dir"], storage_options),
         image_suffix=images.get("suffix", ".jpg"),
-        mask_dir=None if masks is None else _resolve(base, masks["dir"]),
+        mask_dir=None if masks is None else _resolve(base, masks["dir"], storage_options),
         mask_suffix=".png" if masks is None else masks.get("suffix", ".png"),
         palette=palette,
         splits=splits,
@@ -232,7 +256,16 @@ def load_manifest(path: str | Path) -> Manifest:
     )
 
 
-def _parse_split(path: Path, name: str, items: Any, num_classes: int) -> tuple[Item, ...]:
+def _unique_keys(path: Path | UPath, pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object as a dict; a key given twice (two ``train`` splits) is an error, not the last one kept."""
+    seen: set[str] = set()
+    for key, _ in pairs:
+        _require(key not in seen, path, f"key {key!r} appears twice in one object")
+        seen.add(key)
+    return dict(pairs)
+
+
+def _parse_split(path: Path | UPath, name: str, items: Any, num_classes: int) -> tuple[Item, ...]:
     _require(isinstance(items, list), path, f"split {name!r} must be a list")
     parsed = []
     seen: set[str] = set()
@@ -260,6 +293,16 @@ def labels_from_mask(mask: np.ndarray, num_classes: int) -> tuple[int, ...]:
 def make_split(items: Iterable[Item]) -> tuple[Item, ...]:
     """Items sorted by id, so that a builder's output does not depend on directory order."""
     return tuple(sorted(items, key=lambda item: item.id))
+
+
+def check_disjoint(manifest: Manifest, first: str, second: str) -> None:
+    """Raise naming an image id that both splits list: an image trained on must not be scored on."""
+    shared = sorted({item.id for item in manifest.split(first)} & {item.id for item in manifest.split(second)})
+    if shared:
+        more = f" ({len(shared) - 1} more)" if len(shared) > 1 else ""
+        raise InputError(
+            manifest.source or manifest.name, f"image id {shared[0]!r} is in both split {first!r} and {second!r}{more}"
+        )
 
 
 def check_images_exist(manifest: Manifest, splits: Sequence[str] | None = None) -> None:

@@ -75,7 +75,7 @@ def iou_from_confusion(confusion: np.ndarray) -> np.ndarray:
     return _ratio(hits, confusion.sum(axis=0) + confusion.sum(axis=1) - hits)
 
 
-def _nanmean(values: np.ndarray) -> float:
+def nanmean(values: np.ndarray) -> float:
     """Mean over the non-NaN values; NaN (without a warning) when there are none."""
     finite = values[~np.isnan(values)]
     return float(finite.mean()) if finite.size else math.nan
@@ -83,7 +83,7 @@ def _nanmean(values: np.ndarray) -> float:
 
 def per_image_iou(gt: np.ndarray, pred: np.ndarray, num_labels: int) -> float:
     """mIoU of a single image, over the labels that occur in its ground truth or prediction."""
-    return _nanmean(iou_from_confusion(confusion_matrix(gt, pred, num_labels)))
+    return nanmean(iou_from_confusion(confusion_matrix(gt, pred, num_labels)))
 
 
 def _json_float(value: float) -> float | None:
@@ -118,7 +118,7 @@ class SegmentationScore:
 
     def miou(self) -> float:
         """Mean IoU over the labels that occurred (NaN before any pixel was counted)."""
-        return _nanmean(self.iou())
+        return nanmean(self.iou())
 
     def pixel_accuracy(self) -> float:
         """Fraction of counted pixels predicted correctly (NaN before any pixel was counted)."""
@@ -245,4 +245,4 @@ def average_precision(scores: np.ndarray, targets: np.ndarray) -> float:
 def classification_scores(scores: np.ndarray, targets: np.ndarray, class_names: Sequence[str]) -> dict[str, Any]:
     """Multi-label scores: ``map`` (mean over classes with positives) and ``ap`` per class."""
     ap = np.array([average_precision(scores[:, c], targets[:, c]) for c in range(scores.shape[1])])
-    return {"map": _json_float(_nanmean(ap)), "ap": {n: _json_float(v) for n, v in zip(class_names, ap)}}
+    return {"map": _json_float(nanmean(ap)), "ap": {n: _json_float(v) for n, v in zip(class_names, ap)}}

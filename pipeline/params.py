@@ -9,6 +9,7 @@ wrong type or a value out of range is an error naming ``params.yaml`` and the ke
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from pathlib import Path
@@ -120,7 +121,10 @@ def check_scale_range(name: str, values: tuple[float, ...]) -> None:
 
 
 def check_range(name: str, value: float, low: float | None = None, high: float | None = None) -> None:
-    """Raise ValueError unless ``low <= value <= high`` (either bound may be open)."""
-    if (low is not None and value < low) or (high is not None and value > high):
+    """Raise ValueError unless ``low <= value <= high`` (either bound may be open); NaN never is.
+
+    YAML reads ``.nan`` as a float, and NaN compares false with every bound.
+    """
+    if math.isnan(value) or (low is not None and value < low) or (high is not None and value > high):
         bounds = f"[{'-inf' if low is None else low}, {'inf' if high is None else high}]"
         raise ValueError(f"{name}={value!r} is outside {bounds}")

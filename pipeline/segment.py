@@ -15,7 +15,7 @@ import multiprocessing
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Executor, Future, ProcessPoolExecutor
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from distributed import Client
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
@@ -64,6 +65,9 @@ class SegmentParams(TrainingParams):
     crf: bool = True
     """Refine val predictions and pseudo labels with the dense CRF of the spec's inference settings."""
     crf_workers: int = 2
+    crf_scheduler: str | None = None
+    """Address of a running dask scheduler to run the inference CRFs on (e.g. ``tcp://10.0.0.1:8786``);
+    None: ``crf_workers`` local processes."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -186,6 +190,19 @@ def _crf_labels(image: np.ndarray, probs: np.ndarray, params: CRFParams) -> np.n
     return dense_crf(image, probs, params).argmax(axis=0).astype(np.uint8)
 
 
+@contextmanager
+def crf_pool(workers: int, scheduler: str | None) -> Iterator[tuple[Executor, int]]:
+    """Where the inference CRFs run, and how many at once: every worker thread of the dask cluster
+    at ``scheduler``, or else ``workers`` local processes ('spawn': they start clean of the
+    network's threads)."""
+    if scheduler is None:
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            yield pool, workers
+        return
+    with Client(scheduler) as client, client.get_executor(pure=False) as pool:
+        yield pool, max(1, sum(client.nthreads().values()))
+
+
 ProbabilityFn = Callable[[torch.Tensor], torch.Tensor]
 """Normalised images (N, 3, H, W) of one size -> class probabilities (N, K, H, W) at that size."""
 
@@ -199,51 +216,53 @@ def segnet_probabilities(net: SegNet) -> ProbabilityFn:
 @torch.inference_mode()
 def predict(probabilities: ProbabilityFn, manifest: Manifest, split: str, device: torch.device,
             crf: CRFParams | None, batch_size: int = 8, batch_pixels: int = CamParams.batch_pixels, workers: int = 2,
-            progress: bool = True) -> Iterator[tuple[Item, np.ndarray, np.ndarray]]:
+            scheduler: str | None = None, progress: bool = True) -> Iterator[tuple[Item, np.ndarray, np.ndarray]]:
     """``(item, plain, refined)`` label maps (uint8 (H, W)) for every image of ``split``.
 
     ``probabilities`` is the network's inference (one pass, or several scales averaged; a
     network in eval mode). ``plain`` is the argmax of its probabilities; ``refined`` the same
     after the dense CRF (``plain`` again without ``crf``). Images of one size go through the network together; the
-    CRFs run in ``workers`` processes while the network goes on, a bounded number in flight.
+    CRFs run while the network goes on, a bounded number in flight, in ``workers`` local processes or on
+    the dask cluster at ``scheduler`` (see :func:`crf_pool`).
     Batches are capped at ``batch_pixels`` as in the CAM stage (see :class:`CamParams`).
     """
     dataset = ImageDataset(manifest, split)
     items = {item.id: item for item in dataset.items}
     sizes = {index: image_size(manifest.image_path(item.id)) for index, item in enumerate(dataset.items)}
     loader = DataLoader(dataset, batch_sampler=size_grouped_batches(sizes, batch_size, batch_pixels))
-    context = multiprocessing.get_context("spawn")
-    pool = nullcontext() if crf is None else ProcessPoolExecutor(workers, mp_context=context)
+    pool = nullcontext((None, 1)) if crf is None else crf_pool(workers, scheduler)
     pending: deque[tuple[Item, np.ndarray, Future | None]] = deque()
 
     def finished(item: Item, plain: np.ndarray, refined: Future | None) -> tuple[Item, np.ndarray, np.ndarray]:
         bar.update(1)
         return item, plain, plain if refined is None else refined.result()
 
-    with pool, tqdm(total=len(dataset), desc=f"predict {split}", unit="img", disable=not progress) as bar:
+    bar = tqdm(total=len(dataset), desc=f"predict {split}", unit="img", disable=not progress)
+    with pool as (executor, parallel), bar:
         for batch in loader:
             images = batch["image"].to(device)
             with torch.autocast(device.type, enabled=device.type == "cuda"):
                 probs = probabilities(images).float().cpu().numpy()
             for index, image_id in enumerate(batch["id"]):
                 plain = probs[index].argmax(axis=0).astype(np.uint8)
-                refined = None if crf is None else pool.submit(_crf_labels, batch["rgb"][index].numpy(),
-                                                                 probs[index], crf)
+                refined = None if crf is None else executor.submit(_crf_labels, batch["rgb"][index].numpy(),
+                                                                     probs[index], crf)
                 pending.append((items[image_id], plain, refined))
-            while pending and (len(pending) > 4 * workers or pending[0][2] is None or pending[0][2].done()):
+            while pending and (len(pending) > 4 * parallel or pending[0][2] is None or pending[0][2].done()):
                 yield finished(*pending.popleft())
         while pending:
             yield finished(*pending.popleft())
 
 
 def infer_split(probabilities: ProbabilityFn, manifest: Manifest, split: str, store: ImageStore,
-                device: torch.device, crf: CRFParams | None, workers: int, progress: bool = True) -> dict[str, Any]:
+                device: torch.device, crf: CRFParams | None, workers: int, scheduler: str | None = None,
+                progress: bool = True) -> dict[str, Any]:
     """Write the (refined) predictions of ``split`` to ``store`` and score both kinds against the
     ground truth where it exists: ``{"miou", "miou_no_crf", "iou", "scored_images"}``."""
     plain_score, refined_score = (SegmentationScore(manifest.num_classes + 1) for _ in range(2))
     scored = 0
     for item, plain, refined in predict(probabilities, manifest, split, device, crf, workers=workers,
-                                        progress=progress):
+                                        scheduler=scheduler, progress=progress):
         store.write(item.id, refined)
         gt = manifest.read_mask(item)
         if gt is not None:

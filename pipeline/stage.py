@@ -5,28 +5,42 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import typing
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 from pipeline.errors import InputError
-from pipeline.manifest import Manifest, load_manifest
+from pipeline.manifest import Manifest, check_disjoint, load_manifest
 from pipeline.params import PARAMS_FILE, load_params
+from pipeline.screen import screen_splits
+
+
+def _is_flag(hint: Any) -> bool:
+    """Whether a keyword of type ``hint`` (``bool`` or ``bool | None``) is a flag on the command line."""
+    return hint is bool or bool in typing.get_args(hint)
 
 
 def run(main: Callable[..., None], *options: str) -> None:
     """Run a stage's ``main(params_path, **options)`` as
-    ``python -m stages.<name> [params.yaml] [--option VALUE ...]``.
+    ``python -m stages.<name> [params.yaml] [--option VALUE ...] [--flag ...]``.
 
     ``options`` name the keyword arguments ``main`` takes from the command line (for instance
-    ``scheduler``); one not given is not passed. Bad input ends the process with one line on
-    stderr and exit status 2, not a traceback.
+    ``scheduler``); one typed ``bool`` is a flag that passes True (``--skip-bad``). One not given
+    is not passed, so it does not override ``params.yaml``. Bad input ends the process with one
+    line on stderr and exit status 2, not a traceback.
     """
     parser = argparse.ArgumentParser(prog=f"python -m {main.__module__}", description=main.__doc__)
     parser.add_argument("params", nargs="?", type=Path, default=PARAMS_FILE, help="parameters file")
+    hints = typing.get_type_hints(main)
     for option in options:
-        parser.add_argument(f"--{option.replace('_', '-')}", dest=option)
+        name = f"--{option.replace('_', '-')}"
+        if _is_flag(hints[option]):
+            parser.add_argument(name, dest=option, action="store_const", const=True)
+        else:
+            parser.add_argument(name, dest=option)
     arguments = vars(parser.parse_args())
     params_path = arguments.pop("params")
     try:
@@ -47,19 +61,46 @@ def stopwatch() -> Iterator[dict[str, float]]:
         result["seconds"] = round(time.perf_counter() - start, 2)
 
 
+REJECTS = Path("rejects")
+"""Folder of the stages' rejects files, ``rejects/<stage>.json`` (see :mod:`pipeline.screen`)."""
+
+
 @dataclass(frozen=True)
 class DatasetParams:
-    """The `dataset:` section: which manifest every stage reads and which splits it uses."""
+    """The `dataset:` section: which manifest every stage reads and which splits it uses.
+
+    ``skip_bad``: leave out the images (or masks) that do not decode, listed in
+    ``rejects/<stage>.json``, instead of stopping at the first one.
+    """
 
     manifest: str = "manifests/synth.json"
     train_split: str = "train"
     val_split: str = "val"
+    skip_bad: bool = False
 
 
 def load_dataset(params_path: Path) -> tuple[Manifest, DatasetParams]:
-    """The manifest named by the `dataset:` section, checked to have both splits."""
+    """The manifest named by the `dataset:` section, checked to have both splits, with no image in both."""
     params = load_params(DatasetParams, "dataset", params_path)
     manifest = load_manifest(params.manifest)
-    for split in (params.train_split, params.val_split):
-        manifest.split(split)
+    check_disjoint(manifest, params.train_split, params.val_split)
     return manifest, params
+
+
+def screened_dataset(
+    params_path: Path, stage: str, skip_bad: bool | None = None
+) -> tuple[Manifest, DatasetParams, int]:
+    """:func:`load_dataset` for a stage that reads the images: with ``skip_bad`` both splits are screened.
+
+    ``skip_bad`` (the command-line flag) overrides ``dataset.skip_bad``. Screened, the manifest
+    returned holds only the good items of the two splits and the bad ones are listed in
+    ``rejects/<stage>.json``. Returns the manifest, the section and how many images were left out.
+    """
+    manifest, params = load_dataset(params_path)
+    if skip_bad is not None:
+        params = replace(params, skip_bad=skip_bad)
+    if not params.skip_bad:
+        return manifest, params, 0
+    splits = (params.train_split, params.val_split)
+    screened, rejects = screen_splits(manifest, splits, REJECTS / f"{stage}.json")
+    return screened, params, len(rejects)

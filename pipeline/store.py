@@ -13,21 +13,32 @@ lives in its own folder with its own ``zarr.json``; creating it only adds the pa
 ``zarr.json`` if that is missing (an exclusive create, never a rewrite), and listing the members
 reads the folder, so no metadata file is shared between writers. Consolidated metadata is never
 used.
+
+A store may live at an fsspec URL (``s3://bucket/project/artifacts/cams.zarr``; install the
+``s3`` extra), opened through zarr's ``FsspecStore``. The same guarantees hold there: every
+object PUT to S3 is atomic (a reader sees the old object or the new one, never part of one) and
+reads after a write see it, so an array's ``complete`` attribute, written last in its own PUT of
+``zarr.json``, still means the array is whole; there are no temporary files to clean up. A
+``file://`` URL is a local path.
 """
 
 from __future__ import annotations
 
 import shutil
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import zarr
+from upath import UPath
 from zarr.codecs import BloscCodec
 from zarr.errors import ArrayNotFoundError, ContainsGroupError
+from zarr.storage import FsspecStore
 
 from pipeline.errors import InputError
+from pipeline.io import detached, location
 
 COMPLETE = "complete"
 """Attribute set last on every array: its presence means the array was written in full. On the
@@ -41,14 +52,23 @@ COMPRESSOR = BloscCodec(cname="zstd", clevel=1, shuffle="shuffle")
 
 
 class ImageStore:
-    """A zarr v3 store of one array per image id.
+    """A zarr v3 store of one array per image id, in a local folder or at an fsspec URL.
 
-    ``stage`` names the stage that writes the store, for the hint in error messages.
+    ``stage`` names the stage that writes the store, for the hint in error messages;
+    ``storage_options`` are the fsspec options of a URL (see :func:`pipeline.io.location`).
     """
 
-    def __init__(self, path: str | Path, stage: str | None = None) -> None:
-        self.path = Path(path)
+    def __init__(
+        self, path: str | Path | UPath, stage: str | None = None, storage_options: Mapping[str, Any] | None = None
+    ) -> None:
+        self._location = location(path, storage_options)
         self.stage = stage
+
+    @property
+    def path(self) -> Path | UPath:
+        """The store's folder or URL, detached (see :func:`pipeline.io.detached`): a store is
+        read from forked DataLoader workers."""
+        return detached(self._location)
 
     def __repr__(self) -> str:
         return f"ImageStore({str(self.path)!r})"
@@ -93,13 +113,13 @@ class ImageStore:
         """Ids of every array in the store, complete or not, sorted; none if the store does not exist."""
         if not self.exists():
             return []
-        return sorted(zarr.open_group(self.path, mode="r").array_keys())
+        return sorted(self._group("r").array_keys())
 
     def complete_ids(self) -> list[str]:
         """Ids of the arrays written in full, sorted."""
         if not self.exists():
             return []
-        members = zarr.open_group(self.path, mode="r").arrays()
+        members = self._group("r").arrays()
         return sorted(name for name, node in members if node.attrs.get(COMPLETE, False))
 
     def __contains__(self, image_id: object) -> bool:
@@ -110,20 +130,22 @@ class ImageStore:
     @property
     def fingerprint(self) -> str | None:
         """The fingerprint the store was started with (None without a store)."""
-        return zarr.open_group(self.path, mode="r").attrs.get(FINGERPRINT) if self.exists() else None
+        return self._group("r").attrs.get(FINGERPRINT) if self.exists() else None
 
     def reset_unless(self, fingerprint: str) -> bool:
         """Keep the store only if it was started with ``fingerprint``; else start it anew, empty.
 
         A stage calls this once, from one process, before writing: arrays made with other
         settings are never mixed with new ones, while a rerun with the same settings keeps what
-        an interrupted run finished. Returns whether the existing arrays were kept.
+        an interrupted run finished, less the debris of the write it was killed in (see
+        :meth:`_remove_debris`). Returns whether the existing arrays were kept.
         """
         if self.fingerprint == fingerprint:
+            self._remove_debris()
             return True
         if self.path.exists():
-            shutil.rmtree(self.path)
-        zarr.open_group(self.path, mode="w", attributes={FINGERPRINT: fingerprint})
+            _remove_tree(self.path)
+        zarr.open_group(self._root(), mode="w", attributes={FINGERPRINT: fingerprint}, zarr_format=3)
         return False
 
     def mark_complete(self, expected: Iterable[str]) -> None:
@@ -131,25 +153,49 @@ class ImageStore:
         missing = sorted(set(expected) - set(self.complete_ids()))
         if missing:
             raise InputError(self.path, f"{len(missing)} image(s) missing, e.g. {missing[0]!r}; not marked complete")
-        zarr.open_group(self.path, mode="r+").attrs.update({COMPLETE: True})
+        self._group("r+").attrs.update({COMPLETE: True})
 
     def is_complete(self) -> bool:
-        return self.exists() and bool(zarr.open_group(self.path, mode="r").attrs.get(COMPLETE, False))
+        return self.exists() and bool(self._group("r").attrs.get(COMPLETE, False))
 
     def require_complete(self) -> None:
         """Raise naming the store unless its stage finished writing it."""
         if not self.is_complete():
             raise InputError(self.path, f"incomplete store{self._hint('rerun the {} stage')}")
 
+    def _remove_debris(self) -> None:
+        """Delete what a kill leaves beside the arrays: zarr's temporary ``*.partial`` files (a
+        metadata write cut short) and folders without a ``zarr.json`` (an array whose creation was
+        cut short). zarr would list both, with a warning, every time, and they would stay in the
+        store's files for good. Debris inside an array's folder goes when the array, incomplete,
+        is written again. In a bucket the first kind does not occur and the second is what a
+        delete cut short leaves; the check costs one request per array there.
+        """
+        for entry in self.path.iterdir():
+            if entry.is_dir() and not (entry / "zarr.json").is_file():
+                _remove_tree(entry)
+            elif entry.name.endswith(".partial"):
+                entry.unlink()
+
+    def _root(self) -> Path | FsspecStore:
+        """What zarr opens: the local folder, or an fsspec store over the URL."""
+        if isinstance(self._location, Path):
+            return self._location
+        return FsspecStore.from_url(str(self._location), storage_options=dict(self._location.storage_options))
+
+    def _group(self, mode: str) -> zarr.Group:
+        """The store's group; zarr v3 only, which spares the probes for v2 metadata files."""
+        return zarr.open_group(self._root(), mode=mode, zarr_format=3)
+
     def _group_for_writing(self) -> zarr.Group:
         try:
-            return zarr.open_group(self.path, mode="a")
+            return self._group("a")
         except ContainsGroupError:  # another process created the store between the check and the create
-            return zarr.open_group(self.path, mode="r+")
+            return self._group("r+")
 
     def _open(self, image_id: str) -> zarr.Array | None:
         try:
-            return zarr.open_array(self.path, path=image_id, mode="r")
+            return zarr.open_array(self._root(), path=image_id, mode="r", zarr_format=3)
         except (ArrayNotFoundError, FileNotFoundError):
             return None
 
@@ -158,7 +204,47 @@ class ImageStore:
         return "" if self.stage is None else f" ({template.format(self.stage)})"
 
 
-def _check_id(path: Path, image_id: str) -> None:
+def _remove_tree(path: Path | UPath) -> None:
+    """Delete a folder and everything in it (on an object store: every object under the prefix)."""
+    if isinstance(path, Path):
+        shutil.rmtree(path)
+    else:
+        path.fs.rm(path.path, recursive=True)
+
+
+CAMS = "cams.zarr"
+MASKS = "masks.zarr"
+SEGMENT = "segment.zarr"
+PSEUDO = "pseudo.zarr"
+DEEPLAB = "deeplab.zarr"
+"""The stores' names in the artifacts folder: the cams stage's CAMs, the prune stage's reliable
+masks, the segment stage's val predictions and training-split pseudo labels, DeepLab's val predictions."""
+
+
+@dataclass(frozen=True)
+class StorageParams:
+    """The `storage:` section: where the stages keep their stores.
+
+    ``artifacts`` is the folder of the stores (``cams.zarr``, ``masks.zarr``, ...): a local
+    path, relative to the project root, or an fsspec URL such as ``s3://bucket/project/artifacts``.
+    ``options`` are fsspec storage options for that URL, e.g. ``{endpoint_url: ...}`` for an
+    S3-compatible server; secrets belong in the environment (``AWS_ACCESS_KEY_ID``, ...) or
+    ``~/.aws``, not in the committed params file.
+    """
+
+    artifacts: str = "artifacts"
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.options, dict):
+            raise ValueError(f"options={self.options!r} must be a mapping of fsspec storage options")
+
+    def store(self, name: str, stage: str) -> ImageStore:
+        """The store ``name`` (e.g. ``cams.zarr``) in the artifacts folder, written by ``stage``."""
+        return ImageStore(location(self.artifacts, self.options) / name, stage)
+
+
+def _check_id(path: Path | UPath, image_id: str) -> None:
     """Ids become zarr node names: no '/', not empty, no leading '__' (reserved by zarr), not '.'/'..'."""
     if not image_id or "/" in image_id or image_id.startswith("__") or image_id in (".", ".."):
         raise InputError(path, f"image id {image_id!r} cannot name an array")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,9 @@ class TrainingParams:
     seed: int = 0
     amp: bool = True
     checkpoint_every: int = 100
+    deterministic: bool = False
+    """Ask PyTorch for deterministic kernels while training (see :func:`deterministic_algorithms`):
+    repeatable GPU runs at a speed cost. CPU runs are repeatable without it."""
 
     def __post_init__(self) -> None:
         for name in ("steps", "lr", "momentum", "weight_decay", "num_workers"):
@@ -61,7 +65,8 @@ class TrainingParams:
         return make_loader(dataset, self.batch_size, self.num_workers, ctx, self.seed, device)
 
     def loop(self, description: str, progress: bool) -> LoopSettings:
-        return LoopSettings(self.steps, self.checkpoint_every, amp=self.amp, description=description, progress=progress)
+        return LoopSettings(self.steps, self.checkpoint_every, amp=self.amp, deterministic=self.deterministic,
+                            description=description, progress=progress)
 
 
 class TrainingDiverged(RuntimeError):
@@ -227,12 +232,37 @@ StepFn = Callable[[Any], dict[str, torch.Tensor]]
 """Computes the losses of one batch; the dict's ``"loss"`` entry is the one minimised."""
 
 
+@contextmanager
+def deterministic_algorithms(enabled: bool) -> Iterator[None]:
+    """With ``enabled``, PyTorch's deterministic kernels in the block, and its previous mode after.
+
+    On CUDA this makes cuDNN pick convolution algorithms without atomic additions and cuBLAS
+    use a fixed workspace (``CUBLAS_WORKSPACE_CONFIG``, set here unless already set; it must be
+    in place before the process's first cuBLAS call). Kernels that have no deterministic CUDA
+    version, such as the backward pass of bilinear upsampling and ``scatter_add_`` along a
+    dimension of a 2-D tensor (the lattice filter), only warn: they stay a source of run-to-run
+    differences. On the CPU the kernels used here are deterministic already and the results
+    are the same either way.
+    """
+    if not enabled:
+        yield
+        return
+    previous = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
+
+
 @dataclass(frozen=True)
 class LoopSettings:
     max_steps: int
     checkpoint_every: int = 200
     power: float = 0.9
     amp: bool = True
+    deterministic: bool = False
     description: str = "train"
     progress: bool = True
 
@@ -256,33 +286,34 @@ def train(model: nn.Module, loader: DataLoader, step_fn: StepFn, optimizer: torc
     recent: dict[str, list[float]] = {}
     bar = tqdm(total=settings.max_steps, initial=start, desc=settings.description,
                disable=not (settings.progress and ctx.is_main), dynamic_ncols=True)
-    for step in range(start, settings.max_steps):
-        if on_step is not None:
-            on_step(step)
-        set_poly_lr(optimizer, step, settings.max_steps, settings.power)
-        batch = next(batches)
-        with torch.autocast(device.type, enabled=use_amp):
-            losses = step_fn(batch)
-        values = {name: float(value.detach()) for name, value in losses.items()}
-        bad = [name for name, value in values.items() if not math.isfinite(value)]
-        if bad:
-            raise TrainingDiverged(f"{settings.description}: loss {bad[0]!r} became {values[bad[0]]} at step {step}"
-                                   f" (last checkpoint: {checkpoint.path})")
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(losses["loss"]).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            losses["loss"].backward()
-            optimizer.step()
-        for name, value in values.items():
-            recent.setdefault(name, []).append(value)
-            del recent[name][:-50]
-        bar.update(1)
-        bar.set_postfix({name: f"{sum(v) / len(v):.4g}" for name, v in recent.items()}, refresh=False)
-        done = step + 1
-        if ctx.is_main and (done % settings.checkpoint_every == 0 or done == settings.max_steps):
-            checkpoint.save(done, model, optimizer, scaler)
+    with deterministic_algorithms(settings.deterministic):
+        for step in range(start, settings.max_steps):
+            if on_step is not None:
+                on_step(step)
+            set_poly_lr(optimizer, step, settings.max_steps, settings.power)
+            batch = next(batches)
+            with torch.autocast(device.type, enabled=use_amp):
+                losses = step_fn(batch)
+            values = {name: float(value.detach()) for name, value in losses.items()}
+            bad = [name for name, value in values.items() if not math.isfinite(value)]
+            if bad:
+                raise TrainingDiverged(f"{settings.description}: loss {bad[0]!r} became {values[bad[0]]} at step {step}"
+                                       f" (last checkpoint: {checkpoint.path})")
+            optimizer.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.scale(losses["loss"]).backward()
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                losses["loss"].backward()
+                optimizer.step()
+            for name, value in values.items():
+                recent.setdefault(name, []).append(value)
+                del recent[name][:-50]
+            bar.update(1)
+            bar.set_postfix({name: f"{sum(v) / len(v):.4g}" for name, v in recent.items()}, refresh=False)
+            done = step + 1
+            if ctx.is_main and (done % settings.checkpoint_every == 0 or done == settings.max_steps):
+                checkpoint.save(done, model, optimizer, scaler)
     bar.close()
     return {name: sum(v) / len(v) for name, v in recent.items()}

@@ -35,6 +35,7 @@ from pipeline.manifest import (
     labels_from_mask,
     make_split,
 )
+from pipeline.screen import screen_splits
 
 VOC_CLASSES: tuple[str, ...] = (
     "aeroplane", "bicycle", "bird", "boat", "bottle",
@@ -93,13 +94,15 @@ def _check_voc_root(voc_root: Path) -> None:
         raise InputError(voc_root, f"not a VOC2012 folder: no ImageSets/Segmentation{hint}")
 
 
-def build_voc12(voc_root: Path, sbd_root: Path | None = None) -> Manifest:
+def build_voc12(voc_root: Path, sbd_root: Path | None = None, rejects: Path | None = None) -> Manifest:
     """Manifest ``voc12`` with splits ``train``, ``val`` and ``train_aug``.
 
     Without ``sbd_root``, ``train_aug`` is VOC ``train`` alone (1,464 images instead of 10,582).
     Image-level labels come from the XML annotation; an image without one takes them from its
-    VOC mask, then from its SBD ``cls`` mask. Only one directory listing per folder and one small
-    XML per image are read: the 12k images of VOC + SBD take about half a second once cached.
+    VOC mask, then from its SBD ``cls`` mask. One directory listing per folder and one small XML
+    per image give the lists in about half a second; then every image and VOC mask is decoded
+    once (see :mod:`pipeline.screen`), which takes most of the time: a bad one is an error, or
+    with ``rejects`` it is left out and listed there.
     """
     voc_root = Path(voc_root)
     _check_voc_root(voc_root)
@@ -139,7 +142,7 @@ def build_voc12(voc_root: Path, sbd_root: Path | None = None) -> Manifest:
     def split(ids: Iterable[str]) -> tuple[Item, ...]:
         return make_split(items[image_id] for image_id in set(ids))
 
-    return Manifest(
+    manifest = Manifest(
         name="voc12",
         classes=VOC_CLASSES,
         image_dir=image_dir,
@@ -149,3 +152,4 @@ def build_voc12(voc_root: Path, sbd_root: Path | None = None) -> Manifest:
         palette=default_palette(num_classes + 1),
         splits={"train": split(train), "val": split(val), "train_aug": split(train_aug)},
     )
+    return screen_splits(manifest, manifest.splits, rejects)[0]

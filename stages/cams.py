@@ -1,6 +1,7 @@
-"""Stage `cams`: multi-scale CAMs of the train and val splits into artifacts/cams.zarr, and their score.
+"""Stage `cams`: multi-scale CAMs of the train and val splits into cams.zarr (in `storage.artifacts`), and their score.
 
-Under ``torchrun`` every process writes its own share of the images into the one store.
+Under ``torchrun`` every process writes its own share of the images into the one store; rank 0
+alone shows progress (its share), marks the store complete and writes the metrics.
 """
 
 from __future__ import annotations
@@ -13,42 +14,43 @@ from pipeline.classifier import ClassifierParams, load_classifier
 from pipeline.io import file_digest, fingerprint, write_json
 from pipeline.metrics import write_metrics
 from pipeline.params import load_params
-from pipeline.stage import load_dataset, run, stopwatch
-from pipeline.store import ImageStore
+from pipeline.stage import run, screened_dataset, stopwatch
+from pipeline.store import CAMS, StorageParams
 from pipeline.training import default_device, init_distributed
 
 WEIGHTS = Path("checkpoints/classifier.pth")
-STORE = Path("artifacts/cams.zarr")
 METRICS = Path("metrics/cams.json")
 CURVE = Path("plots/cams_threshold.json")
 
 
-def main(params_path: Path) -> None:
-    manifest, dataset = load_dataset(params_path)
+def main(params_path: Path, skip_bad: bool | None = None) -> None:
+    """Run the stage; ``skip_bad`` (``--skip-bad``) overrides ``dataset.skip_bad``."""
+    manifest, dataset, rejected = screened_dataset(params_path, "cams", skip_bad)
     classifier = load_params(ClassifierParams, "classifier", params_path)
     params = load_params(CamParams, "cams", params_path)
     ctx = init_distributed()
     device = default_device(ctx)
     net = load_classifier(classifier, manifest.num_classes, WEIGHTS).to(device)
-    store = ImageStore(STORE, stage="cams")
+    store = load_params(StorageParams, "storage", params_path).store(CAMS, "cams")
     splits = (dataset.train_split, dataset.val_split)
     if ctx.is_main:
         store.reset_unless(fingerprint(asdict(params), file_digest(WEIGHTS), file_digest(manifest.source), splits))
     ctx.barrier()
     with stopwatch() as timing:
         for split in splits:
-            extract_cams(net.cams, manifest, split, store, params, device, ctx.rank, ctx.world_size)
+            extract_cams(net.cams, manifest, split, store, params, device, ctx.rank, ctx.world_size,
+                         progress=ctx.is_main)
     ctx.barrier()
     if not ctx.is_main:
         return
     store.mark_complete(item.id for split in splits for item in manifest.split(split))
     val = score_cams(store, manifest, dataset.val_split, params.score_thresholds)
     train = score_cams(store, manifest, dataset.train_split, params.score_thresholds)
-    write_metrics(METRICS, {"miou": val["miou"], "threshold": val["threshold"], "iou": val["iou"],
+    write_metrics(METRICS, {"miou": val["miou"], "threshold": val["threshold"], "iou": val["iou"], "rejected": rejected,
                             "train": {k: train[k] for k in ("miou", "threshold", "iou")}, **timing})
     write_json(CURVE, [{"threshold": p["threshold"], "val": p["miou"], "train": t["miou"]}
                        for p, t in zip(val["curve"], train["curve"], strict=True)])
 
 
 if __name__ == "__main__":
-    run(main)
+    run(main, "skip_bad")

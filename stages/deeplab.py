@@ -18,14 +18,12 @@ from pipeline.io import file_digest, fingerprint
 from pipeline.metrics import write_metrics
 from pipeline.params import load_params
 from pipeline.segment import infer_split
-from pipeline.stage import load_dataset, run, stopwatch
-from pipeline.store import ImageStore
+from pipeline.stage import run, screened_dataset, stopwatch
+from pipeline.store import DEEPLAB, PSEUDO, ImageStore, StorageParams
 from pipeline.training import default_device, init_distributed
 
-PSEUDO = Path("artifacts/pseudo.zarr")
 WEIGHTS = Path("checkpoints/deeplab/model.pth")
 STATE = Path("checkpoints/state/deeplab.pt")
-PREDICTIONS = Path("artifacts/deeplab.zarr")
 METRICS = Path("metrics/deeplab.json")
 DISABLED = "disabled"
 """The fingerprint of the empty predictions store of a disabled run."""
@@ -38,17 +36,19 @@ def write_disabled(store: ImageStore) -> None:
     write_metrics(METRICS, {"enabled": False})
 
 
-def main(params_path: Path) -> None:
+def main(params_path: Path, skip_bad: bool | None = None) -> None:
+    """Run the stage; ``skip_bad`` (``--skip-bad``) overrides ``dataset.skip_bad``."""
     params = load_params(DeepLabParams, "deeplab", params_path)
-    store = ImageStore(PREDICTIONS, stage="deeplab")
+    storage = load_params(StorageParams, "storage", params_path)
+    store = storage.store(DEEPLAB, "deeplab")
     if not params.enabled:
         write_disabled(store)
         return
-    manifest, dataset = load_dataset(params_path)
+    manifest, dataset, rejected = screened_dataset(params_path, "deeplab", skip_bad)
     ctx = init_distributed()
     device = default_device(ctx)
     with stopwatch() as training:
-        net = train_deeplab(manifest, dataset.train_split, params, ImageStore(PSEUDO, stage="segment"), WEIGHTS,
+        net = train_deeplab(manifest, dataset.train_split, params, storage.store(PSEUDO, "segment"), WEIGHTS,
                             STATE, ctx, device)
     if not ctx.is_main:
         return
@@ -57,10 +57,10 @@ def main(params_path: Path) -> None:
         val = infer_split(deeplab_probabilities(net, params.scales, params.flip), manifest, dataset.val_split, store,
                           device, INFERENCE_CRF if params.crf else None, params.crf_workers)
     write_metrics(METRICS, {"enabled": True, "miou": val["miou"], "miou_no_crf": val["miou_no_crf"],
-                            "iou": val["iou"], "backbone": params.backbone,
+                            "iou": val["iou"], "backbone": params.backbone, "rejected": rejected,
                             "train_seconds": training["seconds"], "infer_seconds": inference["seconds"],
                             "seconds": training["seconds"] + inference["seconds"]})
 
 
 if __name__ == "__main__":
-    run(main)
+    run(main, "skip_bad")

@@ -16,28 +16,29 @@ from pathlib import Path
 from pipeline.io import write_json
 from pipeline.metrics import write_metrics
 from pipeline.mining import load_prune_params, mine_split, per_class_rows
-from pipeline.stage import load_dataset, run, stopwatch
-from pipeline.store import ImageStore
+from pipeline.params import load_params
+from pipeline.stage import run, screened_dataset, stopwatch
+from pipeline.store import CAMS, MASKS, StorageParams
 
-CAMS = Path("artifacts/cams.zarr")
-MASKS = Path("artifacts/masks.zarr")
 METRICS = Path("metrics/prune.json")
 PLOT = Path("plots/prune_per_class.json")
 
 
-def main(params_path: Path, scheduler: str | None = None) -> None:
-    """Run the stage; ``scheduler`` (a dask scheduler address) overrides ``prune.scheduler``."""
-    manifest, dataset = load_dataset(params_path)
+def main(params_path: Path, scheduler: str | None = None, skip_bad: bool | None = None) -> None:
+    """Run the stage; ``scheduler`` (a dask scheduler address) overrides ``prune.scheduler`` and
+    ``skip_bad`` (``--skip-bad``) ``dataset.skip_bad``."""
+    manifest, dataset, rejected = screened_dataset(params_path, "prune", skip_bad)
     params, cluster = load_prune_params(params_path)
     if scheduler is not None:
         cluster = replace(cluster, scheduler=scheduler)
-    cams, masks = ImageStore(CAMS, stage="cams"), ImageStore(MASKS, stage="prune")
+    storage = load_params(StorageParams, "storage", params_path)
+    cams, masks = storage.store(CAMS, "cams"), storage.store(MASKS, "prune")
     with stopwatch() as timing:
         score = mine_split(manifest, dataset.train_split, cams, masks, params, cluster)
     metrics = score.as_dict(manifest.label_names)
-    write_metrics(METRICS, {**metrics, **timing})
+    write_metrics(METRICS, {**metrics, "rejected": rejected, **timing})
     write_json(PLOT, per_class_rows(metrics))
 
 
 if __name__ == "__main__":
-    run(main, "scheduler")
+    run(main, "scheduler", "skip_bad")

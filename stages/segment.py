@@ -12,46 +12,45 @@ from pipeline.metrics import write_metrics
 from pipeline.mining import load_prune_params
 from pipeline.params import load_params
 from pipeline.segment import SegmentParams, infer_split, segnet_probabilities, train_segmentation
-from pipeline.stage import load_dataset, run, stopwatch
-from pipeline.store import ImageStore
+from pipeline.stage import run, screened_dataset, stopwatch
+from pipeline.store import MASKS, PSEUDO, SEGMENT, StorageParams
 from pipeline.training import default_device, init_distributed
 
 INIT = Path("checkpoints/classifier.pth")
-MASKS = Path("artifacts/masks.zarr")
 WEIGHTS = Path("checkpoints/segment.pth")
 STATE = Path("checkpoints/state/segment.pt")
-PREDICTIONS = Path("artifacts/segment.zarr")
-PSEUDO = Path("artifacts/pseudo.zarr")
 METRICS = Path("metrics/segment.json")
 
 
-def main(params_path: Path) -> None:
-    manifest, dataset = load_dataset(params_path)
+def main(params_path: Path, skip_bad: bool | None = None) -> None:
+    """Run the stage; ``skip_bad`` (``--skip-bad``) overrides ``dataset.skip_bad``."""
+    manifest, dataset, rejected = screened_dataset(params_path, "segment", skip_bad)
     classifier = load_params(ClassifierParams, "classifier", params_path)
     params = load_params(SegmentParams, "segment", params_path)
     prune, _ = load_prune_params(params_path)
+    storage = load_params(StorageParams, "storage", params_path)
     ctx = init_distributed()
     device = default_device(ctx)
     with stopwatch() as training:
         net = train_segmentation(manifest, dataset.train_split, classifier, params, prune, INIT,
-                                 ImageStore(MASKS, stage="prune"), WEIGHTS, STATE, ctx, device)
+                                 storage.store(MASKS, "prune"), WEIGHTS, STATE, ctx, device)
     if not ctx.is_main:
         return
     crf = INFERENCE_CRF if params.crf else None
     weights = file_digest(WEIGHTS)
     results = {}
     with stopwatch() as inference:
-        for name, path, split in (("val", PREDICTIONS, dataset.val_split), ("pseudo", PSEUDO, dataset.train_split)):
-            store = ImageStore(path, stage="segment")
+        for name, store, split in (("val", storage.store(SEGMENT, "segment"), dataset.val_split),
+                                   ("pseudo", storage.store(PSEUDO, "segment"), dataset.train_split)):
             store.reset_unless(fingerprint(weights, params.crf, split))
             results[name] = infer_split(segnet_probabilities(net), manifest, split, store, device, crf,
-                                        params.crf_workers)
+                                        params.crf_workers, params.crf_scheduler)
     val = results["val"]
     write_metrics(METRICS, {"miou": val["miou"], "miou_no_crf": val["miou_no_crf"], "iou": val["iou"],
-                            "mode": params.mode, "pseudo": results["pseudo"],
+                            "mode": params.mode, "pseudo": results["pseudo"], "rejected": rejected,
                             "train_seconds": training["seconds"], "infer_seconds": inference["seconds"],
                             "seconds": training["seconds"] + inference["seconds"]})
 
 
 if __name__ == "__main__":
-    run(main)
+    run(main, "skip_bad")

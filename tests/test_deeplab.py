@@ -15,7 +15,7 @@ from pipeline.errors import InputError
 from pipeline.io import IGNORE
 from pipeline.manifest import load_manifest
 from pipeline.params import build_params
-from pipeline.store import ImageStore
+from pipeline.store import DEEPLAB, PSEUDO, StorageParams
 from stages import data, deeplab
 
 PARAMS = {
@@ -37,7 +37,7 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
         patch.chdir(root)
         data.main(Path("params.yaml"))
         manifest = load_manifest("manifests/synth.json")
-        pseudo = ImageStore(deeplab.PSEUDO)
+        pseudo = StorageParams().store(PSEUDO, "segment")
         pseudo.reset_unless("test")
         for item in manifest.split("train"):
             label = manifest.read_mask(item).copy()
@@ -56,7 +56,7 @@ def test_stage_trains_predicts_every_val_image_and_scores(project, monkeypatch):
     assert 0 <= scores["miou"] <= 1 and 0 <= scores["miou_no_crf"] <= 1
     assert set(scores["iou"]) == {"background", "ant", "bee", "cat"}
     val_ids = [item["id"] for item in json.loads(Path("manifests/synth.json").read_text())["splits"]["val"]]
-    predictions = ImageStore(deeplab.PREDICTIONS)
+    predictions = StorageParams().store(DEEPLAB, "deeplab")
     assert predictions.is_complete() and sorted(predictions.complete_ids()) == sorted(val_ids)
     label, _ = predictions.read(val_ids[0])
     assert label.dtype == np.uint8 and label.shape == (48, 48) and label.max() <= 3
@@ -67,7 +67,7 @@ def test_disabled_stage_writes_only_its_marker_outputs(tmp_path, monkeypatch):
     Path("params.yaml").write_text(yaml.safe_dump({"deeplab": {"enabled": False}}))
     deeplab.main(Path("params.yaml"))
     assert json.loads(deeplab.METRICS.read_text()) == {"enabled": False}
-    store = ImageStore(deeplab.PREDICTIONS)
+    store = StorageParams().store(DEEPLAB, "deeplab")
     assert store.is_complete() and store.complete_ids() == []
     assert deeplab.WEIGHTS.parent.is_dir() and not deeplab.WEIGHTS.exists()
 

@@ -3,7 +3,7 @@ import pytest
 from PIL import Image
 
 from pipeline.errors import InputError
-from pipeline.io import read_image, read_mask, write_mask
+from pipeline.io import atomic_open, read_image, read_mask, write_mask
 from pipeline.manifest import default_palette
 
 
@@ -35,3 +35,16 @@ def test_truncated_and_missing_images(tmp_path):
         read_image(tmp_path / "x.jpg")
     with pytest.raises(InputError, match=r"y\.jpg: file not found"):
         read_image(tmp_path / "y.jpg")
+
+
+def test_atomic_writes_keep_an_old_file_on_failure_and_get_the_usual_permissions(tmp_path):
+    target = tmp_path / "page.html"
+    with atomic_open(target) as handle:
+        handle.write("first")
+    with pytest.raises(RuntimeError), atomic_open(target) as handle:
+        handle.write("half")
+        raise RuntimeError("killed")
+    assert target.read_text() == "first" and [p.name for p in tmp_path.iterdir()] == ["page.html"]
+    plain = tmp_path / "plain"
+    plain.write_text("")
+    assert target.stat().st_mode & 0o777 == plain.stat().st_mode & 0o777

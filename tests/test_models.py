@@ -338,16 +338,16 @@ def small_segnet(freeze_bn: bool = False) -> SegNet:
     return SegNet(build_backbone("small"), num_classes=6, freeze_bn=freeze_bn)
 
 
-def test_small_backbone_stride_size_and_context():
+def test_small_backbone_stride_size_and_receptive_field():
     torch.manual_seed(0)
     backbone = build_backbone("small").eval()
     assert 100_000 < sum(p.numel() for p in backbone.parameters()) < 1_000_000
-    images = torch.randn(1, 3, 96, 96, requires_grad=True)
+    images = torch.randn(1, 3, 160, 160, requires_grad=True)
     features = backbone(images)
-    assert features.shape == (1, backbone.out_channels, 12, 12)
-    features[0, :, 6, 6].sum().backward()
-    seen = images.grad.abs().sum(dim=1)[0] > 0
-    assert seen[0, 0] and seen[0, -1] and seen[-1, 0] and seen[-1, -1]
+    assert features.shape == (1, backbone.out_channels, 20, 20)
+    features[0, :, 10, 10].sum().backward()
+    seen = (images.grad.abs().sum(dim=1)[0] > 0).nonzero()
+    assert (seen.max(dim=0).values - seen.min(dim=0).values + 1).tolist() == [103, 103]
 
 
 def test_camnet_logits_are_pooled_cams_before_relu():
@@ -386,6 +386,15 @@ def test_segnet_starts_from_a_classifier_checkpoint(tmp_path):
     torch.testing.assert_close(net.fc8.weight, classifier.fc8.weight)
     torch.testing.assert_close(net.backbone.state_dict(), classifier.backbone.state_dict())
     torch.testing.assert_close(net.fc8_seg_conv2.weight, head)
+
+
+def test_a_classifier_checkpoint_serves_as_backbone_weights(tmp_path):
+    classifier = CAMNet(build_backbone("small"), num_classes=6, freeze_bn=False)
+    save_checkpoint(classifier, tmp_path / "classifier.pth")
+    backbone = build_backbone("small", tmp_path / "classifier.pth")
+    torch.testing.assert_close(backbone.state_dict(), classifier.backbone.state_dict())
+    with pytest.raises(InputError, match="weights do not fit the resnet50 backbone: .* missing"):
+        build_backbone("resnet50", tmp_path / "classifier.pth")
 
 
 def test_frozen_batchnorm_stays_frozen_through_train():

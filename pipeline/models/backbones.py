@@ -13,7 +13,7 @@ from pipeline.errors import InputError
 from pipeline.models.resnet import DilatedResNet, drop_classifier
 from pipeline.models.resnet38 import ResNet38, mxnet_to_psa
 from pipeline.models.small import SmallNet
-from pipeline.models.weights import load_state, read_weights
+from pipeline.models.weights import BACKBONE, load_state, read_weights
 
 
 def _unchanged(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -55,6 +55,21 @@ BACKBONES = {
         weights="a .pth state dict of the small backbone (it trains from scratch: leave the weights out)",
     ),
 }
+"""A checkpoint of one of this pipeline's networks (e.g. ``checkpoints/classifier.pth``) also serves as
+any backbone's weights file: its backbone part is taken (see :func:`backbone_part`)."""
+
+
+def backbone_part(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """The backbone's tensors of a checkpoint of our networks (keys ``backbone.*``, heads dropped), with
+    the prefix removed; any other state (a backbone's own weights file) as it is.
+
+    So a later stage can start from an earlier stage's backbone: on the synthetic benchmark, with no
+    ImageNet weights for the small backbone, the classifier's backbone is the pretrained one.
+    """
+    prefix = f"{BACKBONE}."
+    if not any(key.startswith(prefix) for key in state):
+        return dict(state)
+    return {key.removeprefix(prefix): value for key, value in state.items() if key.startswith(prefix)}
 
 
 def _spec(name: str) -> Backbone:
@@ -65,7 +80,7 @@ def _spec(name: str) -> Backbone:
 
 def _read_backbone_weights(name: str, weights: Path) -> dict[str, Tensor]:
     spec = _spec(name)
-    return spec.adapt(read_weights(weights, f"put {spec.weights} at this path"))
+    return spec.adapt(backbone_part(read_weights(weights, f"put {spec.weights} at this path")))
 
 
 def load_backbone_weights(backbone: nn.Module, name: str, weights: Path) -> None:

@@ -1,10 +1,13 @@
 """A small backbone that trains from scratch on a CPU, for the synthetic benchmark.
 
 Three stride-2 3x3 convolutions bring it to output stride 8 (96x96 images give 12x12 features),
-with a residual block after the first two, then two residual blocks dilated by 2 and 4 at 1/8
-resolution. The dilated blocks grow the receptive field to 231 pixels, so every feature of a
-96x96 image sees the whole image: enough context to tell an object from the background it
-co-occurs with. About 440k parameters; batch norm, trained (never frozen: there are no pretrained
+with a residual block after the first two, then two residual blocks at 1/8 resolution. Its
+receptive field is 103 pixels. A wider one makes worse CAMs here: with the last two blocks
+dilated by 2 and 4 (231 pixels, every feature of a 96x96 image seeing the whole image) the
+classifier reached a higher mAP (96.3% against 88.6%), but its CAMs spread over the background
+(0.2% of background pixels at zero against 18.5%), so that the reliable regions covered 20% of
+the training pixels instead of 40% and the CAM mIoU fell from 56.5% to 51.5% (the synthetic
+default). About 440k parameters; batch norm, trained (never frozen: there are no pretrained
 statistics to keep).
 """
 
@@ -13,7 +16,6 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 WIDTHS = (24, 48, 96)
-CONTEXT_DILATIONS = (2, 4)
 
 
 def conv_bn_relu(in_channels: int, out_channels: int, stride: int = 1) -> nn.Sequential:
@@ -58,7 +60,8 @@ class SmallNet(nn.Module):
             conv_bn_relu(first, second, stride=2),
             ResidualBlock(second),
             conv_bn_relu(second, third, stride=2),
-            *(ResidualBlock(third, dilation) for dilation in CONTEXT_DILATIONS),
+            ResidualBlock(third),
+            ResidualBlock(third),
         )
 
     def forward(self, x: Tensor) -> Tensor:

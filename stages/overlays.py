@@ -1,0 +1,35 @@
+"""Stage `overlays`: sample pictures and per-class figures of every stage's masks, for `dvc plots`.
+
+Draws the `rrm show` panels of the first ``overlays.samples`` images of the training and the
+validation split into ``plots/overlays/<id>.png`` (DVC shows a folder of PNGs as image plots)
+and writes ``plots/stats_per_class.json``, the per-class figures of `rrm stats`. Stages that
+have not run, or are switched off (deeplab), leave their panels out and their figures null.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from pipeline.inspect import ROLES, OverlayParams, Project, all_stats, image_figure, per_class_rows
+from pipeline.io import write_json
+from pipeline.params import load_params
+from pipeline.stage import load_dataset, run
+
+OVERLAYS = Path("plots/overlays")
+PER_CLASS = Path("plots/stats_per_class.json")
+
+
+def main(params_path: Path) -> None:
+    manifest, dataset = load_dataset(params_path)
+    params = load_params(OverlayParams, "overlays", params_path)
+    project = Project(manifest, dataset)
+    shutil.rmtree(OVERLAYS, ignore_errors=True)  # pictures of other samples would linger
+    for role in ROLES:
+        for item in manifest.split(project.split(role))[: params.samples]:
+            image_figure(project, item.id)[0].save(OVERLAYS / f"{item.id}.png")
+    write_json(PER_CLASS, per_class_rows(all_stats(project), manifest.label_names))
+
+
+if __name__ == "__main__":
+    run(main)
