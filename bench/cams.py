@@ -174,7 +174,8 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=32, help="images per size set in the speed comparison")
     parser.add_argument("--speed", action=argparse.BooleanOptionalAction, default=True,
                         help="compare the batched extractor with the per-image loop (--no-speed: memory only)")
-    parser.add_argument("--memory", default="200,2000", help="numbers of images to measure peak memory for")
+    parser.add_argument("--memory", default="200,2000",
+                        help="image counts to measure peak memory for, comma-separated (empty: none)")
     parser.add_argument("--memory-set", choices=list(SIZE_SETS), default="synthetic 96x96",
                         help="the images of the memory runs")
     parser.add_argument("--memory-scales", default="1.0", help="the CAM scales of the memory runs")
@@ -208,7 +209,7 @@ def main() -> None:
             f"{plain_cpu / batched_cpu:.2f}x CPU"
         )
     memory_params = replace(params, scales=tuple(float(text) for text in args.memory_scales.split(",")))
-    for count in (int(text) for text in args.memory.split(",")):
+    for count in (int(text) for text in args.memory.split(",") if text):
         with tempfile.TemporaryDirectory() as tmp:
             sizes = SIZE_SETS[args.memory_set]
             start = time.perf_counter()

@@ -158,14 +158,15 @@ def main() -> None:
     parser.add_argument("--chunk-size", type=int, default=ClusterParams.chunk_size)
     parser.add_argument("--speed", action=argparse.BooleanOptionalAction, default=True,
                         help="compare with the serial loop and 1 worker (--no-speed: memory only)")
-    parser.add_argument("--memory", default="200,2000", help="numbers of images to measure peak memory for")
+    parser.add_argument("--memory", default="200,2000",
+                        help="image counts to measure peak memory for, comma-separated (empty: none)")
     args = parser.parse_args()
     print(f"machine: {os.cpu_count()} cores, load average {_load()} before the run")
     print(f"chunk size {args.chunk_size}, CRF {PARAMS.crf}")
     for size in (args.size or [96]) if args.speed else ():
         with tempfile.TemporaryDirectory() as tmp:
             bench(Path(tmp), size, args.images, args.workers, args.chunk_size)
-    for count in (int(text) for text in args.memory.split(",")):
+    for count in (int(text) for text in args.memory.split(",") if text):
         with tempfile.TemporaryDirectory() as tmp:
             peak_memory(Path(tmp), count, args.workers, args.chunk_size)
     print(f"load average {_load()} after the run")
