@@ -60,6 +60,8 @@ class DeepLabParams(TrainingParams):
     crf: bool = True
     """Refine the val predictions with the dense CRF of the spec's inference settings."""
     crf_workers: int = 2
+    crf_scheduler: str | None = None
+    """A dask scheduler address to run the inference CRFs on; None: ``crf_workers`` local processes."""
 
     def __post_init__(self) -> None:
         super().__post_init__()

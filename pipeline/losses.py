@@ -318,19 +318,29 @@ class DenseEnergyLoss(nn.Module):
         return self.weight * energy
 
 
-def _masked_mean(values: Tensor, mask: Tensor) -> Tensor:
-    """Mean of ``values`` where ``mask`` holds, 0 where it never does."""
-    return (values * mask).sum() / mask.sum().clamp(min=1)
+def _groups(labels: Tensor) -> tuple[Tensor, Tensor]:
+    """Masks of the reliable background (label 0) and foreground (1..C-1) pixels."""
+    return labels == 0, (labels > 0) & (labels != IGNORE)
 
 
-def segmentation_ce(logits: Tensor, labels: Tensor) -> Tensor:
+def reliable_counts(labels: Tensor) -> Tensor:
+    """float (2,): the numbers of reliable background and foreground pixels of ``labels``."""
+    return torch.stack([group.sum() for group in _groups(labels)]).float()
+
+
+def segmentation_ce(logits: Tensor, labels: Tensor, counts: Tensor | None = None) -> Tensor:
     """Cross-entropy on reliable pixels: the mean over background pixels (label 0) plus the mean
     over foreground pixels (1..C-1), each 0 when there are none; 255 pixels are ignored.
 
-    ``logits`` (N, C, H, W), ``labels`` (N, H, W) at the same resolution.
+    ``logits`` (N, C, H, W), ``labels`` (N, H, W) at the same resolution. ``counts`` are the
+    (background, foreground) pixel numbers to divide by, :func:`reliable_counts` of ``labels``
+    by default. Under data parallel training each process gives the mean of all processes'
+    counts, so that the average of their losses, whose gradient DDP takes, is the loss of the
+    whole batch (with each process's own counts it would weigh the processes' pixels unequally).
     """
     labels = labels.long()
+    counts = reliable_counts(labels) if counts is None else counts
     losses = F.cross_entropy(logits, labels, ignore_index=IGNORE, reduction="none")
-    background = labels == 0
-    foreground = (labels > 0) & (labels != IGNORE)
-    return _masked_mean(losses, background) + _masked_mean(losses, foreground)
+    background, foreground = _groups(labels)
+    return ((losses * background).sum() / counts[0].clamp(min=1)
+            + (losses * foreground).sum() / counts[1].clamp(min=1))

@@ -32,7 +32,7 @@ from pipeline.classifier import ClassifierParams
 from pipeline.crf import CRFParams, dense_crf
 from pipeline.data import ImageDataset, SegmentationDataset
 from pipeline.io import IGNORE, fingerprint
-from pipeline.losses import DENSE_ENERGY_WEIGHT, DenseEnergyLoss, check_method, segmentation_ce
+from pipeline.losses import DENSE_ENERGY_WEIGHT, DenseEnergyLoss, check_method, reliable_counts, segmentation_ce
 from pipeline.manifest import Item, Manifest
 from pipeline.metrics import SegmentationScore
 from pipeline.models import SegNet, build_backbone, load_checkpoint, save_checkpoint
@@ -166,7 +166,7 @@ def train_segmentation(manifest: Manifest, split: str, classifier: ClassifierPar
         labels, valid = labels.to(device), batch["valid"].to(device)
         output = model(batch["image"].to(device, non_blocking=True))
         seg = upsample(output.seg, tuple(labels.shape[-2:]))
-        losses = {"ce": segmentation_ce(seg, labels),
+        losses = {"ce": segmentation_ce(seg, labels, ctx.average(reliable_counts(labels))),
                   "energy": energy(batch["rgb"].to(device).float(), seg.softmax(1), valid, labels)}
         if miner is not None:
             losses["cls"] = params.cls_weight * F.multilabel_soft_margin_loss(output.logits.float(),

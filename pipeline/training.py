@@ -89,6 +89,14 @@ class Distributed:
     def enabled(self) -> bool:
         return self.world_size > 1
 
+    def average(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The mean of ``tensor`` over the job's processes (``tensor`` itself when run plainly)."""
+        if not self.enabled:
+            return tensor
+        total = tensor.clone()
+        dist.all_reduce(total)
+        return total / self.world_size
+
     def barrier(self) -> None:
         """Wait for every process of the job (nothing to wait for when run plainly)."""
         if self.enabled:

@@ -55,7 +55,8 @@ def main(params_path: Path, skip_bad: bool | None = None) -> None:
     store.reset_unless(fingerprint(file_digest(WEIGHTS), params.scales, params.flip, params.crf, dataset.val_split))
     with stopwatch() as inference:
         val = infer_split(deeplab_probabilities(net, params.scales, params.flip), manifest, dataset.val_split, store,
-                          device, INFERENCE_CRF if params.crf else None, params.crf_workers)
+                          device, INFERENCE_CRF if params.crf else None, params.crf_workers,
+                          params.crf_scheduler)
     write_metrics(METRICS, {"enabled": True, "miou": val["miou"], "miou_no_crf": val["miou_no_crf"],
                             "iou": val["iou"], "backbone": params.backbone, "rejected": rejected,
                             "train_seconds": training["seconds"], "infer_seconds": inference["seconds"],

@@ -182,10 +182,15 @@ def test_cams_of_two_processes_equal_the_single_process_store(reference, tmp_pat
     assert "cams train [1/2]" in rank_log(project, 0) and "cams" not in rank_log(project, 1)
 
 
-def test_segment_under_torchrun_rank_0_alone_writes_weights_predictions_and_metrics(reference, tmp_path):
+def test_segment_of_two_processes_learns_the_single_process_weights_and_rank_0_alone_writes(reference, tmp_path):
+    single = fresh(reference / "prune", tmp_path / "single")
+    launch(single, "segment", processes=1)
     project = fresh(reference / "prune", tmp_path / "project", segment={"batch_size": 1})
     launch(project, "segment", processes=2)
 
+    one, two = weights(single / "checkpoints/segment.pth"), weights(project / "checkpoints/segment.pth")
+    for name in one:  # the cross-entropy divides by both processes' pixel counts, as one batch's would
+        torch.testing.assert_close(two[name], one[name], rtol=1e-5, atol=1e-6, msg=name)
     assert writes(project, 0) == ["checkpoints/state/segment.pt", "checkpoints/state/segment.pt",  # steps 2 and 4
                                   "checkpoints/segment.pth", "complete segment.zarr", "complete pseudo.zarr",
                                   "metrics/segment.json"]

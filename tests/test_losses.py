@@ -19,6 +19,7 @@ from pipeline.losses import (
     bilateral_filter_sdpa,
     dense_energy,
     energy_gate,
+    reliable_counts,
     segmentation_ce,
 )
 
@@ -244,6 +245,20 @@ def test_segmentation_ce_averages_background_and_foreground_separately():
     # background: 3 pixels at log 3; foreground: log 3 and -log(2/3), averaged over 2 pixels
     expected = math.log(3) + (math.log(3) + math.log(3 / 2)) / 2
     assert math.isclose(float(segmentation_ce(logits, labels)), expected, rel_tol=1e-6)
+
+
+def test_segmentation_ce_of_two_halves_with_their_mean_counts_averages_to_the_whole_batch():
+    torch.manual_seed(0)
+    logits = torch.randn(4, 3, 6, 6)
+    labels = torch.randint(0, 3, (4, 6, 6))
+    labels[:2, :3] = IGNORE  # the halves hold different numbers of reliable pixels
+    halves = [(logits[:2], labels[:2]), (logits[2:], labels[2:])]
+    counts = (reliable_counts(labels[:2]) + reliable_counts(labels[2:])) / 2  # what Distributed.average gives
+    assert reliable_counts(labels).tolist() == (2 * counts).tolist()
+    mean_of_halves = sum(segmentation_ce(part, part_labels, counts) for part, part_labels in halves) / 2
+    assert math.isclose(float(mean_of_halves), float(segmentation_ce(logits, labels)), rel_tol=1e-6)
+    own_counts = sum(segmentation_ce(part, part_labels) for part, part_labels in halves) / 2
+    assert not math.isclose(float(own_counts), float(segmentation_ce(logits, labels)), rel_tol=1e-3)
 
 
 def test_segmentation_ce_ignores_unknown_pixels_and_counts_an_absent_group_as_zero():
