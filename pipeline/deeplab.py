@@ -29,7 +29,7 @@ from pipeline.data import SegmentationDataset
 from pipeline.io import IGNORE, fingerprint
 from pipeline.manifest import Manifest
 from pipeline.models import OnBackbone, build_backbone, save_checkpoint
-from pipeline.params import check_scales
+from pipeline.params import check_range, check_scales
 from pipeline.segment import ProbabilityFn, upsample
 from pipeline.store import ImageStore
 from pipeline.training import Checkpoint, Distributed, TrainingParams, data_parallel, train, unwrap
@@ -70,8 +70,7 @@ class DeepLabParams(TrainingParams):
             raise ValueError(f"output_stride={self.output_stride} is not one of 8, 16, 32")
         if self.batch_size < 2:
             raise ValueError("batch_size must be at least 2: the ASPP image-pooling branch normalises over the batch")
-        if self.crf_workers < 1:
-            raise ValueError(f"crf_workers={self.crf_workers} must be at least 1")
+        check_range("crf_workers", self.crf_workers, 1)
 
 
 class DeepLab(OnBackbone):

@@ -28,13 +28,7 @@ from scipy.io.matlab import MatReadError
 
 from pipeline.errors import InputError
 from pipeline.io import read_mask
-from pipeline.manifest import (
-    Item,
-    Manifest,
-    default_palette,
-    labels_from_mask,
-    make_split,
-)
+from pipeline.manifest import Item, Manifest, default_palette, labels_from_mask, make_split
 from pipeline.screen import screen_splits
 
 VOC_CLASSES: tuple[str, ...] = (
