@@ -1,21 +1,26 @@
 """Benchmark: batched, size-grouped CAM extraction against the plain per-image loop.
 
-The plain loop is the PSA/IRN/RRM way: for each image, for each scale, one forward pass of the
-image and another of its mirror image (the mirrored maps are added before upsampling, as in the
-batched path, so that only the way images go through the network differs). Both read the same
-JPEGs and write the same CAMs to a store, with the same network on the same device, once each,
-over the synthetic default's image size (96x96) and a VOC-like mix of sizes. Wall time is what
-a user waits; CPU time (this process and its finished DataLoader workers) is less disturbed by
-other jobs on a shared machine. Peak host memory (resident set) of the batched extractor is
-measured in a fresh process for each count of ``--memory`` (default 200 and 2000 images of
-``--memory-set``, the synthetic 96x96 by default), at the scales of ``--memory-scales`` (default
-1.0 alone, so that 2000 images take a few minutes on a 2-core CPU): it depends on the batch,
-not on the number of images.
+The plain loop is PSA's and RRM's (their ``infer_cls.py``; IRN's differs only in running an
+image and its mirror image as one batch of two): for each image, for each scale, one forward
+pass of the image and another of its mirror image, every class map upsampled to the image size
+and summed on the host. The batched extractor is the ``cams`` stage's: images of one size and
+their mirror images in one pass, the batch norms folded into the convolutions, channels-last
+layout, only the present classes upsampled, the store written by a background thread. Both read
+the same JPEGs with DataLoader workers and write the same CAMs to a store, with the same network
+on the same device, over the synthetic default's image size (96x96) and a VOC-like mix of
+sizes, taking turns for ``--repeats`` rounds; each way's best round counts, the one least
+disturbed by other work on the machine. Wall time is what a user waits; CPU time (this process
+and its finished DataLoader workers) shows the work saved. Peak host memory (resident set) of
+the batched extractor is measured in a fresh process for each count of ``--memory`` (default
+200 and 2000 images of ``--memory-set``, the synthetic 96x96 by default), at the scales of
+``--memory-scales`` (default 1.0 alone, so that 2000 images take a few minutes on a 2-core
+CPU): it depends on the batch, not on the number of images.
 
 With the project installed (``pip install -e .``)::
 
-    python bench/cams.py --device cpu --images 32 --threads 1
+    python bench/cams.py --memory ""
     python bench/cams.py --no-speed --memory 200,2000
+    python bench/cams.py --device cuda --backbone resnet38 --batch-pixels 2000000 --workers 8
 """
 
 from __future__ import annotations
@@ -29,18 +34,20 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from torch.utils.data import DataLoader
 
 from pipeline.cams import CamFn, CamParams, extract_cams, select_and_normalise
-from pipeline.data import normalize
+from pipeline.data import ImageDataset
 from pipeline.io import write_image
 from pipeline.manifest import Item, Manifest, load_manifest
-from pipeline.models import CAMNet, build_backbone
+from pipeline.models import CAMNet, build_backbone, fold_batch_norms
 from pipeline.store import ImageStore
 
 NUM_CLASSES = 20
@@ -51,13 +58,15 @@ SIZE_SETS = {
     ],
 }
 """(height, width)s cycled through by the images of each set."""
+SPEED_IMAGES = {"synthetic 96x96": 128, "VOC-like mix": 16}
+"""Images of each set in the speed comparison, unless ``--images`` says otherwise: a few seconds
+a round on a 2-core CPU."""
 
 
-def build_cam_fn(backbone: str, device: torch.device) -> CamFn:
-    """The CAM head of an untrained classifier on ``backbone`` (speed does not depend on the weights)."""
+def build_net(backbone: str, device: torch.device) -> CAMNet:
+    """An untrained classifier on ``backbone`` in eval mode (speed does not depend on the weights)."""
     torch.manual_seed(0)
-    net = CAMNet(build_backbone(backbone), NUM_CLASSES, freeze_bn=False).to(device).eval()
-    return net.cams
+    return CAMNet(build_backbone(backbone), NUM_CLASSES, freeze_bn=False).to(device).eval()
 
 
 def make_dataset(root: Path, sizes: Sequence[tuple[int, int]], count: int) -> Path:
@@ -79,21 +88,28 @@ def make_dataset(root: Path, sizes: Sequence[tuple[int, int]], count: int) -> Pa
 def plain_loop(
     cam_fn: CamFn, manifest: Manifest, store: ImageStore, params: CamParams, device: torch.device
 ) -> None:
-    """One image at a time; each scale, and each flip, its own forward pass."""
+    """PSA's and RRM's way (their ``infer_cls.py``): one image at a time, read by DataLoader
+    workers; each scale, and each mirror image, its own forward pass, whose maps of every class
+    are upsampled to the image size, copied to the host, masked by the image's labels and
+    flipped back there; the present classes of their sum kept and normalised."""
+    loader = DataLoader(ImageDataset(manifest, "all"), num_workers=params.num_workers, pin_memory=device.type == "cuda")
     with torch.inference_mode(), torch.autocast(device.type, enabled=device.type == "cuda" and params.amp):
-        for item in manifest.split("all"):
-            image = torch.from_numpy(normalize(manifest.read_image(item.id)))[None].to(device)
+        for sample in loader:
+            image = sample["image"].to(device)
             height, width = image.shape[-2:]
-            total = torch.zeros((), device=device)
+            present = sample["labels"][0].numpy()[:, None, None]
+            maps = []
             for scale in params.scales:
                 size = (max(1, round(height * scale)), max(1, round(width * scale)))
                 scaled = F.interpolate(image, size=size, mode="bilinear", align_corners=False)
-                maps = cam_fn(scaled).float()
-                if params.flip:
-                    maps = maps + cam_fn(scaled.flip(-1)).float().flip(-1)
-                total = total + F.interpolate(maps, size=(height, width), mode="bilinear", align_corners=False)
-            cams = select_and_normalise(total[0], item.labels).half().cpu().numpy()
-            store.write(item.id, cams, classes=list(item.labels))
+                for mirrored in (False, True) if params.flip else (False,):
+                    cams = cam_fn(scaled.flip(-1) if mirrored else scaled).float()
+                    cams = F.interpolate(cams, size=(height, width), mode="bilinear", align_corners=False)
+                    cams = cams[0].cpu().numpy() * present
+                    maps.append(np.flip(cams, axis=-1) if mirrored else cams)
+            classes = sample["labels"][0].nonzero().flatten().tolist()
+            cams = select_and_normalise(torch.from_numpy(np.sum(maps, axis=0)), classes).half().numpy()
+            store.write(sample["id"][0], cams, classes=classes)
 
 
 def _cpu_seconds() -> float:
@@ -120,19 +136,26 @@ def compare(
     params: CamParams,
     backbone: str,
     device: torch.device,
+    repeats: int,
 ) -> dict[str, tuple[float, float]]:
-    """(wall, CPU) seconds of each way over the same ``count`` images of ``sizes``."""
+    """The least (wall, CPU) seconds of each way over the same ``count`` images of ``sizes`` in
+    ``repeats`` rounds (the ways take turns, each round into fresh stores)."""
     manifest = load_manifest(make_dataset(root, sizes, count))
-    cam_fn = build_cam_fn(backbone, device)
-    with torch.inference_mode():
-        cam_fn(torch.zeros(1, 3, 64, 64, device=device))  # warm-up: library initialisation is no one's cost
-    batched_store, plain_store = ImageStore(root / "batched.zarr"), ImageStore(root / "plain.zarr")
-    return {
-        "batched": timed(
-            lambda: extract_cams(cam_fn, manifest, "all", batched_store, params, device, progress=False), device
-        ),
-        "per-image loop": timed(lambda: plain_loop(cam_fn, manifest, plain_store, params, device), device),
+    net = build_net(backbone, device)
+    folded = fold_batch_norms(net)
+    with torch.inference_mode():  # warm-up: library initialisation is no one's cost
+        net.cams(torch.zeros(1, 3, 64, 64, device=device))
+        folded.cams(torch.zeros(1, 3, 64, 64, device=device))
+    ways: dict[str, Callable[[ImageStore], None]] = {
+        "batched": lambda store: extract_cams(folded.cams, manifest, "all", store, params, device, progress=False),
+        "per-image loop": lambda store: plain_loop(net.cams, manifest, store, params, device),
     }
+    times: dict[str, list[tuple[float, float]]] = {way: [] for way in ways}
+    for round_ in range(repeats):
+        for index, (way, run) in enumerate(ways.items()):
+            store = ImageStore(root / f"round{round_}-way{index}.zarr")
+            times[way].append(timed(partial(run, store), device))
+    return {way: (min(wall for wall, _ in runs), min(cpu for _, cpu in runs)) for way, runs in times.items()}
 
 
 def _measure_peak_rss(
@@ -141,9 +164,9 @@ def _measure_peak_rss(
     """In a fresh process: run the batched extractor; the peak resident MB of this process and of
     its largest DataLoader worker."""
     torch.set_num_threads(threads)
-    cam_fn = build_cam_fn(backbone, torch.device(device))
+    net = fold_batch_norms(build_net(backbone, torch.device(device)))
     manifest = load_manifest(manifest_path)
-    extract_cams(cam_fn, manifest, "all", ImageStore(store_path), params, torch.device(device), progress=False)
+    extract_cams(net.cams, manifest, "all", ImageStore(store_path), params, torch.device(device), progress=False)
     kilobytes = [resource.getrusage(who).ru_maxrss for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
     return kilobytes[0] / 1024, kilobytes[1] / 1024
 
@@ -171,7 +194,10 @@ def _load() -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--images", type=int, default=32, help="images per size set in the speed comparison")
+    parser.add_argument("--images", type=int,
+                        help=f"images per size set in the speed comparison (default {SPEED_IMAGES})")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="rounds of the speed comparison; each way's best round counts")
     parser.add_argument("--speed", action=argparse.BooleanOptionalAction, default=True,
                         help="compare the batched extractor with the per-image loop (--no-speed: memory only)")
     parser.add_argument("--memory", default="200,2000",
@@ -197,12 +223,11 @@ def main() -> None:
     )
     for name, sizes in SIZE_SETS.items() if args.speed else ():
         with tempfile.TemporaryDirectory() as tmp:
-            results = compare(Path(tmp), sizes, args.images, params, args.backbone, device)
+            count = args.images or SPEED_IMAGES[name]
+            results = compare(Path(tmp), sizes, count, params, args.backbone, device, args.repeats)
         for way, (wall, cpu) in results.items():
-            print(
-                f"{name}, {args.images} images, {way}: {args.images / wall:.2f} img/s, "
-                f"{cpu / args.images:.3f} CPU s/img"
-            )
+            print(f"{name}, {count} images, {way}, best of {args.repeats}: {count / wall:.2f} img/s, "
+                  f"{cpu / count:.3f} CPU s/img")
         (batched_wall, batched_cpu), (plain_wall, plain_cpu) = results.values()
         print(
             f"{name}: batched/per-image speed ratio {plain_wall / batched_wall:.2f}x wall, "

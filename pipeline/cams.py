@@ -13,7 +13,9 @@ the flipped copies, in one forward pass.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -119,11 +121,18 @@ def _in_passes(cam_fn: CamFn, images: torch.Tensor, max_pixels: int | None) -> t
 
 
 def multiscale_cams(
-    cam_fn: CamFn, images: torch.Tensor, scales: Sequence[float], flip: bool, max_pixels: int | None = None
+    cam_fn: CamFn,
+    images: torch.Tensor,
+    scales: Sequence[float],
+    flip: bool,
+    max_pixels: int | None = None,
+    channels: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Class maps summed over ``scales`` (and horizontal flips), at the input size.
 
-    ``images`` (N, 3, H, W) normalised, all of one size; returns float32 (N, C, H, W). At each
+    ``images`` (N, 3, H, W) normalised, all of one size; returns float32 (N, C, H, W), or with
+    ``channels`` (N, K) the K maps of each image it indexes, (N, K, H, W), taken before
+    upsampling (which works on each map alone), so that only those are upsampled. At each
     scale the batch and its mirror image go through ``cam_fn`` in one pass; the mirrored maps
     are flipped back and added before upsampling, which is the same as after (the bilinear
     resize commutes with the flip) at half the cost. At each scale the images go through in
@@ -142,8 +151,17 @@ def multiscale_cams(
         maps = _in_passes(cam_fn, scaled, max_pixels)
         if flip:
             maps = maps[:count] + maps[count:].flip(-1)
+        if channels is not None:
+            maps = maps.gather(1, channels[:, :, None, None].expand(-1, -1, *maps.shape[-2:]))
         total = total + _resize(maps, size)
     return total
+
+
+def normalise(maps: torch.Tensor) -> torch.Tensor:
+    """(k, H, W) ``maps`` as float32, each divided by its own maximum; a map whose maximum is 0 stays 0."""
+    maps = maps.float()
+    peak = maps.amax(dim=(1, 2), keepdim=True)
+    return maps / torch.where(peak > 0, peak, torch.ones_like(peak))
 
 
 def select_and_normalise(cams: torch.Tensor, classes: Sequence[int]) -> torch.Tensor:
@@ -151,9 +169,14 @@ def select_and_normalise(cams: torch.Tensor, classes: Sequence[int]) -> torch.Te
 
     Returns float32 (k, H, W) in [0, 1]; a map whose maximum is 0 stays 0.
     """
-    selected = cams[list(classes)].float()
-    peak = selected.amax(dim=(1, 2), keepdim=True)
-    return selected / torch.where(peak > 0, peak, torch.ones_like(peak))
+    return normalise(cams[list(classes)])
+
+
+def padded_channels(classes: Sequence[Sequence[int]], device: torch.device) -> torch.Tensor:
+    """(N, K) int64 channel indices for ``multiscale_cams``: row i is ``classes[i]`` padded with
+    class 0 to the longest row (K at least 1)."""
+    width = max([1, *(len(row) for row in classes)])
+    return torch.tensor([[*row, *[0] * (width - len(row))] for row in classes], dtype=torch.long, device=device)
 
 
 def extract_cams(
@@ -171,7 +194,10 @@ def extract_cams(
 
     Images whose CAMs the store already holds in full are skipped, so a killed run resumes
     where it stopped. Process ``rank`` of ``world_size`` takes the ids ``[rank::world_size]``
-    of the split. ``cam_fn`` must already be on ``device``. Returns the ids written.
+    of the split. ``cam_fn`` must already be on ``device``. Only the present classes' maps are
+    upsampled; a background thread writes each batch while the next goes through the network
+    (one batch in flight, so memory stays flat; a failed write stops the run with its error).
+    Returns the ids written.
     """
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside 0..{world_size - 1}")
@@ -192,22 +218,38 @@ def extract_cams(
         pin_memory=cuda,
     )
     label = f"cams {split}" + (f" [{rank + 1}/{world_size}]" if world_size > 1 else "")
-    written = []
+    written: list[str] = []
+    pending: deque[tuple[str, Future[None]]] = deque()
     with (
         torch.inference_mode(),
         torch.autocast(device.type, enabled=cuda and params.amp),
         tqdm(total=len(todo), desc=label, unit="img", disable=not progress) as bar,
+        ThreadPoolExecutor(1, thread_name_prefix="cams-writer") as writer,
     ):
         for batch in loader:
             images = batch["image"].to(device, non_blocking=True)
-            cams = multiscale_cams(cam_fn, images, params.scales, params.flip, params.batch_pixels)
-            for image_id, labels, image_cams in zip(batch["id"], batch["labels"], cams, strict=True):
-                classes = labels.nonzero().flatten().tolist()
-                normalised = select_and_normalise(image_cams, classes).half().cpu().numpy()
-                store.write(image_id, normalised, classes=classes)
-                written.append(image_id)
+            classes = [labels.nonzero().flatten().tolist() for labels in batch["labels"]]
+            channels = padded_channels(classes, device)
+            cams = multiscale_cams(cam_fn, images, params.scales, params.flip, params.batch_pixels, channels)
+            for image_id, image_classes, image_cams in zip(batch["id"], classes, cams, strict=True):
+                job = writer.submit(_write_cams, store, image_id, image_cams[: len(image_classes)], image_classes)
+                pending.append((image_id, job))
+            while len(pending) > len(batch["id"]):
+                written.append(_finished(*pending.popleft()))
             bar.update(len(batch["id"]))
+        written += [_finished(*entry) for entry in pending]
     return written
+
+
+def _write_cams(store: ImageStore, image_id: str, maps: torch.Tensor, classes: list[int]) -> None:
+    """Normalise, copy to the host and store one image's CAMs (on the writer thread, so that the
+    next batch's forward passes run meanwhile; on a GPU the copy waits for them only here)."""
+    store.write(image_id, normalise(maps).half().cpu().numpy(), classes=classes)
+
+
+def _finished(image_id: str, job: Future[None]) -> str:
+    job.result()
+    return image_id
 
 
 def _threshold_confusions(

@@ -28,7 +28,7 @@ from pipeline.cams import multiscale_cams
 from pipeline.data import SegmentationDataset
 from pipeline.io import IGNORE, fingerprint
 from pipeline.manifest import Manifest
-from pipeline.models import OnBackbone, build_backbone, save_checkpoint
+from pipeline.models import OnBackbone, build_backbone, fold_batch_norms, save_checkpoint
 from pipeline.params import check_range, check_scales
 from pipeline.segment import ProbabilityFn, upsample
 from pipeline.store import ImageStore
@@ -130,12 +130,13 @@ def train_deeplab(manifest: Manifest, split: str, params: DeepLabParams, pseudo:
 
 
 def deeplab_probabilities(net: DeepLab, scales: Sequence[float], flip: bool) -> ProbabilityFn:
-    """The softmax averaged over ``scales`` (and mirror images), each upsampled to its input first;
-    puts ``net`` in eval mode."""
-    net.eval()
+    """The softmax averaged over ``scales`` (and mirror images), each upsampled to its input first,
+    by a copy of ``net`` with its batch norms folded (see :func:`fold_batch_norms`); ``net`` stays
+    as it is."""
+    folded = fold_batch_norms(net)
     passes = len(scales) * (2 if flip else 1)
 
     def softmax(images: Tensor) -> Tensor:
-        return upsample(net(images), tuple(images.shape[-2:])).softmax(1)
+        return upsample(folded(images), tuple(images.shape[-2:])).softmax(1)
 
     return lambda images: multiscale_cams(softmax, images, scales, flip) / passes

@@ -35,7 +35,7 @@ from pipeline.io import IGNORE, fingerprint
 from pipeline.losses import DENSE_ENERGY_WEIGHT, DenseEnergyLoss, check_method, reliable_counts, segmentation_ce
 from pipeline.manifest import Item, Manifest
 from pipeline.metrics import SegmentationScore
-from pipeline.models import SegNet, build_backbone, load_checkpoint, save_checkpoint
+from pipeline.models import SegNet, build_backbone, fold_batch_norms, load_checkpoint, save_checkpoint
 from pipeline.params import check_range, check_scales
 from pipeline.prune import PruneParams, prune_image
 from pipeline.store import ImageStore
@@ -208,9 +208,10 @@ ProbabilityFn = Callable[[torch.Tensor], torch.Tensor]
 
 
 def segnet_probabilities(net: SegNet) -> ProbabilityFn:
-    """The softmax of ``net``'s segmentation logits upsampled to the input; puts ``net`` in eval mode."""
-    net.eval()
-    return lambda images: upsample(net.segment(images), tuple(images.shape[-2:])).softmax(1)
+    """The softmax of ``net``'s segmentation logits upsampled to the input, by a copy of ``net``
+    with its batch norms folded (see :func:`fold_batch_norms`); ``net`` stays as it is."""
+    folded = fold_batch_norms(net)
+    return lambda images: upsample(folded.segment(images), tuple(images.shape[-2:])).softmax(1)
 
 
 @torch.inference_mode()

@@ -13,6 +13,7 @@ from pipeline.cams import CamParams, extract_cams, score_cams
 from pipeline.classifier import ClassifierParams, load_classifier
 from pipeline.io import file_digest, fingerprint, write_json
 from pipeline.metrics import write_metrics
+from pipeline.models import fold_batch_norms
 from pipeline.params import load_params
 from pipeline.stage import run, screened_dataset, stopwatch
 from pipeline.store import CAMS, StorageParams
@@ -30,7 +31,7 @@ def main(params_path: Path, skip_bad: bool | None = None) -> None:
     params = load_params(CamParams, "cams", params_path)
     ctx = init_distributed()
     device = default_device(ctx)
-    net = load_classifier(classifier, manifest.num_classes, WEIGHTS).to(device)
+    net = fold_batch_norms(load_classifier(classifier, manifest.num_classes, WEIGHTS)).to(device)
     store = load_params(StorageParams, "storage", params_path).store(CAMS, "cams")
     splits = (dataset.train_split, dataset.val_split)
     if ctx.is_main:

@@ -40,10 +40,11 @@ def main(params_path: Path, skip_bad: bool | None = None) -> None:
     weights = file_digest(WEIGHTS)
     results = {}
     with stopwatch() as inference:
+        probabilities = segnet_probabilities(net)
         for name, store, split in (("val", storage.store(SEGMENT, "segment"), dataset.val_split),
                                    ("pseudo", storage.store(PSEUDO, "segment"), dataset.train_split)):
             store.reset_unless(fingerprint(weights, params.crf, split))
-            results[name] = infer_split(segnet_probabilities(net), manifest, split, store, device, crf,
+            results[name] = infer_split(probabilities, manifest, split, store, device, crf,
                                         params.crf_workers, params.crf_scheduler)
     val = results["val"]
     write_metrics(METRICS, {"miou": val["miou"], "miou_no_crf": val["miou_no_crf"], "iou": val["iou"],

@@ -12,6 +12,7 @@ from pipeline.cams import (
     extract_cams,
     image_size,
     multiscale_cams,
+    padded_channels,
     score_cams,
     select_and_normalise,
     size_grouped_batches,
@@ -144,6 +145,20 @@ def test_a_batch_gives_the_per_image_results(flip):
     assert single.abs().max() > 0
 
 
+def test_chosen_channels_are_taken_before_upsampling_with_the_same_values():
+    net = TinyCamNet().eval()
+    images = torch.randn(3, 3, 18, 22, generator=torch.Generator().manual_seed(1))
+    channels = padded_channels([[2], [0, 1], []], torch.device("cpu"))
+    assert channels.tolist() == [[2, 0], [0, 1], [0, 0]]
+    with torch.inference_mode():
+        every = multiscale_cams(net, images, (1.0, 0.5), flip=True)
+        chosen = multiscale_cams(net, images, (1.0, 0.5), flip=True, channels=channels)
+    assert chosen.shape == (3, 2, 18, 22)
+    for image, rows in enumerate(channels.tolist()):
+        torch.testing.assert_close(chosen[image], every[image, rows])
+    assert padded_channels([[], []], torch.device("cpu")).tolist() == [[0], [0]]
+
+
 def test_extraction_matches_a_plain_per_image_loop(manifest, tmp_path):
     net = CountingCamFn(TinyCamNet())
     store = ImageStore(tmp_path / "cams.zarr", stage="cams")
@@ -159,6 +174,26 @@ def test_extraction_matches_a_plain_per_image_loop(manifest, tmp_path):
         assert cams.dtype == np.float16 and cams.shape == (len(item.labels), height, width)
         assert attrs == {"classes": list(item.labels)}
         np.testing.assert_allclose(cams, expected_cams(manifest, item, net.net), rtol=0, atol=1e-3)
+
+
+class FailingStore(ImageStore):
+    """A store whose write of one image fails, as a full disk would."""
+
+    def write(self, image_id: str, array: np.ndarray, **attrs) -> None:
+        if image_id == "im4":
+            raise OSError(28, "No space left on device")
+        super().write(image_id, array, **attrs)
+
+
+def test_a_failed_write_stops_the_extraction_and_keeps_what_was_written(manifest, tmp_path):
+    store = FailingStore(tmp_path / "cams.zarr")
+    with pytest.raises(OSError, match="No space left on device"):
+        extract_cams(TinyCamNet().eval(), manifest, "train", store, PARAMS, torch.device("cpu"), progress=False)
+    # Batches [[0, 2], [5], [1, 4], ...]: the writes up to im4's batch went through.
+    assert {"im0", "im2", "im5"} <= set(store.complete_ids()) and "im4" not in store.complete_ids()
+    rerun = extract_cams(TinyCamNet().eval(), manifest, "train", ImageStore(store.path), PARAMS,
+                         torch.device("cpu"), progress=False)
+    assert "im0" not in rerun and "im4" in rerun
 
 
 def test_workers_give_the_same_cams(manifest, tmp_path):

@@ -16,6 +16,7 @@ from pipeline.models import (
     CAMNet,
     SegNet,
     build_backbone,
+    fold_batch_norms,
     load_backbone_weights,
     load_checkpoint,
     param_groups,
@@ -435,3 +436,27 @@ def test_param_groups_cover_trainable_parameters_once(freeze_bn):
     assert id(net.fc8.weight) in named["new weights"] and id(net.fc8_seg_conv1.bias) in named["new biases"]
     assert bool(named["backbone biases"]) is not freeze_bn  # trained batch-norm shifts and scales
     torch.optim.SGD(groups, lr=0.01, momentum=0.9)
+
+
+def _with_random_statistics(net: nn.Module) -> nn.Module:
+    """``net`` with batch norms that do something: random statistics, scales and shifts."""
+    generator = torch.Generator().manual_seed(0)
+    for norm in (m for m in net.modules() if isinstance(m, nn.BatchNorm2d)):
+        for tensor, low, high in ((norm.running_mean, -1, 1), (norm.running_var, 0.5, 2),
+                                  (norm.weight.data, 0.5, 1.5), (norm.bias.data, -0.5, 0.5)):
+            tensor.copy_(torch.rand(tensor.shape, generator=generator) * (high - low) + low)
+    return net
+
+
+@pytest.mark.parametrize(("name", "norms_left"), [("small", 0), ("resnet50", 0), ("resnet38", 17)])
+def test_folded_batch_norms_give_the_same_cams(name, norms_left):
+    net = _with_random_statistics(CAMNet(build_backbone(name), num_classes=3, freeze_bn=False)).train()
+    folded = fold_batch_norms(net)
+    assert isinstance(folded, CAMNet) and not folded.training and net.training  # a copy; the original as it was
+    # ResNet-38 is pre-activation: the norms opening the blocks after the first, and the last
+    # one, follow an addition and stay.
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in folded.modules()) == norms_left
+    images = torch.randn(2, 3, 48, 64, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        expected, cams = net.eval().cams(images), folded.cams(images)
+    torch.testing.assert_close(cams, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())

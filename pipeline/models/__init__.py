@@ -11,9 +11,12 @@ Typical use::
     seg = SegNet(build_backbone("resnet38"), num_classes=20, freeze_bn=True)
     load_checkpoint(seg, "checkpoints/classifier.pth", allow_missing=SegNet.seg_head)
     logits, cams, seg_logits = seg(images)
+
+    cams = fold_batch_norms(net).cams(images)  # inference only: batch norms folded into the convolutions
 """
 
 from pipeline.models.backbones import BACKBONES, build_backbone, load_backbone_weights
+from pipeline.models.folding import fold_batch_norms
 from pipeline.models.nets import (
     CAMNet,
     JointOutput,
@@ -31,6 +34,7 @@ __all__ = [
     "OnBackbone",
     "SegNet",
     "build_backbone",
+    "fold_batch_norms",
     "freeze_batchnorm",
     "load_backbone_weights",
     "load_checkpoint",
