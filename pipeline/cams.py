@@ -242,8 +242,9 @@ def extract_cams(
 
 
 def _write_cams(store: ImageStore, image_id: str, maps: torch.Tensor, classes: list[int]) -> None:
-    """Normalise, copy to the host and store one image's CAMs (on the writer thread, so that the
-    next batch's forward passes run meanwhile; on a GPU the copy waits for them only here)."""
+    """Normalise one image's CAMs, copy them to the host and store them. Runs on the writer
+    thread, so that the next batch goes through the network meanwhile; on a GPU it is this
+    thread, not the main one, that waits for the copy."""
     store.write(image_id, normalise(maps).half().cpu().numpy(), classes=classes)
 
 
