@@ -26,13 +26,11 @@ With the project installed (``pip install -e .``)::
 from __future__ import annotations
 
 import argparse
-import multiprocessing
 import os
 import resource
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
@@ -40,6 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from common import load_average, peak_rss_in_fresh_process
 from PIL import Image
 from torch.utils.data import DataLoader
 
@@ -158,17 +157,14 @@ def compare(
     return {way: (min(wall for wall, _ in runs), min(cpu for _, cpu in runs)) for way, runs in times.items()}
 
 
-def _measure_peak_rss(
+def _extract(
     manifest_path: Path, store_path: Path, params: CamParams, backbone: str, device: str, threads: int
-) -> tuple[float, float]:
-    """In a fresh process: run the batched extractor; the peak resident MB of this process and of
-    its largest DataLoader worker."""
+) -> None:
+    """Run the batched extractor over a manifest's images, as the memory runs do in a fresh process."""
     torch.set_num_threads(threads)
     net = fold_batch_norms(build_net(backbone, torch.device(device)))
     manifest = load_manifest(manifest_path)
     extract_cams(net.cams, manifest, "all", ImageStore(store_path), params, torch.device(device), progress=False)
-    kilobytes = [resource.getrusage(who).ru_maxrss for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
-    return kilobytes[0] / 1024, kilobytes[1] / 1024
 
 
 def peak_memory(
@@ -182,13 +178,7 @@ def peak_memory(
 ) -> tuple[float, float]:
     """Peak resident MB (main process, largest worker) of a fresh extraction of ``count`` images of ``sizes``."""
     manifest_path = make_dataset(root, sizes, count)
-    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as fresh:
-        return fresh.submit(_measure_peak_rss, manifest_path, root / "cams.zarr", params, backbone, device,
-                            threads).result()
-
-
-def _load() -> str:
-    return " ".join(f"{value:.2f}" for value in os.getloadavg())
+    return peak_rss_in_fresh_process(_extract, manifest_path, root / "cams.zarr", params, backbone, device, threads)
 
 
 def main() -> None:
@@ -215,7 +205,7 @@ def main() -> None:
     device = torch.device(args.device)
     params = CamParams(batch_size=args.batch_size, batch_pixels=args.batch_pixels, num_workers=args.workers)
 
-    print(f"machine: {os.cpu_count()} cores, load average {_load()} before the run")
+    print(f"machine: {os.cpu_count()} cores, load average {load_average()} before the run")
     print(
         f"device {device}, backbone {args.backbone}, scales {params.scales}, flip {params.flip}, "
         f"batch {params.batch_size} (at most {params.batch_pixels} pixels), workers {params.num_workers}, "
@@ -244,7 +234,7 @@ def main() -> None:
             f"{count} images: {peaks[0]:.0f} MB main process, {peaks[1]:.0f} MB largest worker "
             f"({time.perf_counter() - start:.0f} s with writing the images)"
         )
-    print(f"load average {_load()} after the run")
+    print(f"load average {load_average()} after the run")
 
 
 if __name__ == "__main__":

@@ -28,16 +28,15 @@ With the project installed (``pip install -e .``)::
 from __future__ import annotations
 
 import argparse
-import multiprocessing
 import os
-import resource
 import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
+from common import load_average, peak_rss_in_fresh_process
 from scipy.ndimage import gaussian_filter
 
 from pipeline.manifest import Manifest
@@ -101,10 +100,6 @@ def _stored(store: ImageStore) -> list[bytes]:
     return [store.read(image_id)[0].tobytes() for image_id in store.ids()]
 
 
-def _load() -> str:
-    return " ".join(f"{value:.2f}" for value in os.getloadavg())
-
-
 def bench(root: Path, size: int, count: int, cores: int, chunk_size: int) -> None:
     manifest, cams = make_dataset(root, size, count)
     serial = ImageStore(root / "serial.zarr")
@@ -124,26 +119,18 @@ def bench(root: Path, size: int, count: int, cores: int, chunk_size: int) -> Non
             f"{seconds / count * 1000:.1f} ms/img, {serial_seconds / seconds:.2f}x the serial loop's rate, "
             f"cluster start-up {started:.1f} s"
         )
-    print(f"{size}x{size}: speed-up of {cores} workers over 1: {rates[cores] / rates[1]:.2f}x (load average {_load()})")
-
-
-def _measure_peak_rss(manifest: Manifest, cams: ImageStore, masks: ImageStore, workers: int,
-                      chunk_size: int) -> tuple[float, float]:
-    """In a fresh process: mine the split on a new local cluster; the peak resident MB of this
-    process and of its largest worker process."""
-    mine_split(manifest, SPLIT, cams, masks, PARAMS, ClusterParams(workers=workers, chunk_size=chunk_size),
-               progress=False)
-    kilobytes = [resource.getrusage(who).ru_maxrss for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
-    return kilobytes[0] / 1024, kilobytes[1] / 1024
+    print(f"{size}x{size}: speed-up of {cores} workers over 1: {rates[cores] / rates[1]:.2f}x "
+          f"(load average {load_average()})")
 
 
 def peak_memory(root: Path, count: int, workers: int, chunk_size: int) -> None:
     """Print the peak memory of mining ``count`` fresh 96x96 images in a fresh process."""
     manifest, cams = make_dataset(root, 96, count)
     start = time.perf_counter()
-    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as fresh:
-        driver, worker = fresh.submit(_measure_peak_rss, manifest, cams, ImageStore(root / "masks.zarr"), workers,
-                                      chunk_size).result()
+    cluster = ClusterParams(workers=workers, chunk_size=chunk_size)
+    masks = ImageStore(root / "masks.zarr")
+    driver, worker = peak_rss_in_fresh_process(partial(mine_split, progress=False), manifest, SPLIT, cams, masks,
+                                               PARAMS, cluster)
     print(
         f"peak host memory (RSS), mine_split on {workers} worker(s), 96x96, {count} images: {driver:.0f} MB driver, "
         f"{worker:.0f} MB largest worker ({time.perf_counter() - start:.0f} s)"
@@ -161,7 +148,7 @@ def main() -> None:
     parser.add_argument("--memory", default="200,2000",
                         help="image counts to measure peak memory for, comma-separated (empty: none)")
     args = parser.parse_args()
-    print(f"machine: {os.cpu_count()} cores, load average {_load()} before the run")
+    print(f"machine: {os.cpu_count()} cores, load average {load_average()} before the run")
     print(f"chunk size {args.chunk_size}, CRF {PARAMS.crf}")
     for size in (args.size or [96]) if args.speed else ():
         with tempfile.TemporaryDirectory() as tmp:
@@ -169,7 +156,7 @@ def main() -> None:
     for count in (int(text) for text in args.memory.split(",") if text):
         with tempfile.TemporaryDirectory() as tmp:
             peak_memory(Path(tmp), count, args.workers, args.chunk_size)
-    print(f"load average {_load()} after the run")
+    print(f"load average {load_average()} after the run")
 
 
 if __name__ == "__main__":
