@@ -39,7 +39,7 @@ from pipeline.training import (
 @dataclass(frozen=True)
 class ClassifierParams(TrainingParams):
     backbone: str = "small"
-    """small | resnet38 | resnet50 | resnet101."""
+    """small | resnet38 | resnet50 | resnet101 | mobilenet_v2 (the names of :data:`pipeline.models.BACKBONES`)."""
     weights: str | None = None
     """Backbone initialisation file (ImageNet .params for resnet38, torchvision .pth); None: from scratch."""
     checkpoint: str | None = None

@@ -14,7 +14,7 @@ import click
 
 from pipeline.errors import InputError
 
-STAGES = ("data", "classifier", "cams", "prune", "segment", "deeplab")
+STAGES = ("data", "classifier", "cams", "prune", "segment", "deeplab", "supervised")
 
 
 class _Group(click.Group):
@@ -68,6 +68,29 @@ def synth(root: Path | None, manifest_path: Path | None, params_path: Path, **ov
     click.echo(f"wrote {sum(len(s) for s in manifest.splits.values())} images to {root} "
                f"and the manifest {manifest_path}")
     click.echo(_format_stats(stats))
+
+
+@main.command()
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("data/textures"),
+              show_default=True, help="Folder to write: images/, masks/, labels.csv, classes.txt.")
+@click.option("--num-classes", type=int, default=8, show_default=True, help="Number of classes (at most 8).")
+@click.option("--train-images", type=int, default=480, show_default=True, help="Number of training images.")
+@click.option("--val-images", type=int, default=160, show_default=True, help="Number of validation images.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Random seed; the same seed gives the same files.")
+def textures(out: Path, **settings: int) -> None:
+    """Generate the texture benchmark, a second synthetic dataset unlike `rrm synth`.
+
+    The class shows in an object's texture (its colours are random), fading across the object;
+    scenes co-occur with classes; images are rectangular JPEGs of several sizes. Written in the
+    layout of `rrm manifest folder`, which the printed command then reads.
+    """
+    from pipeline.params import build_params
+    from pipeline.textures import TextureParams, generate
+
+    stats = generate(build_params(TextureParams, settings, "rrm textures"), out)
+    click.echo(f"wrote {sum(stats['images'].values())} images to {out}; its manifest:")
+    click.echo(f"  rrm manifest folder --images {out}/images --labels {out}/labels.csv --masks {out}/masks "
+               f"--classes \"$(cat {out}/classes.txt)\" --name textures")
 
 
 def _format_stats(stats: dict) -> str:
@@ -170,8 +193,9 @@ def report(metrics_dir: Path, as_json: bool) -> None:
     """The scores of the paper's ablation (percent) and the seconds each stage took.
 
     CAM mIoU on val and train, reliable-region precision and coverage, one-step mIoU with and
-    without CRF, pseudo-label mIoU on train and two-step (DeepLab) mIoU, read from
-    metrics/<stage>.json; a stage that has not run reads "not run".
+    without CRF, pseudo-label mIoU on train, two-step (DeepLab) mIoU, the fully supervised
+    reference and two-step / supervised, read from metrics/<stage>.json; a stage that has not
+    run reads "not run".
     """
     import json
 

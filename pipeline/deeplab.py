@@ -1,4 +1,5 @@
-"""Stage 6, the optional two-step: DeepLabV3 retrained on the one-step predictions.
+"""Stage 6, the optional two-step: DeepLabV3 retrained on the one-step predictions; and the same
+network trained on the ground-truth masks, the fully supervised reference.
 
 torchvision's DeepLabV3 head (ASPP with image pooling) on one of our dilated backbones, trained
 with plain cross-entropy on the segment stage's pseudo labels for the training images (255
@@ -13,7 +14,7 @@ in every trained stage here; the synthetic benchmark's ``params.yaml`` picks the
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,8 @@ from torchvision.models.segmentation.deeplabv3 import DeepLabHead
 
 from pipeline.cams import multiscale_cams
 from pipeline.data import SegmentationDataset
-from pipeline.io import IGNORE, fingerprint
+from pipeline.errors import InputError
+from pipeline.io import IGNORE, file_digest, fingerprint
 from pipeline.manifest import Manifest
 from pipeline.models import OnBackbone, build_backbone, fold_batch_norms, save_checkpoint
 from pipeline.params import check_range, check_scales
@@ -43,7 +45,7 @@ class DeepLabParams(TrainingParams):
     enabled: bool = False
     """Off by default: a plain ``dvc repro`` then only records ``{"enabled": false}``."""
     backbone: str = "resnet101"
-    """small | resnet50 | resnet101 (a dilated backbone of :func:`pipeline.models.build_backbone`)."""
+    """small | resnet50 | resnet101 | mobilenet_v2 (a dilated backbone of :func:`pipeline.models.build_backbone`)."""
     weights: str | None = None
     """Backbone initialisation file (torchvision's ImageNet .pth); None: from scratch."""
     output_stride: int = 8
@@ -71,6 +73,14 @@ class DeepLabParams(TrainingParams):
         if self.batch_size < 2:
             raise ValueError("batch_size must be at least 2: the ASPP image-pooling branch normalises over the batch")
         check_range("crf_workers", self.crf_workers, 1)
+
+
+@dataclass(frozen=True)
+class SupervisedParams:
+    """The `supervised:` section: whether to train the fully supervised reference, the `deeplab:`
+    recipe on the ground-truth masks (off by default: it needs every training image's mask)."""
+
+    enabled: bool = False
 
 
 class DeepLab(OnBackbone):
@@ -101,16 +111,39 @@ def pseudo_label_loss(logits: Tensor, labels: Tensor) -> Tensor:
     return losses.sum() / (labels != IGNORE).sum().clamp(min=1)
 
 
-def train_deeplab(manifest: Manifest, split: str, params: DeepLabParams, pseudo: ImageStore, out: Path,
-                  state: Path, ctx: Distributed, device: torch.device, progress: bool = True) -> DeepLab:
-    """Train (or resume training) on the pseudo labels of ``split``; write the weights to ``out`` (rank 0)."""
-    pseudo.require_complete()
+LabelReader = Callable[[str], np.ndarray]
+"""Image id -> its uint8 (H, W) training mask (0 background, class index + 1, 255 ignored)."""
+
+
+def pseudo_labels(store: ImageStore) -> tuple[LabelReader, str]:
+    """The two-step's targets: the segment stage's pseudo-labels, and what identifies them (the
+    store's fingerprint). The store must be complete."""
+    store.require_complete()
+    return (lambda image_id: store.read(image_id)[0]), str(store.fingerprint)
+
+
+def ground_truth(manifest: Manifest, split: str) -> tuple[LabelReader, str]:
+    """The supervised reference's targets: the ground-truth masks of ``split``, and what
+    identifies them (the manifest's digest). Every image of the split must have one."""
+    items = {item.id: item for item in manifest.split(split)}
+    lacking = [image_id for image_id, item in items.items()
+               if manifest.mask_path(image_id) is None or not item.has_mask]
+    if lacking:
+        raise InputError(manifest.source or manifest.name,
+                         f"{len(lacking)} image(s) of split {split!r} have no ground-truth mask to train the "
+                         f"supervised reference on, e.g. {lacking[0]!r}")
+    identity = file_digest(manifest.source) if manifest.source else manifest.name
+    return (lambda image_id: manifest.read_mask(items[image_id])), identity
+
+
+def train_deeplab(manifest: Manifest, split: str, params: DeepLabParams, targets: tuple[LabelReader, str], out: Path,
+                  state: Path, ctx: Distributed, device: torch.device, progress: bool = True,
+                  description: str = "deeplab") -> DeepLab:
+    """Train (or resume training) on ``targets`` (:func:`pseudo_labels` or :func:`ground_truth`) of
+    ``split``; write the weights to ``out`` (rank 0)."""
+    read_label, labels_key = targets
     torch.manual_seed(params.seed)
     net = build_deeplab(params, manifest.num_classes).to(device)
-
-    def read_label(image_id: str) -> np.ndarray:
-        return pseudo.read(image_id)[0]
-
     dataset = SegmentationDataset(manifest, split, read_label, params.crop_size, params.scale_range, params.flip,
                                   params.seed)
     loader = params.loader(dataset, ctx, device)
@@ -122,8 +155,8 @@ def train_deeplab(manifest: Manifest, split: str, params: DeepLabParams, pseudo:
         logits = upsample(model(batch["image"].to(device, non_blocking=True)), tuple(labels.shape[-2:]))
         return {"loss": pseudo_label_loss(logits, labels)}
 
-    key = fingerprint(asdict(params), pseudo.fingerprint, manifest.name, split, len(dataset))
-    train(model, loader, step, optimizer, params.loop("deeplab", progress), Checkpoint(state, key), ctx, device)
+    key = fingerprint(asdict(params), labels_key, manifest.name, split, len(dataset))
+    train(model, loader, step, optimizer, params.loop(description, progress), Checkpoint(state, key), ctx, device)
     if ctx.is_main:
         save_checkpoint(unwrap(net), out)
     return net

@@ -52,7 +52,7 @@ from pipeline.panels import (
 )
 from pipeline.params import check_range, load_params
 from pipeline.stage import DatasetParams, load_dataset
-from pipeline.store import CAMS, DEEPLAB, MASKS, PSEUDO, SEGMENT, ImageStore, StorageParams
+from pipeline.store import CAMS, DEEPLAB, MASKS, PSEUDO, SEGMENT, SUPERVISED, ImageStore, StorageParams
 
 DVC_ARTIFACTS = Path("artifacts")
 """The folder of the stores as dvc.yaml tracks them (its outs), relative to the project root:
@@ -80,6 +80,7 @@ SOURCES = (
     Source("pseudo", PSEUDO, "segment", "train", "segment"),
     Source("segment", SEGMENT, "segment", "val", "segment"),
     Source("deeplab", DEEPLAB, "deeplab", "val", "deeplab"),
+    Source("supervised", SUPERVISED, "supervised", "val", "supervised"),
 )
 
 GALLERY_SOURCES = {"train": ("reliable", "pseudo"), "val": (None, "segment")}

@@ -26,12 +26,14 @@ import functools
 from collections.abc import Callable
 from typing import Any, Literal, get_args
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pipeline.io import IGNORE
 from pipeline.lattice import permutohedral_filter
+from pipeline.models.nets import REFERENCE_CROP
 from pipeline.params import check_range
 
 Filter = Callable[[Tensor, Tensor], Tensor]
@@ -289,6 +291,36 @@ def dense_energy(
         bilateral_filter_auto, sigma_rgb=sigma_rgb, sigma_xy=sigma_xy * scale, method=method
     )
     return _GatedEnergy.apply(masked, gate, images.detach(), bilateral)
+
+
+def kernel_mass(length: int, sigma: float) -> float:
+    """The spatial kernel's mass per pixel along one axis: the mean over the ``length`` pixels of a
+    row of ``sum_j exp(-(i - j)^2 / (2 sigma^2))``. About ``length`` when ``sigma`` is far larger,
+    ``sqrt(2 pi) sigma`` when it is far smaller."""
+    offsets = np.arange(length, dtype=np.float64)
+    return float(np.exp(-np.subtract.outer(offsets, offsets) ** 2 / (2 * sigma**2)).sum() / length)
+
+
+def energy_size(crop_size: int, scale: float, sigma_xy: float) -> float:
+    """``N * M`` of a square crop at the energy's resolution: its pixels N times the spatial kernel's
+    mass per pixel M. The energy of a one-coloured crop labelled with one class is ``-N * M`` (no
+    gate), and the energy's gradient at a pixel, ``-2 g (W S)``, grows with M while the
+    cross-entropy's, an average, shrinks with N: their ratio grows with ``N * M``."""
+    side = max(1, int(crop_size * scale))
+    return side * side * kernel_mass(side, sigma_xy * scale) ** 2
+
+
+def crop_weight(weight: float, crop_size: int, scale: float, sigma_xy: float) -> float:
+    """The dense energy's weight for ``crop_size`` crops that acts as ``weight`` does on RRM's
+    321-pixel crops (:data:`~pipeline.models.nets.REFERENCE_CROP`): scaled by
+    ``energy_size(reference) / energy_size(crop)``, which keeps the energy's pull on a pixel in the
+    same ratio to the cross-entropy's at any crop size.
+
+    The one scaling rule of the loss weights: a preset sets the crop, never the weight. On 96-pixel
+    crops, the paper's weight becomes 49 times larger, on 224-pixel ones 2.7 times.
+    """
+    reference = energy_size(REFERENCE_CROP, scale, sigma_xy)
+    return weight * reference / energy_size(crop_size, scale, sigma_xy)
 
 
 class DenseEnergyLoss(nn.Module):

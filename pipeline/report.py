@@ -40,7 +40,11 @@ SCORES = (
     Score("One-step mIoU (val)", "segment", ("miou",)),
     Score("Pseudo-label mIoU (train)", "segment", ("pseudo", "miou")),
     Score("Two-step mIoU, DeepLab (val)", "deeplab", ("miou",)),
+    Score("Supervised reference mIoU (val)", "supervised", ("miou",)),
 )
+
+RATIO = ("Two-step / supervised", "deeplab", "supervised")
+"""The figure WSSS papers quote: the two-step mIoU as a share of the fully supervised one."""
 
 
 @dataclass(frozen=True)
@@ -94,9 +98,21 @@ def _row(label: str, stage: str, value: float | None, status: str, unit: str, sc
     return Row(label, stage, None if value is None else round(value * scale, 1), unit, status)
 
 
+def _ratio(metrics: Metrics) -> Row:
+    """The :data:`RATIO` row: the first stage's mIoU over the second's, or why there is none."""
+    label, numerator, denominator = RATIO
+    (top, top_status), (bottom, bottom_status) = (_measured(metrics.get(stage), ("miou",))
+                                                  for stage in (numerator, denominator))
+    if top is None or bottom is None:
+        return _row(label, numerator, None, top_status if top is None else bottom_status, "%")
+    return _row(label, numerator, top / bottom if bottom else None, "ok" if bottom else "n/a", "%", 100.0)
+
+
 def report_rows(metrics: Metrics) -> list[Row]:
-    """The score rows (percent), the seconds of every stage in ``metrics``' order and their total."""
+    """The score rows (percent) with the two-step / supervised ratio, the seconds of every stage in
+    ``metrics``' order and their total."""
     scores = [_row(s.label, s.stage, *_measured(metrics.get(s.stage), s.key), "%", 100.0) for s in SCORES]
+    scores.append(_ratio(metrics))
     seconds = {stage: _measured(data, ("seconds",)) for stage, data in metrics.items()}
     times = [_row(f"Time: {stage}", stage, *measured, "s") for stage, measured in seconds.items()]
     spent = [value for value, _ in seconds.values() if value is not None]

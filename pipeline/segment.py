@@ -18,7 +18,7 @@ from concurrent.futures import Executor, Future, ProcessPoolExecutor
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -32,10 +32,17 @@ from pipeline.classifier import ClassifierParams
 from pipeline.crf import CRFParams, dense_crf
 from pipeline.data import ImageDataset, SegmentationDataset
 from pipeline.io import IGNORE, fingerprint
-from pipeline.losses import DENSE_ENERGY_WEIGHT, DenseEnergyLoss, check_method, reliable_counts, segmentation_ce
+from pipeline.losses import (
+    DENSE_ENERGY_WEIGHT,
+    DenseEnergyLoss,
+    check_method,
+    crop_weight,
+    reliable_counts,
+    segmentation_ce,
+)
 from pipeline.manifest import Item, Manifest
 from pipeline.metrics import SegmentationScore
-from pipeline.models import SegNet, build_backbone, fold_batch_norms, load_checkpoint, save_checkpoint
+from pipeline.models import SegNet, build_backbone, fold_batch_norms, load_checkpoint, save_checkpoint, seg_dilation
 from pipeline.params import check_range, check_scales
 from pipeline.prune import PruneParams, prune_image
 from pipeline.store import ImageStore
@@ -47,15 +54,22 @@ class SegmentParams(TrainingParams):
     scale_range: tuple[float, ...] = (0.7, 1.3)
     batch_size: int = 8
     lr: float = 0.001
+    momentum: float = 0.0
+    """The reference's optimiser: its SGD gets the weight decay (1e-5) as the momentum, practically
+    none. A pretrained backbone keeps its features at its rate; 0.9 gives ten times the step."""
     weight_decay: float = 1e-5
     mode: str = "staged"
     """staged: learn from the prune stage's masks; end_to_end: re-mine them every step (the paper)."""
     dense_weight: float = DENSE_ENERGY_WEIGHT
-    """Weight of the dense energy with the exact kernel; 5e-8 matches the paper's 1e-7 (see losses)."""
+    """Weight of the dense energy at RRM's 321-pixel crops, with the exact kernel (5e-8 matches the
+    paper's 1e-7, see :mod:`pipeline.losses`); other crop sizes get :func:`~pipeline.losses.crop_weight`
+    of it, the same pull against the cross-entropy."""
     sigma_rgb: float = 15.0
     sigma_xy: float = 100.0
     energy_scale: float = 0.5
     energy_method: str = "auto"
+    energy_tags: bool = True
+    """Count only background and each crop's tagged classes in the dense energy (see :func:`tag_mask`)."""
     cls_weight: float = 1.0
     """end_to_end only: weight of the classification loss."""
     mining_scales: tuple[float, ...] = (1.0, 0.5, 1.5, 2.0)
@@ -85,7 +99,8 @@ class SegmentParams(TrainingParams):
 def build_segnet(classifier: ClassifierParams, num_classes: int, init: Path | None) -> SegNet:
     """The joint network on the classifier's backbone, from the classifier's trained weights."""
     backbone = build_backbone(classifier.backbone, None, classifier.output_stride)
-    net = SegNet(backbone, num_classes, freeze_bn=classifier.freeze_bn)
+    dilation = seg_dilation(classifier.output_stride)
+    net = SegNet(backbone, num_classes, freeze_bn=classifier.freeze_bn, dilation=dilation)
     if init is not None:
         load_checkpoint(net, init, allow_missing=SegNet.seg_head)
     return net
@@ -157,8 +172,8 @@ def train_segmentation(manifest: Manifest, split: str, classifier: ClassifierPar
     loader = params.loader(dataset, ctx, device)
     model = data_parallel(net, ctx, device, find_unused=staged)  # staged: the classification layer has no loss
     optimizer = params.optimizer(net)
-    energy = DenseEnergyLoss(params.dense_weight, params.sigma_rgb, params.sigma_xy, params.energy_scale,
-                             params.energy_method)
+    weight = crop_weight(params.dense_weight, params.crop_size, params.energy_scale, params.sigma_xy)
+    energy = DenseEnergyLoss(weight, params.sigma_rgb, params.sigma_xy, params.energy_scale, params.energy_method)
     miner = None if staged else Miner(prune, params.mining_scales, params.mining_workers)
 
     def step(batch: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -166,8 +181,11 @@ def train_segmentation(manifest: Manifest, split: str, classifier: ClassifierPar
         labels, valid = labels.to(device), batch["valid"].to(device)
         output = model(batch["image"].to(device, non_blocking=True))
         seg = upsample(output.seg, tuple(labels.shape[-2:]))
+        probs = seg.softmax(1)
+        if params.energy_tags:
+            probs = probs * tag_mask(batch["labels"].to(device))[:, :, None, None]
         losses = {"ce": segmentation_ce(seg, labels, ctx.average(reliable_counts(labels))),
-                  "energy": energy(batch["rgb"].to(device).float(), seg.softmax(1), valid, labels)}
+                  "energy": energy(batch["rgb"].to(device).float(), probs, valid, labels)}
         if miner is not None:
             losses["cls"] = params.cls_weight * F.multilabel_soft_margin_loss(output.logits.float(),
                                                                               batch["labels"].to(device))
@@ -186,8 +204,36 @@ def train_segmentation(manifest: Manifest, split: str, classifier: ClassifierPar
     return net
 
 
-def _crf_labels(image: np.ndarray, probs: np.ndarray, params: CRFParams) -> np.ndarray:
-    return dense_crf(image, probs, params).argmax(axis=0).astype(np.uint8)
+def tag_mask(tags: torch.Tensor) -> torch.Tensor:
+    """(N, C + 1): 1 for background and each image's tagged classes, 0 for the others, from
+    multi-hot ``tags`` (N, C).
+
+    The dense energy rewards colour-alike pixels for agreeing on a label. Over all labels, it
+    rewards a body for agreeing on whatever class the network leans to there, tagged or not,
+    and spreads a wrong guess over the whole body. Multiplied by this mask, the probabilities
+    it sees keep only the labels the image may hold: agreement counts on those alone, and mass
+    on an untagged class is pushed into them. The training split's tags are known, so its
+    predictions there may only take background and the tagged classes (as its pseudo-labels).
+    """
+    return torch.cat([torch.ones_like(tags[:, :1]), (tags > 0).to(tags.dtype)], dim=1)
+
+
+def tag_values(tags: torch.Tensor) -> np.ndarray:
+    """The label values an image with multi-hot ``tags`` (C,) may take: background (0) and its
+    classes (index + 1), ascending, uint8."""
+    return np.concatenate([[0], tags.nonzero().flatten().numpy() + 1]).astype(np.uint8)
+
+
+def restrict(probs: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """The (K, H, W) probabilities of the label ``values`` alone, renormalised: the softmax over
+    those labels' logits."""
+    kept = probs[values]
+    return kept / np.maximum(kept.sum(axis=0, keepdims=True), np.finfo(kept.dtype).tiny)
+
+
+def _crf_labels(image: np.ndarray, probs: np.ndarray, params: CRFParams, values: np.ndarray) -> np.ndarray:
+    """The label ``values[k]`` of the CRF's most probable entry ``k`` of ``probs`` at each pixel."""
+    return values[dense_crf(image, probs, params).argmax(axis=0)]
 
 
 @contextmanager
@@ -214,29 +260,45 @@ def segnet_probabilities(net: SegNet) -> ProbabilityFn:
     return lambda images: upsample(folded.segment(images), tuple(images.shape[-2:])).softmax(1)
 
 
+class Prediction(NamedTuple):
+    """One image's label maps, uint8 (H, W)."""
+
+    item: Item
+    plain: np.ndarray
+    """The argmax of the network's probabilities (over the image's own labels where restricted)."""
+    refined: np.ndarray
+    """``plain`` refined by the dense CRF (``plain`` itself without a CRF)."""
+    tagged: np.ndarray
+    """The argmax over background and the image's tagged classes only, without CRF."""
+
+
 @torch.inference_mode()
 def predict(probabilities: ProbabilityFn, manifest: Manifest, split: str, device: torch.device,
-            crf: CRFParams | None, batch_size: int = 8, batch_pixels: int = CamParams.batch_pixels, workers: int = 2,
-            scheduler: str | None = None, progress: bool = True) -> Iterator[tuple[Item, np.ndarray, np.ndarray]]:
-    """``(item, plain, refined)`` label maps (uint8 (H, W)) for every image of ``split``.
+            crf: CRFParams | None, restricted: bool = False, batch_size: int = 8,
+            batch_pixels: int = CamParams.batch_pixels, workers: int = 2, scheduler: str | None = None,
+            progress: bool = True) -> Iterator[Prediction]:
+    """The :class:`Prediction` of every image of ``split``.
 
     ``probabilities`` is the network's inference (one pass, or several scales averaged; a
-    network in eval mode). ``plain`` is the argmax of its probabilities; ``refined`` the same
-    after the dense CRF (``plain`` again without ``crf``). Images of one size go through the network together; the
-    CRFs run while the network goes on, a bounded number in flight, in ``workers`` local processes or on
-    the dask cluster at ``scheduler`` (see :func:`crf_pool`).
-    Batches are capped at ``batch_pixels`` as in the CAM stage (see :class:`CamParams`).
+    network in eval mode). ``restricted``: the split's tags are known (the training split), so
+    each image may only take background and its tagged classes: the other classes' scores are
+    dropped before the argmax and before the CRF. Otherwise (val: tags are unknown at test
+    time) every class competes, and ``tagged`` is there as a diagnostic. Images of one size go
+    through the network together; the CRFs run while the network goes on, a bounded number in
+    flight, in ``workers`` local processes or on the dask cluster at ``scheduler`` (see
+    :func:`crf_pool`). Batches are capped at ``batch_pixels`` as in the CAM stage (see :class:`CamParams`).
     """
     dataset = ImageDataset(manifest, split)
     items = {item.id: item for item in dataset.items}
     sizes = {index: image_size(manifest.image_path(item.id)) for index, item in enumerate(dataset.items)}
     loader = DataLoader(dataset, batch_sampler=size_grouped_batches(sizes, batch_size, batch_pixels))
     pool = nullcontext((None, 1)) if crf is None else crf_pool(workers, scheduler)
-    pending: deque[tuple[Item, np.ndarray, Future | None]] = deque()
+    pending: deque[tuple[Item, np.ndarray, Future | None, np.ndarray]] = deque()
+    every = np.arange(manifest.num_classes + 1, dtype=np.uint8)
 
-    def finished(item: Item, plain: np.ndarray, refined: Future | None) -> tuple[Item, np.ndarray, np.ndarray]:
+    def finished(item: Item, plain: np.ndarray, refined: Future | None, tagged: np.ndarray) -> Prediction:
         bar.update(1)
-        return item, plain, plain if refined is None else refined.result()
+        return Prediction(item, plain, plain if refined is None else refined.result(), tagged)
 
     bar = tqdm(total=len(dataset), desc=f"predict {split}", unit="img", disable=not progress)
     with pool as (executor, parallel), bar:
@@ -245,10 +307,14 @@ def predict(probabilities: ProbabilityFn, manifest: Manifest, split: str, device
             with torch.autocast(device.type, enabled=device.type == "cuda"):
                 probs = probabilities(images).float().cpu().numpy()
             for index, image_id in enumerate(batch["id"]):
-                plain = probs[index].argmax(axis=0).astype(np.uint8)
+                own = tag_values(batch["labels"][index])
+                tagged = own[probs[index][own].argmax(axis=0)]
+                values = own if restricted else every
+                scores = restrict(probs[index], own) if restricted else probs[index]
+                plain = tagged if restricted else probs[index].argmax(axis=0).astype(np.uint8)
                 refined = None if crf is None else executor.submit(_crf_labels, batch["rgb"][index].numpy(),
-                                                                     probs[index], crf)
-                pending.append((items[image_id], plain, refined))
+                                                                     scores, crf, values)
+                pending.append((items[image_id], plain, refined, tagged))
             while pending and (len(pending) > 4 * parallel or pending[0][2] is None or pending[0][2].done()):
                 yield finished(*pending.popleft())
         while pending:
@@ -257,23 +323,28 @@ def predict(probabilities: ProbabilityFn, manifest: Manifest, split: str, device
 
 def infer_split(probabilities: ProbabilityFn, manifest: Manifest, split: str, store: ImageStore,
                 device: torch.device, crf: CRFParams | None, workers: int, scheduler: str | None = None,
-                progress: bool = True) -> dict[str, Any]:
-    """Write the (refined) predictions of ``split`` to ``store`` and score both kinds against the
-    ground truth where it exists: ``{"miou", "miou_no_crf", "iou", "scored_images"}``."""
-    plain_score, refined_score = (SegmentationScore(manifest.num_classes + 1) for _ in range(2))
+                restricted: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Write the (refined) predictions of ``split`` to ``store`` and score them against the ground
+    truth where it exists: ``{"miou", "miou_no_crf", "miou_tagged_no_crf", "iou", "scored_images"}``.
+
+    ``restricted``: predict each image's tagged classes only (see :func:`predict`); else
+    ``miou_tagged_no_crf`` scores the tag-restricted argmax beside, as a diagnostic of how much
+    is lost to telling the classes apart.
+    """
+    scores = {name: SegmentationScore(manifest.num_classes + 1) for name in ("plain", "refined", "tagged")}
     scored = 0
-    for item, plain, refined in predict(probabilities, manifest, split, device, crf, workers=workers,
-                                        scheduler=scheduler, progress=progress):
-        store.write(item.id, refined)
-        gt = manifest.read_mask(item)
+    for prediction in predict(probabilities, manifest, split, device, crf, restricted, workers=workers,
+                              scheduler=scheduler, progress=progress):
+        store.write(prediction.item.id, prediction.refined)
+        gt = manifest.read_mask(prediction.item)
         if gt is not None:
-            plain_score.update(gt, plain)
-            refined_score.update(gt, refined)
+            for name, score in scores.items():
+                score.update(gt, getattr(prediction, name))
             scored += 1
     store.mark_complete(item.id for item in manifest.split(split))
     names = manifest.label_names
-    return {"miou": refined_score.miou() if scored else None,
-            "miou_no_crf": plain_score.miou() if scored else None,
-            "iou": refined_score.as_dict(names)["iou"] if scored else None,
+    return {"miou": scores["refined"].miou() if scored else None,
+            "miou_no_crf": scores["plain"].miou() if scored else None,
+            "miou_tagged_no_crf": scores["tagged"].miou() if scored else None,
+            "iou": scores["refined"].as_dict(names)["iou"] if scored else None,
             "scored_images": scored}
-

@@ -217,8 +217,10 @@ MASKS = "masks.zarr"
 SEGMENT = "segment.zarr"
 PSEUDO = "pseudo.zarr"
 DEEPLAB = "deeplab.zarr"
+SUPERVISED = "supervised.zarr"
 """The stores' names in the artifacts folder: the cams stage's CAMs, the prune stage's reliable
-masks, the segment stage's val predictions and training-split pseudo labels, DeepLab's val predictions."""
+masks, the segment stage's val predictions and training-split pseudo labels, DeepLab's val
+predictions, and those of the supervised reference."""
 
 
 @dataclass(frozen=True)

@@ -276,13 +276,11 @@ class LoopSettings:
 
 
 def train(model: nn.Module, loader: DataLoader, step_fn: StepFn, optimizer: torch.optim.Optimizer,
-          settings: LoopSettings, checkpoint: Checkpoint, ctx: Distributed, device: torch.device,
-          on_step: Callable[[int], None] | None = None) -> dict[str, float]:
+          settings: LoopSettings, checkpoint: Checkpoint, ctx: Distributed, device: torch.device) -> dict[str, float]:
     """Run ``step_fn`` from the checkpointed step (or 0) to ``settings.max_steps``.
 
     Returns the mean of each loss over the last up to 50 steps. Raises :class:`TrainingDiverged`
-    with the step number when a loss is not finite. ``on_step(step)`` runs before each step (the
-    stage uses it for schedules of its own).
+    with the step number when a loss is not finite.
     """
     use_amp = settings.amp and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda") if use_amp else None
@@ -296,8 +294,6 @@ def train(model: nn.Module, loader: DataLoader, step_fn: StepFn, optimizer: torc
                disable=not (settings.progress and ctx.is_main), dynamic_ncols=True)
     with deterministic_algorithms(settings.deterministic):
         for step in range(start, settings.max_steps):
-            if on_step is not None:
-                on_step(step)
             set_poly_lr(optimizer, step, settings.max_steps, settings.power)
             batch = next(batches)
             with torch.autocast(device.type, enabled=use_amp):

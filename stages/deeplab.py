@@ -6,15 +6,19 @@ Off unless ``deeplab.enabled`` is true. Disabled, it writes only what DVC expect
 weights folder. (A stage frozen in ``dvc.yaml`` would not do: ``dvc repro`` fails on a frozen
 stage whose outputs are missing.) The weights live in a folder, ``checkpoints/deeplab/``, for
 that reason: a DVC output must exist after every run, and a disabled run trains no model.
+The `supervised` stage trains the same network on the ground truth through :func:`run_deeplab`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.crf import INFERENCE_CRF
-from pipeline.deeplab import DeepLabParams, deeplab_probabilities, train_deeplab
+from pipeline.deeplab import DeepLabParams, LabelReader, deeplab_probabilities, pseudo_labels, train_deeplab
 from pipeline.io import file_digest, fingerprint
+from pipeline.manifest import Manifest
 from pipeline.metrics import write_metrics
 from pipeline.params import load_params
 from pipeline.segment import infer_split
@@ -22,45 +26,70 @@ from pipeline.stage import run, screened_dataset, stopwatch
 from pipeline.store import DEEPLAB, PSEUDO, ImageStore, StorageParams
 from pipeline.training import default_device, init_distributed
 
-WEIGHTS = Path("checkpoints/deeplab/model.pth")
-STATE = Path("checkpoints/state/deeplab.pt")
-METRICS = Path("metrics/deeplab.json")
 DISABLED = "disabled"
 """The fingerprint of the empty predictions store of a disabled run."""
 
 
-def write_disabled(store: ImageStore) -> None:
+@dataclass(frozen=True)
+class Outputs:
+    """What a DeepLab stage writes: its store's name (in ``storage.artifacts``), weights, training
+    state and metrics."""
+
+    store: str
+    weights: Path
+    state: Path
+    metrics: Path
+
+
+OUTPUTS = Outputs(DEEPLAB, Path("checkpoints/deeplab/model.pth"), Path("checkpoints/state/deeplab.pt"),
+                  Path("metrics/deeplab.json"))
+
+Targets = Callable[[Manifest, str, StorageParams], tuple[LabelReader, str]]
+"""(manifest, training split, storage) -> what to train on (see :func:`pipeline.deeplab.train_deeplab`)."""
+
+
+def write_disabled(store: ImageStore, outputs: Outputs) -> None:
     store.reset_unless(DISABLED)
     store.mark_complete([])
-    WEIGHTS.parent.mkdir(parents=True, exist_ok=True)
-    write_metrics(METRICS, {"enabled": False})
+    outputs.weights.parent.mkdir(parents=True, exist_ok=True)
+    write_metrics(outputs.metrics, {"enabled": False})
 
 
-def main(params_path: Path, skip_bad: bool | None = None) -> None:
-    """Run the stage; ``skip_bad`` (``--skip-bad``) overrides ``dataset.skip_bad``."""
+def run_deeplab(params_path: Path, stage: str, enabled: bool, targets: Targets, outputs: Outputs,
+                skip_bad: bool | None) -> None:
+    """Train the `deeplab:` recipe on ``targets`` of the training split, predict and score val."""
     params = load_params(DeepLabParams, "deeplab", params_path)
     storage = load_params(StorageParams, "storage", params_path)
-    store = storage.store(DEEPLAB, "deeplab")
-    if not params.enabled:
-        write_disabled(store)
+    store = storage.store(outputs.store, stage)
+    if not enabled:
+        write_disabled(store, outputs)
         return
-    manifest, dataset, rejected = screened_dataset(params_path, "deeplab", skip_bad)
+    manifest, dataset, rejected = screened_dataset(params_path, stage, skip_bad)
     ctx = init_distributed()
     device = default_device(ctx)
     with stopwatch() as training:
-        net = train_deeplab(manifest, dataset.train_split, params, storage.store(PSEUDO, "segment"), WEIGHTS,
-                            STATE, ctx, device)
+        net = train_deeplab(manifest, dataset.train_split, params, targets(manifest, dataset.train_split, storage),
+                            outputs.weights, outputs.state, ctx, device, description=stage)
     if not ctx.is_main:
         return
-    store.reset_unless(fingerprint(file_digest(WEIGHTS), params.scales, params.flip, params.crf, dataset.val_split))
+    weights = file_digest(outputs.weights)
+    store.reset_unless(fingerprint(weights, params.scales, params.flip, params.crf, dataset.val_split))
     with stopwatch() as inference:
         val = infer_split(deeplab_probabilities(net, params.scales, params.flip), manifest, dataset.val_split, store,
                           device, INFERENCE_CRF if params.crf else None, params.crf_workers,
                           params.crf_scheduler)
-    write_metrics(METRICS, {"enabled": True, "miou": val["miou"], "miou_no_crf": val["miou_no_crf"],
-                            "iou": val["iou"], "backbone": params.backbone, "rejected": rejected,
-                            "train_seconds": training["seconds"], "infer_seconds": inference["seconds"],
-                            "seconds": training["seconds"] + inference["seconds"]})
+    write_metrics(outputs.metrics, {"enabled": True, "miou": val["miou"], "miou_no_crf": val["miou_no_crf"],
+                                    "miou_tagged_no_crf": val["miou_tagged_no_crf"], "iou": val["iou"],
+                                    "backbone": params.backbone, "rejected": rejected,
+                                    "train_seconds": training["seconds"], "infer_seconds": inference["seconds"],
+                                    "seconds": training["seconds"] + inference["seconds"]})
+
+
+def main(params_path: Path, skip_bad: bool | None = None) -> None:
+    """Run the stage; ``skip_bad`` (``--skip-bad``) overrides ``dataset.skip_bad``."""
+    enabled = load_params(DeepLabParams, "deeplab", params_path).enabled
+    run_deeplab(params_path, "deeplab", enabled, lambda _, __, storage: pseudo_labels(storage.store(PSEUDO, "segment")),
+                OUTPUTS, skip_bad)
 
 
 if __name__ == "__main__":

@@ -41,13 +41,16 @@ def main(params_path: Path, skip_bad: bool | None = None) -> None:
     results = {}
     with stopwatch() as inference:
         probabilities = segnet_probabilities(net)
-        for name, store, split in (("val", storage.store(SEGMENT, "segment"), dataset.val_split),
-                                   ("pseudo", storage.store(PSEUDO, "segment"), dataset.train_split)):
-            store.reset_unless(fingerprint(weights, params.crf, split))
+        # The training split's tags are known: its pseudo-labels hold only background and each image's
+        # own classes. Val's are not (test time): every class competes there.
+        for name, store, split, restricted in (("val", storage.store(SEGMENT, "segment"), dataset.val_split, False),
+                                               ("pseudo", storage.store(PSEUDO, "segment"), dataset.train_split, True)):
+            store.reset_unless(fingerprint(weights, params.crf, split, restricted))
             results[name] = infer_split(probabilities, manifest, split, store, device, crf,
-                                        params.crf_workers, params.crf_scheduler)
+                                        params.crf_workers, params.crf_scheduler, restricted)
     val = results["val"]
-    write_metrics(METRICS, {"miou": val["miou"], "miou_no_crf": val["miou_no_crf"], "iou": val["iou"],
+    write_metrics(METRICS, {"miou": val["miou"], "miou_no_crf": val["miou_no_crf"],
+                            "miou_tagged_no_crf": val["miou_tagged_no_crf"], "iou": val["iou"],
                             "mode": params.mode, "pseudo": results["pseudo"], "rejected": rejected,
                             "train_seconds": training["seconds"], "infer_seconds": inference["seconds"],
                             "seconds": training["seconds"] + inference["seconds"]})

@@ -1,4 +1,5 @@
-"""The optional two-step stage: DeepLabV3 on the pseudo labels, on a tiny synthetic project."""
+"""The optional two-step stage, DeepLabV3 on the pseudo labels, and the supervised reference (the same
+network on the ground truth), on a tiny synthetic project."""
 
 from __future__ import annotations
 
@@ -15,8 +16,8 @@ from pipeline.errors import InputError
 from pipeline.io import IGNORE
 from pipeline.manifest import load_manifest
 from pipeline.params import build_params
-from pipeline.store import DEEPLAB, PSEUDO, StorageParams
-from stages import data, deeplab
+from pipeline.store import DEEPLAB, PSEUDO, SUPERVISED, StorageParams
+from stages import data, deeplab, supervised
 
 PARAMS = {
     "dataset": {"manifest": "manifests/synth.json", "train_split": "train", "val_split": "val"},
@@ -24,6 +25,7 @@ PARAMS = {
              "train_images": 8, "val_images": 4, "seed": 1},
     "deeplab": {"enabled": True, "backbone": "small", "crop_size": 48, "batch_size": 4, "steps": 3,
                 "num_workers": 0, "scales": [1.0, 0.5], "crf_workers": 1},
+    "supervised": {"enabled": True},
 }
 
 
@@ -50,8 +52,8 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_stage_trains_predicts_every_val_image_and_scores(project, monkeypatch):
     monkeypatch.chdir(project)
     deeplab.main(Path("params.yaml"))
-    assert deeplab.WEIGHTS.is_file()
-    scores = json.loads(deeplab.METRICS.read_text())
+    assert deeplab.OUTPUTS.weights.is_file()
+    scores = json.loads(deeplab.OUTPUTS.metrics.read_text())
     assert scores["enabled"] is True and scores["backbone"] == "small"
     assert 0 <= scores["miou"] <= 1 and 0 <= scores["miou_no_crf"] <= 1
     assert set(scores["iou"]) == {"background", "ant", "bee", "cat"}
@@ -66,10 +68,44 @@ def test_disabled_stage_writes_only_its_marker_outputs(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # no data, no pseudo labels: nothing is read
     Path("params.yaml").write_text(yaml.safe_dump({"deeplab": {"enabled": False}}))
     deeplab.main(Path("params.yaml"))
-    assert json.loads(deeplab.METRICS.read_text()) == {"enabled": False}
+    assert json.loads(deeplab.OUTPUTS.metrics.read_text()) == {"enabled": False}
     store = StorageParams().store(DEEPLAB, "deeplab")
     assert store.is_complete() and store.complete_ids() == []
-    assert deeplab.WEIGHTS.parent.is_dir() and not deeplab.WEIGHTS.exists()
+    assert deeplab.OUTPUTS.weights.parent.is_dir() and not deeplab.OUTPUTS.weights.exists()
+
+
+def test_supervised_reference_trains_the_deeplab_recipe_on_the_ground_truth(project, monkeypatch):
+    monkeypatch.chdir(project)
+    supervised.main(Path("params.yaml"))
+    scores = json.loads(supervised.OUTPUTS.metrics.read_text())
+    assert scores["enabled"] is True and scores["backbone"] == "small" and 0 <= scores["miou"] <= 1
+    predictions = StorageParams().store(SUPERVISED, "supervised")
+    assert predictions.is_complete() and len(predictions.complete_ids()) == PARAMS["data"]["val_images"]
+    state = torch.load(supervised.OUTPUTS.state, weights_only=False)
+    assert state["step"] == PARAMS["deeplab"]["steps"]  # the deeplab section's schedule
+
+
+def test_supervised_reference_is_off_by_default(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    Path("params.yaml").write_text(yaml.safe_dump({"deeplab": {"enabled": True}}))
+    supervised.main(Path("params.yaml"))
+    assert json.loads(supervised.OUTPUTS.metrics.read_text()) == {"enabled": False}
+    assert StorageParams().store(SUPERVISED, "supervised").is_complete()
+
+
+def test_supervised_reference_needs_every_training_mask(project, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    manifest = json.loads((project / "manifests" / "synth.json").read_text())
+    manifest["splits"]["train"][2]["mask"] = False
+    manifest["images"]["dir"] = str(project / "data" / "synth" / "JPEGImages")
+    manifest["masks"]["dir"] = str(project / "data" / "synth" / "SegmentationClass")
+    Path("manifests").mkdir()
+    Path("manifests/synth.json").write_text(json.dumps(manifest))
+    (tmp_path / "params.yaml").symlink_to(project / "params.yaml")
+    first = manifest["splits"]["train"][2]["id"]
+    with pytest.raises(InputError, match=rf"synth\.json: 1 image\(s\) of split 'train' have no ground-truth mask .*"
+                                         rf"e\.g\. '{first}'"):
+        supervised.main(Path("params.yaml"))
 
 
 def test_training_needs_the_segment_stage_pseudo_labels(project, tmp_path, monkeypatch):

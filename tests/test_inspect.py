@@ -104,7 +104,8 @@ def test_show_of_a_val_image_says_which_stage_has_not_run(project):
     figure, notes = image_figure(project, "im4", scale=2)
     assert figure.titles == ("image", "CAM green", "segment", "ground truth")
     assert figure.panel_size == (40, 48)
-    assert len(notes) == 1 and notes[0].startswith("deeplab:") and "has the deeplab stage run?" in notes[0]
+    assert [note.split(":")[0] for note in notes] == ["deeplab", "supervised"]
+    assert "has the deeplab stage run?" in notes[0] and "has the supervised stage run?" in notes[1]
 
 
 def test_unreliable_pixels_are_hatched_grey_not_background_black():

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 import torchvision
 from torch import nn
 
@@ -22,6 +23,7 @@ from pipeline.models import (
     param_groups,
     read_weights,
     save_checkpoint,
+    seg_dilation,
 )
 from pipeline.models.mxnet import read_ndarray_file
 from pipeline.models.resnet38 import mxnet_to_psa
@@ -143,6 +145,9 @@ def test_checkpoint_of_another_class_count_is_refused(resnet38_segnet, tmp_path)
         ("resnet50", 8, (1, 2048, 8, 6)),
         ("resnet50", 16, (1, 2048, 4, 3)),
         ("resnet101", 8, (1, 2048, 8, 6)),
+        ("mobilenet_v2", 8, (1, 1280, 8, 6)),
+        ("mobilenet_v2", 16, (1, 1280, 4, 3)),
+        ("mobilenet_v2", 32, (1, 1280, 2, 2)),
         ("small", 8, (1, 96, 8, 6)),
     ],
 )
@@ -323,7 +328,8 @@ def test_unreadable_weights_are_input_errors(tmp_path):
 
 
 def test_bad_backbone_name_or_stride():
-    with pytest.raises(InputError, match=r"unknown backbone \(known: resnet38, resnet50, resnet101, small\)"):
+    known = r"unknown backbone \(known: resnet38, resnet50, resnet101, mobilenet_v2, small\)"
+    with pytest.raises(InputError, match=known):
         build_backbone("vgg16")
     with pytest.raises(InputError, match=r"backbone 'resnet50': .*not 32"):
         build_backbone("resnet50", output_stride=32)
@@ -374,6 +380,36 @@ def test_segnet_gives_logits_cams_and_segmentation_in_one_pass():
         torch.testing.assert_close(cams, net.cams(images))
     assert (logits.shape, cams.shape, seg.shape) == ((2, 6), (2, 6, 8, 6), (2, 7, 8, 6))
     assert net.fc8_seg_conv1.dilation == (12, 12) and net.fc8_seg_conv1.out_channels == 512
+
+
+@pytest.mark.parametrize(("output_stride", "dilation"), [(8, 12), (16, 6), (32, 3)])
+def test_segmentation_head_reaches_as_far_at_every_output_stride(output_stride, dilation):
+    assert seg_dilation(output_stride) == dilation
+    net = SegNet(build_backbone("small"), num_classes=2, freeze_bn=False, dilation=dilation)
+    assert net.fc8_seg_conv1.dilation == net.fc8_seg_conv2.dilation == (dilation, dilation)
+
+
+def _centre_only(features: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+    return F.conv2d(features, conv.weight[:, :, 1:2, 1:2], conv.bias)
+
+
+def test_outer_taps_of_the_head_start_at_zero_and_learn_where_they_see_features():
+    net = small_segnet()
+    for conv in (net.fc8_seg_conv1, net.fc8_seg_conv2):
+        outer = conv.weight.clone()
+        outer[:, :, 1, 1] = 0
+        assert not outer.any() and conv.weight[:, :, 1, 1].any()
+    small, large = torch.randn(1, 3, 96, 96), torch.randn(1, 3, 256, 256)  # 12x12 and 32x32 features
+    with torch.no_grad():  # as started, the head is two 1x1 convolutions, on any image
+        features = net.backbone(large)
+        expected = _centre_only(F.relu(_centre_only(features, net.fc8_seg_conv1)), net.fc8_seg_conv2)
+        torch.testing.assert_close(net.seg_from(features), expected)
+    for images, trained in ((small, False), (large, True)):  # 96-pixel crops never train the outer taps
+        net.zero_grad()
+        net.segment(images).square().sum().backward()
+        grad = net.fc8_seg_conv1.weight.grad.clone()
+        grad[:, :, 1, 1] = 0
+        assert bool(grad.any()) is trained
 
 
 def test_segnet_starts_from_a_classifier_checkpoint(tmp_path):
@@ -448,7 +484,9 @@ def _with_random_statistics(net: nn.Module) -> nn.Module:
     return net
 
 
-@pytest.mark.parametrize(("name", "norms_left"), [("small", 0), ("resnet50", 0), ("resnet38", 17)])
+@pytest.mark.parametrize(
+    ("name", "norms_left"), [("small", 0), ("resnet50", 0), ("resnet38", 17), ("mobilenet_v2", 0)]
+)
 def test_folded_batch_norms_give_the_same_cams(name, norms_left):
     net = _with_random_statistics(CAMNet(build_backbone(name), num_classes=3, freeze_bn=False)).train()
     folded = fold_batch_norms(net)

@@ -1,4 +1,4 @@
-"""`rrm report`: the stages' metrics as the paper's ablation rows; and the VOC preset's parameters."""
+"""`rrm report`: the stages' metrics as the paper's ablation rows."""
 
 from __future__ import annotations
 
@@ -6,22 +6,10 @@ import json
 import re
 from pathlib import Path
 
-import pytest
-import yaml
 from click.testing import CliRunner
 
-from pipeline.cams import CamParams
-from pipeline.classifier import ClassifierParams
 from pipeline.cli import STAGES, main
-from pipeline.deeplab import DeepLabParams
-from pipeline.mining import load_prune_params
-from pipeline.params import load_params
 from pipeline.report import format_rows, read_metrics, report_rows
-from pipeline.segment import SegmentParams
-from pipeline.stage import DatasetParams
-from stages.data import read_data_params
-
-PRESET = Path(__file__).resolve().parents[1] / "presets" / "voc12.yaml"
 
 METRICS = {
     "data": {"images": {"train": 400, "val": 100}, "seconds": 5.34},
@@ -31,6 +19,7 @@ METRICS = {
     "segment": {"miou": 0.823666, "miou_no_crf": 0.728428, "mode": "staged",
                 "pseudo": {"miou": 0.848356, "miou_no_crf": 0.752051}, "seconds": 88.6},
     "deeplab": {"miou": 0.66349, "seconds": 120.0},
+    "supervised": {"enabled": True, "miou": 0.80125, "seconds": 130.5},
 }
 
 
@@ -62,17 +51,29 @@ def test_the_ablation_rows_are_percentages_with_one_decimal(tmp_path):
     assert rows["One-step mIoU (val)"] == 82.4
     assert rows["Pseudo-label mIoU (train)"] == 84.8
     assert rows["Two-step mIoU, DeepLab (val)"] == 66.3
+    assert rows["Supervised reference mIoU (val)"] == 80.1
+    assert rows["Two-step / supervised"] == 82.8  # 0.66349 / 0.80125, not the ratio of the rounded rows
+
+
+def test_the_ratio_says_which_side_is_missing(tmp_path):
+    metrics = {**METRICS, "supervised": {"enabled": False}}
+    shown = table(format_rows(report_rows(read_metrics(write_metrics_dir(tmp_path / "m", metrics), STAGES))))
+    assert shown["Supervised reference mIoU (val)"] == "disabled"
+    assert shown["Two-step / supervised"] == "disabled"
+    del metrics["deeplab"]
+    shown = table(format_rows(report_rows(read_metrics(write_metrics_dir(tmp_path / "n", metrics), STAGES))))
+    assert shown["Two-step / supervised"] == "not run"
 
 
 def test_stage_seconds_and_their_total_from_the_unrounded_times(tmp_path):
     rows = values(write_metrics_dir(tmp_path / "m", METRICS))
-    assert [rows[f"Time: {stage}"] for stage in STAGES] == [5.3, 67.1, 14.2, 8.3, 88.6, 120.0]
-    assert rows["Time: total"] == 303.6  # the sum of the rows as shown would be 303.5
+    assert [rows[f"Time: {stage}"] for stage in STAGES] == [5.3, 67.1, 14.2, 8.3, 88.6, 120.0, 130.5]
+    assert rows["Time: total"] == 434.1  # the sum of the rows as shown would be 434.0
 
 
 def test_a_stage_not_run_disabled_or_unscored_says_so(tmp_path):
     metrics = {stage: data for stage, data in METRICS.items() if stage != "prune"}
-    metrics["deeplab"] = {"enabled": False}
+    metrics["deeplab"] = metrics["supervised"] = {"enabled": False}
     metrics["segment"] = {**METRICS["segment"], "pseudo": {"miou": None}}
     shown = table(format_rows(report_rows(read_metrics(write_metrics_dir(tmp_path / "m", metrics), STAGES))))
     assert shown["Reliable-region precision (train)"] == "not run"
@@ -92,7 +93,7 @@ def test_nothing_run_gives_a_table_of_not_run(tmp_path):
 
 
 def test_report_json_holds_the_table_values(tmp_path):
-    folder = write_metrics_dir(tmp_path / "m", {k: v for k, v in METRICS.items() if k != "deeplab"})
+    folder = write_metrics_dir(tmp_path / "m", {k: v for k, v in METRICS.items() if k not in ("deeplab", "supervised")})
     result = CliRunner().invoke(main, ["report", "--metrics", str(folder), "--json"])
     assert result.exit_code == 0, result.output
     rows = {row["label"]: row for row in json.loads(result.output)}
@@ -116,32 +117,3 @@ def test_a_broken_metrics_file_is_one_line_naming_it(tmp_path):
     result = CliRunner().invoke(main, ["report", "--metrics", str(folder)])
     assert result.exit_code == 2
     assert result.output.count("\n") == 1 and result.output.startswith(f"error: {folder / 'cams.json'}: ")
-
-
-@pytest.mark.parametrize("section, load", [
-    ("dataset", lambda path: load_params(DatasetParams, "dataset", path)),
-    ("data", read_data_params),
-    ("classifier", lambda path: load_params(ClassifierParams, "classifier", path)),
-    ("cams", lambda path: load_params(CamParams, "cams", path)),
-    ("prune", load_prune_params),
-    ("segment", lambda path: load_params(SegmentParams, "segment", path)),
-    ("deeplab", lambda path: load_params(DeepLabParams, "deeplab", path)),
-])
-def test_every_key_of_the_voc_preset_is_a_parameter(section, load):
-    assert section in yaml.safe_load(PRESET.read_text())
-    load(PRESET)
-
-
-def test_the_voc_preset_has_no_section_the_stages_do_not_read():
-    assert set(yaml.safe_load(PRESET.read_text())) == {"dataset", "data", "classifier", "cams", "prune", "segment",
-                                                          "deeplab"}
-
-
-def test_the_voc_preset_holds_the_papers_settings():
-    classifier = load_params(ClassifierParams, "classifier", PRESET)
-    segment = load_params(SegmentParams, "segment", PRESET)
-    prune, _ = load_prune_params(PRESET)
-    assert (classifier.backbone, classifier.crop_size, classifier.freeze_bn) == ("resnet38", 448, True)
-    assert (segment.mode, segment.crop_size, segment.batch_size, segment.steps) == ("end_to_end", 321, 4, 20000)
-    assert (segment.lr, segment.dense_weight) == (7e-4, 5e-8)
-    assert (prune.la_alpha, prune.ha_alpha) == (4.0, 32.0)

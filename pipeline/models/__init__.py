@@ -24,6 +24,7 @@ from pipeline.models.nets import (
     SegNet,
     freeze_batchnorm,
     param_groups,
+    seg_dilation,
 )
 from pipeline.models.weights import load_checkpoint, read_weights, save_checkpoint
 
@@ -41,4 +42,5 @@ __all__ = [
     "param_groups",
     "read_weights",
     "save_checkpoint",
+    "seg_dilation",
 ]

@@ -10,14 +10,29 @@ from pathlib import Path
 from torch import Tensor, nn
 
 from pipeline.errors import InputError
-from pipeline.models.resnet import DilatedResNet, drop_classifier
+from pipeline.models.mobilenet import DilatedMobileNetV2
+from pipeline.models.resnet import DilatedResNet
 from pipeline.models.resnet38 import ResNet38, mxnet_to_psa
 from pipeline.models.small import SmallNet
 from pipeline.models.weights import BACKBONE, load_state, read_weights
 
+IMAGENET_HEADS = ("fc", "classifier")
+"""The top-level modules of torchvision's ImageNet files that hold the 1000-way classifier: ``fc``
+(ResNets), ``classifier`` (MobileNetV2, its dropout and linear layer)."""
+
 
 def _unchanged(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
     return dict(state)
+
+
+def drop_imagenet_head(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """A torchvision ImageNet state dict without its 1000-way classifier.
+
+    The one rule for the unused ImageNet head: a backbone ends before global pooling, so the
+    classifier's keys (those under :data:`IMAGENET_HEADS`) are set aside; every other key of the
+    file must then fit the backbone exactly (the load is strict).
+    """
+    return {name: tensor for name, tensor in state.items() if name.split(".", 1)[0] not in IMAGENET_HEADS}
 
 
 @dataclass(frozen=True)
@@ -37,7 +52,7 @@ def _torchvision(depth: int, v1: str, v2: str) -> Backbone:
         make=partial(DilatedResNet, depth),
         weights=f"torchvision's ImageNet state dict for ResNet-{depth}, {v1} (IMAGENET1K_V1) or {v2} "
         "(IMAGENET1K_V2), from https://download.pytorch.org/models/",
-        adapt=drop_classifier,
+        adapt=drop_imagenet_head,
     )
 
 
@@ -50,6 +65,12 @@ BACKBONES = {
     ),
     "resnet50": _torchvision(50, "resnet50-0676ba61.pth", "resnet50-11ad3fa6.pth"),
     "resnet101": _torchvision(101, "resnet101-63fe2227.pth", "resnet101-cd907fc2.pth"),
+    "mobilenet_v2": Backbone(
+        make=DilatedMobileNetV2,
+        weights="torchvision's ImageNet state dict for MobileNetV2, mobilenet_v2-b0353104.pth (IMAGENET1K_V1), "
+        "from https://download.pytorch.org/models/",
+        adapt=drop_imagenet_head,
+    ),
     "small": Backbone(
         make=SmallNet,
         weights="a .pth state dict of the small backbone (it trains from scratch: leave the weights out)",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple, Self
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -16,6 +17,24 @@ from pipeline.models.weights import BACKBONE
 
 SEG_HIDDEN = 512
 SEG_DILATION = 12
+"""RRM's dilation of the segmentation head, at output stride 8."""
+
+REFERENCE_CROP = 321
+"""RRM's training crop."""
+
+
+def seg_dilation(output_stride: int) -> int:
+    """The head's dilation at ``output_stride``: RRM's 12 at stride 8, scaled to reach as far in
+    the image at others (6 at 16), as torchvision scales DeepLab's ASPP rates."""
+    return max(1, SEG_DILATION * 8 // output_stride)
+
+
+def _zero_outer_taps(conv: nn.Conv2d) -> None:
+    """Zero every tap of a 3x3 convolution but the centre."""
+    with torch.no_grad():
+        centre = conv.weight[:, :, 1, 1].clone()
+        conv.weight.zero_()
+        conv.weight[:, :, 1, 1] = centre
 
 
 def freeze_batchnorm(module: nn.Module) -> None:
@@ -99,23 +118,34 @@ class JointOutput(NamedTuple):
 class SegNet(_Classifier):
     """RRM's network: the classifier plus a segmentation head on the same backbone features.
 
-    The head is two 3x3 convolutions dilated by 12, backbone -> 512 -> C + 1, with a ReLU
-    between. ``forward`` gives logits, CAMs and segmentation logits from one backbone pass, as
-    end-to-end training needs; ``segment`` gives only the segmentation logits. To start from a
-    classifier checkpoint, load it with ``load_checkpoint(net, path, allow_missing=SegNet.seg_head)``.
+    The head is two 3x3 convolutions dilated by ``dilation`` (RRM's 12 at output stride 8, see
+    :func:`seg_dilation`), backbone -> 512 -> C + 1, with a ReLU between. ``forward`` gives
+    logits, CAMs and segmentation logits from one backbone pass, as end-to-end training needs;
+    ``segment`` gives only the segmentation logits. To start from a classifier checkpoint, load it
+    with ``load_checkpoint(net, path, allow_missing=SegNet.seg_head)``.
+
+    The head starts as RRM's (Xavier-uniform weights) but for the eight outer taps of each
+    convolution, which start at zero. A tap learns only where it falls inside the feature map:
+    on crops narrower than the dilation's reach (96-pixel crops give 12x12 features at stride 8,
+    where every outer tap of a 12-dilated kernel falls outside at every position) it never does,
+    and a random start would then add the same noise to every prediction on a larger image,
+    where those taps fall inside. Started at zero, an untrained tap adds nothing; on crops large
+    enough it learns as any other.
     """
 
     seg_head = ("fc8_seg_conv1", "fc8_seg_conv2")
 
     def __init__(
-        self, backbone: nn.Module, num_classes: int, *, freeze_bn: bool, dropout: float = 0.5
+        self, backbone: nn.Module, num_classes: int, *, freeze_bn: bool, dropout: float = 0.5,
+        dilation: int = SEG_DILATION,
     ) -> None:
         super().__init__(backbone, num_classes, freeze_bn=freeze_bn, dropout=dropout)
-        dilated = {"padding": SEG_DILATION, "dilation": SEG_DILATION}
+        dilated = {"padding": dilation, "dilation": dilation}
         self.fc8_seg_conv1 = nn.Conv2d(backbone.out_channels, SEG_HIDDEN, 3, **dilated)
         self.fc8_seg_conv2 = nn.Conv2d(SEG_HIDDEN, num_classes + 1, 3, **dilated)
-        nn.init.xavier_uniform_(self.fc8_seg_conv1.weight)
-        nn.init.xavier_uniform_(self.fc8_seg_conv2.weight)
+        for conv in (self.fc8_seg_conv1, self.fc8_seg_conv2):
+            nn.init.xavier_uniform_(conv.weight)
+            _zero_outer_taps(conv)
 
     def seg_from(self, features: Tensor) -> Tensor:
         return self.fc8_seg_conv2(F.relu(self.fc8_seg_conv1(features)))

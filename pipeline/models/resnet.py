@@ -2,12 +2,11 @@
 
 Built with ``weights=None``, so nothing is ever downloaded; ImageNet weights come from a local
 torchvision state-dict file. The modules keep torchvision's names (``conv1, bn1, layer1..4``) so
-such a file loads once its 1000-way classifier (``fc.*``) is set aside.
+such a file loads once its 1000-way classifier (``fc.*``) is set aside (see
+:func:`pipeline.models.backbones.drop_imagenet_head`).
 """
 
 from __future__ import annotations
-
-from collections.abc import Mapping
 
 from torch import Tensor, nn
 from torchvision.models import resnet50, resnet101
@@ -16,8 +15,6 @@ DILATED_LAYERS = {8: [False, True, True], 16: [False, False, True]}
 """Output stride -> torchvision's ``replace_stride_with_dilation`` for layer2, layer3, layer4."""
 
 CONSTRUCTORS = {50: resnet50, 101: resnet101}
-
-CLASSIFIER_KEYS = ("fc.weight", "fc.bias")
 
 
 class DilatedResNet(nn.Module):
@@ -38,7 +35,3 @@ class DilatedResNet(nn.Module):
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         return self.layer4(self.layer3(self.layer2(self.layer1(x))))
 
-
-def drop_classifier(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """A torchvision ImageNet state dict without ``fc.*``, which the backbone does not have."""
-    return {name: tensor for name, tensor in state.items() if name not in CLASSIFIER_KEYS}

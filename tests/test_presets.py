@@ -1,0 +1,64 @@
+"""The parameter files in presets/: every key is one the stages read, and the method's parameters
+are the same everywhere; presets set the dataset, backbone, crops, steps, rates and scales."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.cams import CamParams
+from pipeline.classifier import ClassifierParams
+from pipeline.deeplab import DeepLabParams, SupervisedParams
+from pipeline.mining import load_prune_params
+from pipeline.params import load_params
+from pipeline.prune import PruneParams
+from pipeline.segment import SegmentParams
+from pipeline.stage import DatasetParams
+from stages.data import read_data_params
+
+PRESETS = Path(__file__).resolve().parents[1] / "presets"
+SECTIONS = {
+    "dataset": lambda path: load_params(DatasetParams, "dataset", path),
+    "data": read_data_params,
+    "classifier": lambda path: load_params(ClassifierParams, "classifier", path),
+    "cams": lambda path: load_params(CamParams, "cams", path),
+    "prune": load_prune_params,
+    "segment": lambda path: load_params(SegmentParams, "segment", path),
+    "deeplab": lambda path: load_params(DeepLabParams, "deeplab", path),
+    "supervised": lambda path: load_params(SupervisedParams, "supervised", path),
+}
+METHOD = ("mode", "dense_weight", "sigma_rgb", "sigma_xy", "energy_scale", "energy_tags", "cls_weight", "crf")
+"""The segment stage's method parameters, which no preset changes but VOC's mode (the paper's end to end)."""
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS.glob("*.yaml")), ids=lambda path: path.stem)
+def test_every_key_of_a_preset_is_a_parameter_of_a_stage(preset):
+    sections = yaml.safe_load(preset.read_text())
+    assert set(sections) <= set(SECTIONS)
+    for section in sections:
+        SECTIONS[section](preset)
+
+
+def test_the_voc_preset_holds_the_papers_settings():
+    preset = PRESETS / "voc12.yaml"
+    classifier = load_params(ClassifierParams, "classifier", preset)
+    segment = load_params(SegmentParams, "segment", preset)
+    prune, _ = load_prune_params(preset)
+    assert (classifier.backbone, classifier.crop_size, classifier.freeze_bn) == ("resnet38", 448, True)
+    assert (segment.mode, segment.crop_size, segment.batch_size, segment.steps) == ("end_to_end", 321, 4, 20000)
+    assert (segment.lr, segment.dense_weight) == (7e-4, 5e-8)
+    assert prune == PruneParams()
+
+
+def test_the_msrc_preset_keeps_the_methods_parameters_and_runs_both_references():
+    preset = PRESETS / "msrc.yaml"
+    assert load_prune_params(preset)[0] == PruneParams()
+    segment, default = asdict(load_params(SegmentParams, "segment", preset)), asdict(SegmentParams())
+    assert {key: segment[key] for key in METHOD} == {key: default[key] for key in METHOD}
+    classifier = load_params(ClassifierParams, "classifier", preset)
+    assert (classifier.backbone, classifier.weights) == ("mobilenet_v2", "weights/mobilenet_v2-b0353104.pth")
+    assert load_params(DeepLabParams, "deeplab", preset).enabled
+    assert load_params(SupervisedParams, "supervised", preset).enabled

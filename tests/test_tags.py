@@ -1,0 +1,89 @@
+"""Where an image's tags are known (the training split), only background and its tagged classes may
+be predicted: in the pseudo-labels, and in what the dense energy rewards while training. On val,
+every class competes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.crf import INFERENCE_CRF
+from pipeline.io import IGNORE
+from pipeline.losses import dense_energy
+from pipeline.segment import infer_split, predict, restrict, tag_mask, tag_values
+from pipeline.store import ImageStore
+
+FAVOURITE = 1
+"""The label the stand-in network below likes best everywhere: class 0, which no val image is tagged with."""
+
+
+def _favouring(label: int, classes: int):
+    """Stand-in network: half the probability on ``label`` at every pixel, the rest spread evenly."""
+
+    def probabilities(images: torch.Tensor) -> torch.Tensor:
+        n, _, h, w = images.shape
+        probs = torch.full((n, classes + 1, h, w), 0.5 / classes)
+        probs[:, label] = 0.5
+        return probs
+
+    return probabilities
+
+
+@pytest.mark.parametrize("crf", [None, INFERENCE_CRF])
+def test_a_training_split_prediction_never_holds_an_untagged_class(tiny_manifest, crf):
+    probabilities = _favouring(FAVOURITE, tiny_manifest.num_classes)
+    predictions = list(predict(probabilities, tiny_manifest, "train", torch.device("cpu"), crf, restricted=True,
+                               workers=1, progress=False))
+    assert [p.item.id for p in predictions] == [item.id for item in tiny_manifest.split("train")]
+    for prediction in predictions:
+        allowed = {0, *(c + 1 for c in prediction.item.labels)}
+        for labels in (prediction.plain, prediction.refined, prediction.tagged):
+            assert set(np.unique(labels)) <= allowed
+
+
+def test_val_predictions_are_unrestricted_with_the_tagged_argmax_beside(tiny_manifest):
+    probabilities = _favouring(FAVOURITE, tiny_manifest.num_classes)
+    for prediction in predict(probabilities, tiny_manifest, "val", torch.device("cpu"), INFERENCE_CRF,
+                              workers=1, progress=False):
+        assert (prediction.plain == FAVOURITE).all() and (prediction.refined == FAVOURITE).all()
+        assert FAVOURITE not in prediction.tagged
+
+
+def test_restricted_scores_are_the_softmax_over_the_allowed_labels():
+    logits = torch.randn(5, 3, 4, generator=torch.Generator().manual_seed(0))
+    values = tag_values(torch.tensor([0.0, 1.0, 0.0, 1.0]))
+    assert values.tolist() == [0, 2, 4] and values.dtype == np.uint8
+    expected = logits[values.astype(np.int64)].softmax(0).numpy()
+    np.testing.assert_allclose(restrict(logits.softmax(0).numpy(), values), expected, rtol=1e-5)
+
+
+def test_infer_split_scores_the_tag_restricted_argmax_as_a_diagnostic(tiny_manifest, tmp_path):
+    store = ImageStore(tmp_path / "segment.zarr")
+    store.reset_unless("test")
+    scores = infer_split(_favouring(FAVOURITE, tiny_manifest.num_classes), tiny_manifest, "val", store,
+                         torch.device("cpu"), None, workers=1, progress=False)
+    assert scores["miou_no_crf"] == scores["miou"] < scores["miou_tagged_no_crf"]
+    assert store.is_complete()
+
+
+def test_tag_mask_keeps_background_and_the_tagged_classes():
+    tags = torch.tensor([[0.0, 1.0, 0.0], [1.0, 0.0, 1.0]])
+    assert tag_mask(tags).tolist() == [[1, 0, 1, 0], [1, 1, 0, 1]]
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_the_energy_on_tagged_labels_pushes_an_untagged_guess_down(masked):
+    """One-coloured crop, nothing reliable, a network leaning to untagged class 2 everywhere: over all
+    labels the energy rewards the whole crop for agreeing on it; over the tagged ones, it pushes it down."""
+    logits = torch.zeros(1, 4, 8, 8)
+    logits[:, 3] = 2.0
+    logits.requires_grad_(True)
+    probs = logits.softmax(1)
+    if masked:
+        probs = probs * tag_mask(torch.tensor([[1.0, 0.0, 0.0]]))[:, :, None, None]
+    images = torch.full((1, 3, 8, 8), 120.0)
+    energy = dense_energy(images, probs, torch.ones(1, 8, 8), torch.full((1, 8, 8), IGNORE), 15.0, 100.0, 1.0, "exact")
+    energy.backward()
+    untagged = logits.grad[:, 3].mean().item()
+    assert (untagged > 0) if masked else (untagged < 0)  # descent lowers the untagged logit only when masked
