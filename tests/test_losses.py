@@ -17,8 +17,11 @@ from pipeline.losses import (
     bilateral_filter_blockwise,
     bilateral_filter_lattice,
     bilateral_filter_sdpa,
+    crop_weight,
     dense_energy,
     energy_gate,
+    energy_size,
+    kernel_mass,
     reliable_counts,
     segmentation_ce,
 )
@@ -227,6 +230,32 @@ def test_dense_energy_loss_is_the_weighted_energy():
     energy = dense_energy(images, probs, valid, labels, 15.0, SIGMA_XY, 1.0, "exact")
     assert loss.weight == DENSE_ENERGY_WEIGHT == 5e-8
     assert torch.isclose(loss(images, probs, valid, labels), DENSE_ENERGY_WEIGHT * energy)
+
+
+def test_kernel_mass_between_its_limits():
+    assert math.isclose(kernel_mass(5, 1e6), 5.0, rel_tol=1e-6)
+    assert math.isclose(kernel_mass(2000, 3.0), math.sqrt(2 * math.pi) * 3.0, rel_tol=0.01)
+
+
+def uniform_crop(side: int) -> tuple[torch.Tensor, ...]:
+    """A one-coloured crop whose every pixel is sure of class 1, with no reliable label."""
+    images = torch.full((1, 3, side, side), 120.0)
+    probs = torch.zeros(1, 3, side, side)
+    probs[:, 1] = 1.0
+    return images, probs, torch.ones(1, side, side), torch.full((1, side, side), IGNORE)
+
+
+def test_crop_weight_keeps_the_energy_of_the_reference_crop_at_any_crop_size():
+    """The energy of a uniform crop is -N M; weighted by the rule it is the reference crop's."""
+    sigma_xy = 100.0
+    assert crop_weight(5e-8, 321, 0.5, sigma_xy) == 5e-8
+    reference = -5e-8 * energy_size(321, 0.5, sigma_xy)
+    for side in (40, 96):
+        energy = dense_energy(*uniform_crop(side), SIGMA_RGB, sigma_xy, scale=0.5, method="exact")
+        assert math.isclose(float(energy), -energy_size(side, 0.5, sigma_xy), rel_tol=1e-5)
+        weighted = crop_weight(5e-8, side, 0.5, sigma_xy) * float(energy)
+        assert math.isclose(weighted, reference, rel_tol=1e-5)
+    assert crop_weight(5e-8, 96, 0.5, sigma_xy) > crop_weight(5e-8, 224, 0.5, sigma_xy) > 5e-8
 
 
 @pytest.mark.parametrize(
