@@ -1,3 +1,5 @@
+import itertools
+
 import pytest
 import torch
 from torch import nn
@@ -32,14 +34,17 @@ def _problem():
 
 
 def _run(tmp_path, name, stop_at=None, max_steps=11):
+    """Train from the state saved in ``name``; with ``stop_at``, killed during step ``stop_at``."""
     model, optimizer, loader, step = _problem()
+    calls = itertools.count()
 
-    def maybe_die(current):
-        if current == stop_at:
+    def step_or_die(batch):
+        if next(calls) == stop_at:
             raise KeyboardInterrupt
+        return step(batch)
 
     settings = LoopSettings(max_steps=max_steps, checkpoint_every=3, progress=False)
-    train(model, loader, step, optimizer, settings, Checkpoint(tmp_path / name), Distributed(), CPU, maybe_die)
+    train(model, loader, step_or_die, optimizer, settings, Checkpoint(tmp_path / name), Distributed(), CPU)
     return model
 
 
