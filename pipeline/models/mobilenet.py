@@ -4,7 +4,7 @@ Built with ``weights=None``, so nothing is ever downloaded; ImageNet weights com
 torchvision's local state-dict file (``mobilenet_v2-b0353104.pth``). The module keeps
 torchvision's name for the feature extractor, ``features`` (blocks 0-18, the last one the 1x1
 convolution to 1280 channels), so that file loads once its ImageNet head is set aside (see
-:data:`pipeline.models.weights.IMAGENET_HEADS`).
+:data:`pipeline.models.backbones.IMAGENET_HEADS`).
 
 Output stride 8 or 16 comes from dilating instead of striding, as torchvision builds its DeepLab
 backbones: the block that used to halve the resolution runs its depthwise 3x3 convolution at
