@@ -30,7 +30,7 @@ from upath import UPath
 
 from pipeline.data import ImageDataset
 from pipeline.errors import InputError
-from pipeline.io import IGNORE
+from pipeline.io import IGNORE, TURNED, orientation
 from pipeline.manifest import Manifest
 from pipeline.metrics import SegmentationScore
 from pipeline.params import check_range, check_scales
@@ -76,15 +76,17 @@ class CamParams:
 
 
 def image_size(path: Path | UPath) -> tuple[int, int]:
-    """(height, width) of an image file, read from its header without decoding the pixels.
+    """(height, width) of an image file as :func:`pipeline.io.read_image` returns it (its EXIF
+    orientation applied), read from its header without decoding the pixels.
 
     ``path`` may be a :class:`UPath` (an image at an fsspec URL)."""
     try:
         with path.open("rb") as handle, Image.open(handle) as image:
             width, height = image.size
+            turned = orientation(image) in TURNED
     except OSError as error:  # a missing file or one PIL cannot identify
         raise InputError(path, f"cannot read image ({error})") from None
-    return height, width
+    return (width, height) if turned else (height, width)
 
 
 def size_grouped_batches(
@@ -290,12 +292,14 @@ def score_cams(
 
     Label 0 where t wins, class index + 1 elsewhere; images without a mask are skipped; every
     image is read once. Returns ``{"miou", "threshold", "curve": [{"threshold", "miou"}, ...],
-    "iou": {label name: IoU}}``: ``miou`` and ``iou`` at the best threshold (the lowest one
-    on a tie), the curve in ascending order of threshold.
+    "iou": {label name: IoU}, "scored_images"}``: ``miou`` and ``iou`` at the best threshold
+    (the lowest one on a tie), the curve in ascending order of threshold; without any ground
+    truth, None for the scores and an empty curve.
     """
     order = np.argsort(thresholds, kind="stable")
     ordered = np.asarray(thresholds, dtype=np.float64)[order]
     scores = [SegmentationScore(manifest.num_classes + 1) for _ in ordered]
+    scored = 0
     for item in manifest.split(split):
         gt = manifest.read_mask(item)
         if gt is None:
@@ -303,19 +307,18 @@ def score_cams(
         cams, attrs = store.read(item.id)
         if cams.shape[1:] != gt.shape:
             raise InputError(
-                store.path,
-                f"CAMs of {item.id!r} are {cams.shape[1]}x{cams.shape[2]} but its mask is "
-                f"{gt.shape[0]}x{gt.shape[1]} (rerun the cams stage)",
+                manifest.mask_path(item.id),
+                f"mask of {gt.shape[1]}x{gt.shape[0]} pixels, its image's CAMs {cams.shape[2]}x{cams.shape[1]} "
+                "(`rrm manifest` refuses such a mask)",
             )
         confusions = _threshold_confusions(
             gt, cams.astype(np.float32), attrs["classes"], ordered, manifest.num_classes + 1
         )
         for score, confusion in zip(scores, confusions, strict=True):
             score.confusion += confusion
-    if not scores[0].confusion.any():
-        raise InputError(
-            manifest.source or manifest.name, f"split {split!r} has no ground-truth masks to score against"
-        )
+        scored += 1
+    if not scored:
+        return {"miou": None, "threshold": None, "curve": [], "iou": None, "scored_images": 0}
     curve = [{"threshold": float(t), "miou": score.miou()} for t, score in zip(ordered, scores, strict=True)]
     best = max(range(len(scores)), key=lambda index: curve[index]["miou"])
     return {
@@ -323,4 +326,5 @@ def score_cams(
         "threshold": curve[best]["threshold"],
         "curve": curve,
         "iou": scores[best].as_dict(manifest.label_names)["iou"],
+        "scored_images": scored,
     }

@@ -7,25 +7,21 @@ Heavy modules are imported inside each command so that ``rrm --help`` answers at
 from __future__ import annotations
 
 import importlib
-import sys
 from pathlib import Path
 
 import click
 
-from pipeline.errors import InputError
+from pipeline.errors import as_one_line
 
 STAGES = ("data", "classifier", "cams", "prune", "segment", "deeplab", "supervised")
 
 
 class _Group(click.Group):
-    """A click group that turns :class:`InputError` into one line on stderr."""
+    """A click group whose commands end in one line on stderr, not a traceback, on bad input, a
+    refused permission or Ctrl-C (see :func:`pipeline.errors.as_one_line`)."""
 
     def invoke(self, ctx: click.Context):  # type: ignore[override]
-        try:
-            return super().invoke(ctx)
-        except InputError as error:
-            click.echo(f"error: {error}", err=True)
-            sys.exit(2)
+        return as_one_line(lambda: super(_Group, self).invoke(ctx))
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -161,6 +157,8 @@ def folder(images: Path, labels_csv: Path, masks: Path | None, classes: str | No
 def _report_manifest(built, out: Path, rejects: Path | None) -> None:
     sizes = ", ".join(f"{name} {len(items)}" for name, items in built.splits.items())
     click.echo(f"wrote {out}: {built.num_classes} classes; {sizes}")
+    per_class = ", ".join(f"{name} {count}" for name, count in built.images_per_class().items())
+    click.echo(f"images per class: {per_class}")
     if rejects is not None:
         import json
 

@@ -7,7 +7,18 @@ command line prints a single line such as ``data/x.csv: missing column 'labels'`
 
 from __future__ import annotations
 
+import signal
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from os import PathLike
+from typing import TypeVar
+
+T = TypeVar("T")
+
+INTERRUPTED = 130
+"""Exit status after Ctrl-C, as a shell reports a process ended by SIGINT (128 + 2)."""
 
 
 class InputError(Exception):
@@ -19,3 +30,47 @@ class InputError(Exception):
         self.where = str(where)
         self.problem = problem
         super().__init__(self.where if problem is None else f"{self.where}: {problem}")
+
+
+def as_one_line(action: Callable[[], T]) -> T:
+    """Run ``action``; end the process with one line on stderr instead of a traceback where the
+    user can act on the cause: bad input and refused permissions (exit 2), Ctrl-C (exit 130).
+
+    Every stage writes each result in full or not at all, so after Ctrl-C what was finished is
+    kept and a rerun resumes from it.
+    """
+    try:
+        return action()
+    except InputError as error:
+        _exit(f"error: {error}", 2)
+    except PermissionError as error:
+        _exit(f"error: {error.filename or 'a file'}: permission denied", 2)
+    except KeyboardInterrupt:
+        _exit("interrupted: what was finished is kept, and a rerun resumes from it", INTERRUPTED)
+
+
+def _exit(line: str, status: int) -> None:
+    print(line, file=sys.stderr)
+    sys.exit(status)
+
+
+def ignore_interrupt() -> None:
+    """Leave Ctrl-C to the process that started this one (a worker pool's initializer): the
+    terminal sends it to every process of the foreground group, and workers that raise
+    ``KeyboardInterrupt`` each print a traceback while their parent shuts them down anyway."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+@contextmanager
+def children_ignore_interrupt() -> Iterator[None]:
+    """Processes started inside the block ignore Ctrl-C (see :func:`ignore_interrupt`): an
+    ignored signal stays ignored in a child, and Python then installs no handler of its own.
+    This process ignores it only meanwhile; outside the main thread nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)

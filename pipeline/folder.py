@@ -8,12 +8,14 @@ The CSV has a header row and these columns (others are ignored)::
     0003.jpg,,train
 
 - ``image``: a file name in the image folder, or its id (the file name without its suffix).
-- ``labels``: the class names present, separated by spaces, ``;`` or ``|``; empty means
-  background only.
+- ``labels``: the class names present, separated by spaces, ``,``, ``;`` or ``|`` (a quoted
+  cell ``"bee,dog"`` is two classes); empty means background only. Names match regardless of
+  case: ``CAT`` and ``cat`` are one class, spelt as the class list gives it, else as the CSV
+  spells it most often.
 - ``split`` (optional): the split the image belongs to; ``train`` where absent or empty.
 
 Classes are the list given to :func:`build_folder` (its order is the class index), else the
-sorted set of names the CSV uses. Ground-truth masks, used only for scoring, are optional:
+sorted set of names the CSV uses (one spelling per name). Ground-truth masks, used only for scoring, are optional:
 ``<masks>/<id>.png`` (palette or greyscale, values 0..C and 255). Every image and mask is
 decoded once when the manifest is built (see :mod:`pipeline.screen`). The manifest names
 images as ``<id><suffix>``, so when the listed images do not all share one suffix (``.jpg``
@@ -26,6 +28,7 @@ from __future__ import annotations
 import csv
 import os
 import re
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +37,7 @@ from pipeline.errors import InputError
 from pipeline.manifest import Item, Manifest, make_split
 from pipeline.screen import screen_splits
 
-LABEL_SEPARATORS = re.compile(r"[\s;|]+")
+LABEL_SEPARATORS = re.compile(r"[\s,;|]+")
 REQUIRED_COLUMNS = ("image", "labels")
 DEFAULT_SPLIT = "train"
 MASK_SUFFIX = ".png"
@@ -51,7 +54,7 @@ class LabelRow:
 
 
 def split_labels(text: str) -> tuple[str, ...]:
-    """Class names of a ``labels`` cell: separated by whitespace, ``;`` or ``|``."""
+    """Class names of a ``labels`` cell: separated by whitespace, ``,``, ``;`` or ``|``."""
     return tuple(name for name in LABEL_SEPARATORS.split(text) if name)
 
 
@@ -122,18 +125,24 @@ def _check_classes(classes: Sequence[str]) -> tuple[str, ...]:
         raise InputError("classes", "the class list is empty")
     bad = [name for name in names if split_labels(name) != (name,)]
     if bad:
-        raise InputError("classes", f"class name {bad[0]!r} is empty or contains a space, ';' or '|'")
-    repeated = sorted({name for name in names if names.count(name) > 1})
+        raise InputError("classes", f"class name {bad[0]!r} is empty or contains a space, ',', ';' or '|'")
+    folded = [name.casefold() for name in names]
+    repeated = [name for name, key in zip(names, folded) if folded.count(key) > 1]
     if repeated:
-        raise InputError("classes", f"class {repeated[0]!r} is listed twice")
+        raise InputError("classes", f"class {repeated[0]!r} is listed twice (names match regardless of case)")
     return names
 
 
 def _csv_classes(rows: Sequence[LabelRow], labels_csv: Path) -> tuple[str, ...]:
-    names = tuple(sorted({name for row in rows for name in row.labels}))
-    if not names:
+    """The names the CSV uses, sorted regardless of case, one per case-folded name: its most frequent spelling (the
+    first seen among equals)."""
+    spellings: dict[str, Counter[str]] = {}
+    for row in rows:
+        for name in row.labels:
+            spellings.setdefault(name.casefold(), Counter())[name] += 1
+    if not spellings:
         raise InputError(labels_csv, "no class names in column 'labels' (give the class list)")
-    return names
+    return tuple(sorted((counts.most_common(1)[0][0] for counts in spellings.values()), key=str.casefold))
 
 
 def _common_suffix(files: Sequence[str]) -> str:
@@ -143,11 +152,13 @@ def _common_suffix(files: Sequence[str]) -> str:
 
 
 def _class_indices(row: LabelRow, classes: Sequence[str], labels_csv: Path) -> tuple[int, ...]:
-    unknown = [label for label in row.labels if label not in classes]
+    """The row's class indices; names match the class list regardless of case."""
+    index = {name.casefold(): position for position, name in enumerate(classes)}
+    unknown = [label for label in row.labels if label.casefold() not in index]
     if unknown:
         known = ", ".join(classes)
         raise InputError(labels_csv, f"line {row.line}: unknown class {unknown[0]!r} (known: {known})")
-    return tuple(sorted({classes.index(label) for label in row.labels}))
+    return tuple(sorted({index[label.casefold()] for label in row.labels}))
 
 
 def build_folder(

@@ -149,8 +149,12 @@ def store_problem(store: ImageStore) -> str | None:
         return f"not run (has the {store.stage} stage run?)"
     if not store.is_complete():
         return f"incomplete (rerun the {store.stage} stage)"
-    if not store.ids():
+    ids = store.ids()
+    if not ids:
         return f"empty (the {store.stage} stage wrote no masks: is it switched off?)"
+    lost = sorted(set(ids) - set(store.complete_ids()))
+    if lost:
+        return f"{len(lost)} image(s) lost their data, e.g. {lost[0]!r} (rerun the {store.stage} stage)"
     return None
 
 
@@ -451,6 +455,7 @@ img { image-rendering: pixelated; display: block; }
 """
 
 NUMBER_COLUMNS = ("precision", "coverage", "iou")
+NO_GROUND_TRUTH = "No image of this split has a ground-truth mask"
 PICTURE_COLUMNS = ("image", "reliable", "prediction", "ground truth")
 
 
@@ -494,6 +499,8 @@ def gallery_html(project: Project, role: str, rows: Sequence[ImageRow], title: s
         f"Precision and coverage: the {partial.name} masks ({partial.stage} stage) against the ground truth. "
     explanation += (f"IoU: the {dense.stage} stage's predictions ({dense.store}) against it, mean over the labels "
                     "in either. Click a header to sort.")
+    if not any(item.has_mask for item in items.values()):
+        explanation = f"{NO_GROUND_TRUTH}: precision, coverage and IoU are not computed. " + explanation
     return "\n".join([
         "<!doctype html>", '<html><head><meta charset="utf-8">', f"<title>{html.escape(title)}</title>",
         f"<style>{_STYLE}</style></head><body>", f"<h1>{html.escape(title)}</h1>",

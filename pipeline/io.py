@@ -14,7 +14,7 @@ from typing import IO, Any
 
 import numpy as np
 from fsspec.core import split_protocol
-from PIL import Image, UnidentifiedImageError
+from PIL import ExifTags, Image, UnidentifiedImageError
 from upath import UPath
 
 from pipeline.errors import InputError
@@ -129,6 +129,38 @@ MODE_NAMES = {
 }
 """How an error names the PIL modes a user is likely to meet."""
 
+MAX_PIXELS = 40_000_000
+"""The pixel budget of one image: larger ones are refused when read, from the header alone.
+A 40-megapixel photo (7,700 x 5,200) fits; every stage's memory grows with the pixels (the CAMs
+of four scales, two dense CRFs), and beyond this a single image takes several GB."""
+
+SHOWN = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+"""How an image stored with EXIF orientation 2..8 is turned to be shown (1: as stored)."""
+
+TURNED = (5, 6, 7, 8)
+"""The EXIF orientations that turn an image a quarter (width and height swap when it is shown)."""
+
+
+def orientation(image: Image.Image) -> int:
+    """The EXIF orientation in an opened image's header (1 where none), without decoding its
+    pixels. EXIF a PNG places after its pixels is not read: such a file is taken as stored, by
+    every reader alike."""
+    exif = image.info.get("exif")
+    if not exif:
+        return 1
+    parsed = Image.Exif()
+    parsed.load(exif)
+    value = parsed.get(ExifTags.Base.Orientation, 1)
+    return value if value in SHOWN else 1
+
 SHOWN_VALUES = 8
 """How many bad mask values an error lists before it only counts them."""
 
@@ -158,15 +190,20 @@ def _read_file(path: Path | UPath) -> bytes:
     return data
 
 
-def _open_image(path: Path | UPath) -> Image.Image:
-    """Open and decode an image file; every way it can be unreadable is one ``InputError``.
+def _open_image(path: Path | UPath) -> tuple[Image.Image, int]:
+    """Open and decode an image file, with its EXIF orientation (see :func:`orientation`);
+    every way it can be unreadable is one ``InputError``.
 
-    PIL reads only the header in ``Image.open``: a truncated file fails in ``load``, so both
-    are inside the ``try``.
+    PIL reads only the header in ``Image.open``: the size is checked against :data:`MAX_PIXELS`
+    before decoding, and a truncated file fails in ``load``, so both are inside the ``try``.
     """
     data = _read_file(path)
     try:
         image = Image.open(BytesIO(data))
+        if image.width * image.height > MAX_PIXELS:
+            raise InputError(path, f"image of {image.width}x{image.height} pixels is over the budget of "
+                                   f"{MAX_PIXELS / 1e6:g} megapixels; scale it down")
+        turn = orientation(image)
         image.load()
     except UnidentifiedImageError:
         raise InputError(path, "cannot read image (unknown format or broken header)") from None
@@ -174,18 +211,20 @@ def _open_image(path: Path | UPath) -> Image.Image:
         raise InputError(path, f"cannot read image, truncated or corrupt ({error})") from None
     if image.width == 0 or image.height == 0:
         raise InputError(path, "image has zero size")
-    return image
+    return image, turn
 
 
 def read_image(path: str | Path | UPath) -> np.ndarray:
-    """Read an 8-bit RGB image as uint8 (H, W, 3); any other mode is an error naming the file.
+    """Read an 8-bit RGB image as uint8 (H, W, 3), the way viewers show it: turned by its EXIF
+    orientation (a phone photo's), if it has one. Any other mode is an error naming the file.
+    Ground-truth masks are read as stored, so they must be drawn in that shown orientation.
 
     ``path`` may be an fsspec URL (see :func:`location`)."""
     path = location(path)
-    image = _open_image(path)
+    image, turn = _open_image(path)
     if image.mode != "RGB":
         raise InputError(path, f"expected an 8-bit RGB image, got {_mode_name(image.mode)}")
-    return np.array(image, dtype=np.uint8)
+    return np.array(image if turn == 1 else image.transpose(SHOWN[turn]), dtype=np.uint8)
 
 
 def read_mask(path: str | Path | UPath, num_classes: int) -> np.ndarray:
@@ -195,7 +234,7 @@ def read_mask(path: str | Path | UPath, num_classes: int) -> np.ndarray:
     be an fsspec URL (see :func:`location`).
     """
     path = location(path)
-    image = _open_image(path)
+    image, _ = _open_image(path)  # read as stored: see read_image
     if image.mode not in ("P", "L"):
         raise InputError(path, f"expected a palette or greyscale label mask, got {_mode_name(image.mode)}")
     mask = np.array(image, dtype=np.uint8)

@@ -151,6 +151,12 @@ class Manifest:
                 f"unknown class {name!r} (known: {', '.join(self.classes)})",
             ) from None
 
+    def images_per_class(self) -> dict[str, int]:
+        """How many images of all splits are tagged with each class, in class order."""
+        counts = np.bincount([c for items in self.splits.values() for item in items for c in item.labels],
+                             minlength=self.num_classes)
+        return dict(zip(self.classes, counts.tolist()))
+
     def missing_images(self, split: str) -> list[str]:
         """Ids of the split whose image file does not exist."""
         return [item.id for item in self.split(split) if not self.image_path(item.id).is_file()]

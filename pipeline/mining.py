@@ -41,7 +41,7 @@ import numpy as np
 from distributed import Client, LocalCluster, as_completed
 from tqdm import tqdm
 
-from pipeline.errors import InputError
+from pipeline.errors import InputError, children_ignore_interrupt
 from pipeline.io import IGNORE, fingerprint
 from pipeline.manifest import Item, Manifest
 from pipeline.metrics import PartialLabelScore, SegmentationScore
@@ -238,6 +238,25 @@ def environ_restored() -> Iterator[None]:
         os.environ.update(saved)
 
 
+SCHEDULER_TIMEOUT = 10
+"""Seconds to wait for a dask scheduler to answer before giving up with one line."""
+
+
+@contextmanager
+def scheduler_client(address: str) -> Iterator[Client]:
+    """A client of the running dask scheduler at ``address``; one that does not answer as a
+    scheduler within :data:`SCHEDULER_TIMEOUT` seconds is an error naming it. Whatever the
+    connection fails with (refused, timed out, or garbage from another kind of server, which
+    dask reads as an absurd frame size) is reported the same way, in one line."""
+    try:
+        client = Client(address, timeout=SCHEDULER_TIMEOUT)
+    except Exception as error:  # noqa: BLE001 (see above)
+        raise InputError(address, f"no dask scheduler answered within {SCHEDULER_TIMEOUT} s "
+                                  f"({type(error).__name__})") from None
+    with client:
+        yield client
+
+
 @contextmanager
 def connect(cluster: ClusterParams) -> Iterator[Client]:
     """A client of the scheduler at ``cluster.scheduler``, or of a new local cluster closed on exit.
@@ -251,17 +270,15 @@ def connect(cluster: ClusterParams) -> Iterator[Client]:
     """
     address = cluster.scheduler or dask.config.get("scheduler-address", None)
     if address:
-        with Client(address) as client:
+        with scheduler_client(address) as client:
             yield client
         return
     workers = cluster.workers or os.cpu_count() or 1
-    with (
-        environ_restored(),
-        dask.config.set({f"{PRE_SPAWN_ENVIRON}.MALLOC_TRIM_THRESHOLD_": None}),
-        LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None) as local,
-        Client(local) as client,
-    ):
-        yield client
+    with environ_restored(), dask.config.set({f"{PRE_SPAWN_ENVIRON}.MALLOC_TRIM_THRESHOLD_": None}):
+        with children_ignore_interrupt():  # Ctrl-C stops this process, which closes the cluster
+            local = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None)
+        with local, Client(local) as client:
+            yield client
 
 
 def _chunks(items: Sequence[Item], size: int) -> Iterator[Sequence[Item]]:

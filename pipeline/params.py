@@ -23,17 +23,46 @@ P = TypeVar("P")
 
 PARAMS_FILE = Path("params.yaml")
 
+SECTIONS = ("dataset", "storage", "data", "classifier", "cams", "prune", "segment", "deeplab", "supervised",
+            "overlays")
+"""The sections a params file may hold; any other name (a misspelling such as ``cam:``) is an
+error, not a section silently ignored while its stage runs on defaults."""
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (plain YAML keeps the last)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} appears twice (line {key_node.start_mark.line + 1})",
+                    key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
 
 def read_params_file(path: str | Path = PARAMS_FILE) -> dict[str, Any]:
+    """The params file as a mapping of sections; missing, empty, not YAML, a key given twice or an
+    unknown section are each one line naming the file."""
     path = Path(path)
     if not path.is_file():
         raise InputError(path, "parameters file not found (run from the project root)")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.load(path.read_text(), Loader=_StrictLoader)  # noqa: S506 (a safe loader)
+    except yaml.constructor.ConstructorError as error:
+        raise InputError(path, str(error.problem)) from None
     except yaml.YAMLError as error:
         raise InputError(path, f"not valid YAML ({str(error).splitlines()[0]})") from None
+    if data is None:
+        raise InputError(path, "empty parameters file (a stage would run on defaults alone)")
     if not isinstance(data, dict):
         raise InputError(path, "must be a mapping of stage names to parameters")
+    unknown = sorted(str(name) for name in data if name not in SECTIONS)
+    if unknown:
+        raise InputError(path, f"unknown section {unknown[0]!r} (known: {', '.join(SECTIONS)})")
     return data
 
 

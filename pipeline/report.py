@@ -4,7 +4,8 @@ Every stage writes ``metrics/<stage>.json`` with its scores (ratios in 0..1) and
 took (``seconds``). The report reads them back: the scores as percentages with one decimal, as
 the paper prints them, then the seconds of each stage and their total. A stage without a file
 reads "not run"; a stage switched off (``{"enabled": false}``) reads "disabled"; a score its stage
-could not compute (null, e.g. without ground truth) reads "n/a".
+could not compute reads "no ground truth" where no image it scores has a mask (``scored_images``
+0 beside the score), else "n/a".
 """
 
 from __future__ import annotations
@@ -90,7 +91,7 @@ def _measured(metrics: Mapping[str, Any] | None, key: tuple[str, ...]) -> tuple[
         return None, "disabled"
     value = _lookup(metrics, key)
     if not isinstance(value, (int, float)) or isinstance(value, bool):
-        return None, "n/a"
+        return None, "no ground truth" if _lookup(metrics, (*key[:-1], "scored_images")) == 0 else "n/a"
     return float(value), "ok"
 
 

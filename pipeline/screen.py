@@ -2,7 +2,8 @@
 
 A bad item is one whose image or ground-truth mask the project's strict readers refuse
 (:func:`pipeline.io.read_image`, :func:`pipeline.io.read_mask`): truncated, empty, not RGB,
-mask values outside the classes. Screened strictly, the first bad item is an error naming its
+over the pixel budget, mask values outside the classes; or whose mask is not of its image's
+size (as shown, EXIF orientation applied). Screened strictly, the first bad item is an error naming its
 file. Screened with skipping, the bad items are left out and listed in a rejects file: a JSON
 list of ``{"id", "file", "problem"}`` in split order, written atomically and replaced by each
 run. A stage screens its splits itself rather than reading another stage's rejects file, and
@@ -38,10 +39,13 @@ class Reject:
 def check_item(manifest: Manifest, item: Item) -> Reject | None:
     """Decode the item's image and its mask (if it has one); what is wrong, or None."""
     try:
-        manifest.read_image(item.id)
-        manifest.read_mask(item)
+        image = manifest.read_image(item.id)
+        mask = manifest.read_mask(item)
     except InputError as error:
         return Reject(item.id, error.where, error.problem or str(error))
+    if mask is not None and mask.shape != image.shape[:2]:
+        return Reject(item.id, str(manifest.mask_path(item.id)),
+                      f"mask of {mask.shape[1]}x{mask.shape[0]} pixels, its image {image.shape[1]}x{image.shape[0]}")
     return None
 
 

@@ -23,7 +23,6 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 import torch.nn.functional as F
-from distributed import Client
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
@@ -31,6 +30,7 @@ from pipeline.cams import CamParams, image_size, multiscale_cams, select_and_nor
 from pipeline.classifier import ClassifierParams
 from pipeline.crf import CRFParams, dense_crf
 from pipeline.data import ImageDataset, SegmentationDataset
+from pipeline.errors import ignore_interrupt
 from pipeline.io import IGNORE, fingerprint
 from pipeline.losses import (
     DENSE_ENERGY_WEIGHT,
@@ -42,6 +42,7 @@ from pipeline.losses import (
 )
 from pipeline.manifest import Item, Manifest
 from pipeline.metrics import SegmentationScore
+from pipeline.mining import scheduler_client
 from pipeline.models import SegNet, build_backbone, fold_batch_norms, load_checkpoint, save_checkpoint, seg_dilation
 from pipeline.params import check_range, check_scales
 from pipeline.prune import PruneParams, prune_image
@@ -111,16 +112,22 @@ def upsample(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(logits.float(), size=size, mode="bilinear", align_corners=False)
 
 
+def crf_processes(workers: int) -> ProcessPoolExecutor:
+    """A pool of ``workers`` processes for dense CRFs: started with 'spawn', clean of this
+    process's threads, and leaving Ctrl-C to this process (see :func:`ignore_interrupt`)."""
+    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=ignore_interrupt)
+
+
 class Miner:
     """Re-mines reliable regions for a training batch from the network's current CAMs.
 
-    The dense CRFs of the batch's crops run in ``workers`` processes at once. The pool uses
-    'spawn', so the workers start clean of the training process's threads.
+    The dense CRFs of the batch's crops run in ``workers`` processes at once (see
+    :func:`crf_processes`).
     """
 
     def __init__(self, params: PruneParams, scales: tuple[float, ...], workers: int) -> None:
         self.params, self.scales = params, scales
-        self.pool: Executor = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+        self.pool: Executor = crf_processes(workers)
 
     def close(self) -> None:
         self.pool.shutdown(cancel_futures=True)
@@ -242,10 +249,10 @@ def crf_pool(workers: int, scheduler: str | None) -> Iterator[tuple[Executor, in
     at ``scheduler``, or else ``workers`` local processes ('spawn': they start clean of the
     network's threads)."""
     if scheduler is None:
-        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        with crf_processes(workers) as pool:
             yield pool, workers
         return
-    with Client(scheduler) as client, client.get_executor(pure=False) as pool:
+    with scheduler_client(scheduler) as client, client.get_executor(pure=False) as pool:
         yield pool, max(1, sum(client.nthreads().values()))
 
 

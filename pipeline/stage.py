@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 import typing
 from collections.abc import Callable, Iterator
@@ -12,7 +11,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import InputError
+from pipeline.errors import as_one_line
 from pipeline.manifest import Manifest, check_disjoint, load_manifest
 from pipeline.params import PARAMS_FILE, load_params
 from pipeline.screen import screen_splits
@@ -29,8 +28,8 @@ def run(main: Callable[..., None], *options: str) -> None:
 
     ``options`` name the keyword arguments ``main`` takes from the command line (for instance
     ``scheduler``); one typed ``bool`` is a flag that passes True (``--skip-bad``). One not given
-    is not passed, so it does not override ``params.yaml``. Bad input ends the process with one
-    line on stderr and exit status 2, not a traceback.
+    is not passed, so it does not override ``params.yaml``. Bad input, a refused permission and
+    Ctrl-C end the process with one line on stderr, not a traceback (see :func:`as_one_line`).
     """
     parser = argparse.ArgumentParser(prog=f"python -m {main.__module__}", description=main.__doc__)
     parser.add_argument("params", nargs="?", type=Path, default=PARAMS_FILE, help="parameters file")
@@ -43,11 +42,7 @@ def run(main: Callable[..., None], *options: str) -> None:
             parser.add_argument(name, dest=option)
     arguments = vars(parser.parse_args())
     params_path = arguments.pop("params")
-    try:
-        main(params_path, **{name: value for name, value in arguments.items() if value is not None})
-    except InputError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+    as_one_line(lambda: main(params_path, **{name: value for name, value in arguments.items() if value is not None}))
 
 
 @contextmanager

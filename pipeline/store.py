@@ -6,7 +6,10 @@ uint8 ``(H, W)``. Every stage reads and writes them through :class:`ImageStore`.
 Safe against a kill at any moment: zarr's local store writes each file through a temporary file
 and a rename, and an array's data is written before its ``complete`` attribute, which is set
 last. An array without it (a write that was cut short) counts as absent and is replaced by the
-next write of that id.
+next write of that id. Every array keeps its one chunk file, even one all zeros (zarr would
+leave that out and read the fill value back), so an array whose chunk file is gone (deleted,
+lost in a copy) counts as absent too: a rerun of its stage writes it again, and reading it is
+an error, never an all-background mask.
 
 Safe for several processes writing their own ids into one store at once: in zarr v3 an array
 lives in its own folder with its own ``zarr.json``; creating it only adds the parent group's
@@ -88,6 +91,7 @@ class ImageStore:
             compressors=COMPRESSOR,
             attributes=attrs,
             overwrite=True,
+            config={"write_empty_chunks": True},
         )
         node[...] = array
         node.update_attributes({COMPLETE: True})
@@ -104,6 +108,9 @@ class ImageStore:
             raise InputError(
                 self.path, f"image {image_id!r} was not written in full{self._hint('rerun the {} stage')}"
             )
+        if not _has_data(node):
+            raise InputError(self.path, f"image {image_id!r} has lost its data (chunk file gone)"
+                                        f"{self._hint('rerun the {} stage to write it again')}")
         return node[...], attrs
 
     def exists(self) -> bool:
@@ -116,16 +123,15 @@ class ImageStore:
         return sorted(self._group("r").array_keys())
 
     def complete_ids(self) -> list[str]:
-        """Ids of the arrays written in full, sorted."""
+        """Ids of the arrays written in full and whole (data present), sorted."""
         if not self.exists():
             return []
-        members = self._group("r").arrays()
-        return sorted(name for name, node in members if node.attrs.get(COMPLETE, False))
+        return sorted(name for name, node in self._group("r").arrays() if _is_whole(node))
 
     def __contains__(self, image_id: object) -> bool:
-        """Whether ``image_id`` was written in full."""
+        """Whether ``image_id`` was written in full and its data is still there."""
         node = self._open(image_id) if isinstance(image_id, str) else None
-        return node is not None and bool(node.attrs.get(COMPLETE, False))
+        return node is not None and _is_whole(node)
 
     @property
     def fingerprint(self) -> str | None:
@@ -202,6 +208,16 @@ class ImageStore:
     def _hint(self, template: str) -> str:
         """`` (template with the stage name)``, or nothing for a store of no named stage."""
         return "" if self.stage is None else f" ({template.format(self.stage)})"
+
+
+def _has_data(node: zarr.Array) -> bool:
+    """Whether every chunk file of the array is there (one listing of its folder)."""
+    return node.nchunks_initialized == node.nchunks
+
+
+def _is_whole(node: zarr.Array) -> bool:
+    """Written in full (its ``complete`` attribute) and its data still there."""
+    return bool(node.attrs.get(COMPLETE, False)) and _has_data(node)
 
 
 def _remove_tree(path: Path | UPath) -> None:

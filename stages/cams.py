@@ -47,8 +47,9 @@ def main(params_path: Path, skip_bad: bool | None = None) -> None:
     store.mark_complete(item.id for split in splits for item in manifest.split(split))
     val = score_cams(store, manifest, dataset.val_split, params.score_thresholds)
     train = score_cams(store, manifest, dataset.train_split, params.score_thresholds)
-    write_metrics(METRICS, {"miou": val["miou"], "threshold": val["threshold"], "iou": val["iou"], "rejected": rejected,
-                            "train": {k: train[k] for k in ("miou", "threshold", "iou")}, **timing})
+    scores = ("miou", "threshold", "iou", "scored_images")
+    write_metrics(METRICS, {**{k: val[k] for k in scores}, "rejected": rejected,
+                            "train": {k: train[k] for k in scores}, **timing})
     write_json(CURVE, [{"threshold": p["threshold"], "val": p["miou"], "train": t["miou"]}
                        for p, t in zip(val["curve"], train["curve"], strict=True)])
 

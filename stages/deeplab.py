@@ -78,9 +78,7 @@ def run_deeplab(params_path: Path, stage: str, enabled: bool, targets: Targets, 
         val = infer_split(deeplab_probabilities(net, params.scales, params.flip), manifest, dataset.val_split, store,
                           device, INFERENCE_CRF if params.crf else None, params.crf_workers,
                           params.crf_scheduler)
-    write_metrics(outputs.metrics, {"enabled": True, "miou": val["miou"], "miou_no_crf": val["miou_no_crf"],
-                                    "miou_tagged_no_crf": val["miou_tagged_no_crf"], "iou": val["iou"],
-                                    "backbone": params.backbone, "rejected": rejected,
+    write_metrics(outputs.metrics, {"enabled": True, **val, "backbone": params.backbone, "rejected": rejected,
                                     "train_seconds": training["seconds"], "infer_seconds": inference["seconds"],
                                     "seconds": training["seconds"] + inference["seconds"]})
 

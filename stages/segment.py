@@ -48,10 +48,7 @@ def main(params_path: Path, skip_bad: bool | None = None) -> None:
             store.reset_unless(fingerprint(weights, params.crf, split, restricted))
             results[name] = infer_split(probabilities, manifest, split, store, device, crf,
                                         params.crf_workers, params.crf_scheduler, restricted)
-    val = results["val"]
-    write_metrics(METRICS, {"miou": val["miou"], "miou_no_crf": val["miou_no_crf"],
-                            "miou_tagged_no_crf": val["miou_tagged_no_crf"], "iou": val["iou"],
-                            "mode": params.mode, "pseudo": results["pseudo"], "rejected": rejected,
+    write_metrics(METRICS, {**results["val"], "mode": params.mode, "pseudo": results["pseudo"], "rejected": rejected,
                             "train_seconds": training["seconds"], "infer_seconds": inference["seconds"],
                             "seconds": training["seconds"] + inference["seconds"]})
 

@@ -15,7 +15,7 @@ import torch
 import torchvision
 import yaml
 from click.testing import CliRunner
-from PIL import Image
+from PIL import ExifTags, Image
 from torch.utils.data import DataLoader
 
 from pipeline.cams import CamParams, extract_cams
@@ -49,11 +49,16 @@ def truncate(path: Path) -> None:
 
 def zero_width_png(path: Path) -> None:
     """A PNG whose header says 0 x 10 pixels (PIL refuses to write one)."""
+    header_only_png(path, 0, 10)
+
+
+def header_only_png(path: Path, width: int, height: int) -> None:
+    """A PNG whose header says ``width`` x ``height`` pixels, with no pixel data."""
 
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
-    header = struct.pack(">IIBBBBB", 0, 10, 8, 2, 0, 0, 0)
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     chunks = chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
     path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunks)
 
@@ -73,8 +78,11 @@ def zero_width_png(path: Path) -> None:
         (lambda p: Image.new("I;16", (4, 3)).save(p, format="PNG"), "got a 16-bit greyscale image (mode 'I;16')"),
         (lambda p: Image.new("I", (4, 3)).save(p, format="TIFF"), "got a 32-bit integer image (mode 'I')"),
         (lambda p: Image.new("P", (4, 3)).save(p, format="PNG"), "got a palette image (mode 'P')"),
+        (lambda p: header_only_png(p, 8000, 8000),
+         "image of 8000x8000 pixels is over the budget of 40 megapixels; scale it down"),
     ],
-    ids=["truncated-jpeg", "empty", "zero-width", "text", "greyscale", "rgba", "16-bit", "32-bit", "palette"],
+    ids=["truncated-jpeg", "empty", "zero-width", "text", "greyscale", "rgba", "16-bit", "32-bit", "palette",
+         "over-budget"],
 )
 def test_a_bad_image_is_one_line_naming_the_file(tmp_path, make, problem):
     path = tmp_path / "x.jpg"
@@ -82,6 +90,20 @@ def test_a_bad_image_is_one_line_naming_the_file(tmp_path, make, problem):
     with pytest.raises(InputError) as error:
         read_image(path)
     assert one_line(error).startswith(f"{path}: ") and problem in str(error.value)
+
+
+def test_a_phone_photo_is_read_turned_as_viewers_show_it(tmp_path):
+    from pipeline.cams import image_size
+
+    stored = np.zeros((4, 6, 3), np.uint8)
+    stored[0, 0] = 255  # top-left as stored
+    exif = Image.Exif()
+    exif[ExifTags.Base.Orientation] = 6  # shown turned a quarter clockwise
+    Image.fromarray(stored).save(tmp_path / "phone.jpg", exif=exif, quality=100)
+
+    shown = read_image(tmp_path / "phone.jpg")
+    assert shown.shape == (6, 4, 3) and image_size(tmp_path / "phone.jpg") == (6, 4)
+    assert shown[0, -1].min() > 200  # the stored top-left corner is now top-right
 
 
 def test_a_palette_png_is_a_mask_but_not_an_image(tmp_path):
@@ -165,6 +187,25 @@ def test_a_bad_parameter_names_the_file_section_and_key(tmp_path, section, value
     with pytest.raises(InputError) as error:
         load_params(kinds[section], section, tmp_path / "params.yaml")
     assert one_line(error) == f"{tmp_path / 'params.yaml'} {problem}"
+
+
+@pytest.mark.parametrize(
+    "text, problem",
+    [
+        ("", "empty parameters file (a stage would run on defaults alone)"),
+        ("# only a comment\n", "empty parameters file (a stage would run on defaults alone)"),
+        ("cam:\n  flip: false\n", "unknown section 'cam' (known: dataset, storage, data, classifier, cams, "),
+        ("prune:\n  la_alpha: 4\n  la_alpha: 8\n", "key 'la_alpha' appears twice (line 3)"),
+        ("prune: {}\nprune: {}\n", "key 'prune' appears twice (line 2)"),
+        ("- classifier\n", "must be a mapping of stage names to parameters"),
+    ],
+    ids=["empty", "comment-only", "misspelled-section", "duplicate-key", "duplicate-section", "a-list"],
+)
+def test_a_params_file_that_would_run_on_defaults_unnoticed_is_refused(tmp_path, text, problem):
+    (tmp_path / "params.yaml").write_text(text)
+    with pytest.raises(InputError) as error:
+        load_params(PruneParams, "prune", tmp_path / "params.yaml")
+    assert one_line(error).startswith(f"{tmp_path / 'params.yaml'}: {problem}")
 
 
 # Weights: a torchvision ResNet-50 state dict is not the small backbone's.
@@ -305,6 +346,35 @@ def test_rrm_stage_passes_skip_bad_only_to_stages_that_read_images(monkeypatch):
     assert result.exit_code == 2 and "--skip-bad is for the stages that read the dataset's images" in result.output
 
 
+@pytest.mark.parametrize(
+    "raised, line, status",
+    [
+        (PermissionError(13, "Permission denied", "artifacts/cams.zarr/zarr.json"),
+         "error: artifacts/cams.zarr/zarr.json: permission denied", 2),
+        (KeyboardInterrupt(), "interrupted: what was finished is kept, and a rerun resumes from it", 130),
+    ],
+    ids=["read-only-store", "ctrl-c"],
+)
+def test_a_refused_permission_and_ctrl_c_end_a_command_in_one_line(monkeypatch, raised, line, status):
+    from stages import cams
+
+    def fail(params_path, **options):
+        raise raised
+
+    monkeypatch.setattr(cams, "main", fail)
+    result = CliRunner().invoke(rrm, ["stage", "cams"])
+    assert result.exit_code == status and result.output == line + "\n"
+
+
+def test_an_unreachable_scheduler_is_one_line_after_the_timeout(monkeypatch):
+    from pipeline import mining
+
+    monkeypatch.setattr(mining, "SCHEDULER_TIMEOUT", 1)
+    with pytest.raises(InputError) as error, mining.scheduler_client("tcp://127.0.0.1:1"):
+        pass
+    assert one_line(error) == "tcp://127.0.0.1:1: no dask scheduler answered within 1 s (OSError)"
+
+
 def test_rrm_manifest_folder_with_a_bad_image(tmp_path):
     images = tmp_path / "images"
     for name in ("a", "b", "c"):
@@ -326,6 +396,25 @@ def test_rrm_manifest_folder_with_a_bad_image(tmp_path):
     rejects = json.loads((tmp_path / "manifests" / "pets.rejects.json").read_text())
     assert [Reject(**reject).id for reject in rejects] == ["b"]
     assert "left out 1 bad image(s)" in skipped.output
+    assert "images per class: cat 1, dog 1" in skipped.output  # a surprise in the classes shows at once
+
+
+def test_rrm_manifest_folder_with_a_mask_of_another_size(tmp_path):
+    images, masks = tmp_path / "images", tmp_path / "masks"
+    for name in ("a", "b"):
+        write_image(images / f"{name}.jpg", np.full((8, 10, 3), 100, np.uint8))
+    write_mask(masks / "a.png", np.zeros((8, 10), np.uint8), default_palette(2))
+    write_mask(masks / "b.png", np.zeros((10, 8), np.uint8), default_palette(2))  # drawn on the turned photo
+    labels = tmp_path / "labels.csv"
+    labels.write_text("image,labels\na,cat\nb,cat\n")
+    command = ["manifest", "folder", "--images", str(images), "--labels", str(labels), "--masks", str(masks),
+               "--out", str(tmp_path / "m.json")]
+
+    refused = CliRunner().invoke(rrm, command)
+    assert refused.exit_code == 2
+    assert refused.output.startswith(f"error: {masks / 'b.png'}: mask of 8x10 pixels, its image 10x8")
+    skipped = CliRunner().invoke(rrm, [*command, "--skip-bad"])
+    assert skipped.exit_code == 0 and "left out 1 bad image(s)" in skipped.output
 
 
 # The stages after one another: an image the CAM stage left out is left out by every later stage.

@@ -190,8 +190,10 @@ def survivors(session: int) -> list[psutil.Process]:
     return found
 
 
-def kill_stage(project: Path, stage: str, moment: Moment, log: Path) -> None:
-    """Run ``stage`` in ``project`` in a session of its own and kill the whole session at ``moment``."""
+def kill_stage(project: Path, stage: str, moment: Moment, log: Path, sent: int = signal.SIGKILL) -> int:
+    """Run ``stage`` in ``project`` in a session of its own and send ``sent`` to the whole session
+    at ``moment`` (SIGINT is what a terminal's Ctrl-C sends to its foreground group). Returns the
+    stage's exit status, once every process of the session has ended."""
     command = ([sys.executable, "-c", KILL_BEFORE_MARKING, stage, moment.store] if moment.reached is None
                else [sys.executable, "-m", f"stages.{stage}", "params.yaml"])
     env = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -205,12 +207,13 @@ def kill_stage(project: Path, stage: str, moment: Moment, log: Path) -> None:
             pytest.fail(f"{stage} ended (status {process.returncode}) before {moment.name}:\n{log.read_text()[-2000:]}")
         time.sleep(0.002)
     if moment.reached is not None:
-        os.killpg(process.pid, signal.SIGKILL)
-    assert process.wait(timeout=120) == -signal.SIGKILL, log.read_text()[-2000:]
+        os.killpg(process.pid, sent)
+    status = process.wait(timeout=120)
     deadline = time.monotonic() + 10
     while survivors(process.pid) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert not survivors(process.pid), "a process of the killed stage is still running"
+    assert not survivors(process.pid), "a process of the stopped stage is still running"
+    return status
 
 
 @pytest.mark.parametrize(("stage", "moment"), SCENARIOS, ids=[f"{stage}: {moment.name}" for stage, moment in SCENARIOS])
@@ -219,7 +222,8 @@ def test_a_killed_stage_leaves_no_complete_store_and_its_rerun_matches_an_uninte
     names = list(MAINS)
     project = tmp_path / "project"
     shutil.copytree(reference / names[names.index(stage) - 1], project)
-    kill_stage(project, stage, moment, tmp_path / "stage.log")
+    log = tmp_path / "stage.log"
+    assert kill_stage(project, stage, moment, log) == -signal.SIGKILL, log.read_text()[-2000:]
     monkeypatch.chdir(project)
 
     store, next_stage = HANDED_ON[stage]
@@ -229,6 +233,20 @@ def test_a_killed_stage_leaves_no_complete_store_and_its_rerun_matches_an_uninte
 
     MAINS[stage](Path("params.yaml"))
     assert outputs(project) == outputs(reference / stage)
+
+
+def test_ctrl_c_ends_a_stage_in_one_line_and_its_rerun_matches_an_uninterrupted_run(reference, tmp_path, monkeypatch):
+    project = tmp_path / "project"
+    shutil.copytree(reference / "cams", project)
+    log = tmp_path / "prune.log"
+    status = kill_stage(project, "prune", arrays_begun("masks.zarr", 2), log, sent=signal.SIGINT)
+
+    messages = [line for line in log.read_text().replace("\r", "\n").splitlines() if "img/s" not in line]
+    assert status == 130 and "Traceback" not in log.read_text()  # its dask workers leave Ctrl-C to it
+    assert messages[-1] == "interrupted: what was finished is kept, and a rerun resumes from it"
+    monkeypatch.chdir(project)
+    prune.main(Path("params.yaml"))
+    assert outputs(project) == outputs(reference / "prune")
 
 
 def test_two_runs_with_the_same_seed_write_identical_outputs(reference, tmp_path):

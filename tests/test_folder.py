@@ -56,6 +56,25 @@ def test_given_classes_set_the_class_indices(images: Path, tmp_path: Path) -> No
     assert labels_by_id(manifest, "val") == {"0002": (0, 3), "0004": ()}
 
 
+def test_a_quoted_cell_with_commas_is_split_on_them(images: Path, tmp_path: Path) -> None:
+    manifest = build_folder(images, write_csv(tmp_path, 'image,labels\n0001,"bee,dog"\n0002,"cat, dog"\n'))
+
+    assert manifest.classes == ("bee", "cat", "dog")
+    assert labels_by_id(manifest, "train") == {"0001": (0, 2), "0002": (1, 2)}
+
+
+def test_class_names_match_regardless_of_case(images: Path, tmp_path: Path) -> None:
+    text = "image,labels\n0001,CAT\n0002,cat dog\n0003,Cat\n0004,cat\n"
+    inferred = build_folder(images, write_csv(tmp_path, text))
+    assert inferred.classes == ("cat", "dog")  # the spelling the CSV uses most
+    assert labels_by_id(inferred, "train") == {"0001": (0,), "0002": (0, 1), "0003": (0,), "0004": (0,)}
+    assert inferred.images_per_class() == {"cat": 4, "dog": 1}
+
+    given = build_folder(images, write_csv(tmp_path, text), classes=["Dog", "Cat"])
+    assert given.classes == ("Dog", "Cat")  # the class list's spelling
+    assert labels_by_id(given, "train") == {"0001": (1,), "0002": (0, 1), "0003": (1,), "0004": (1,)}
+
+
 def test_without_a_split_column_every_image_is_train(images: Path, tmp_path: Path) -> None:
     manifest = build_folder(images, write_csv(tmp_path, " image , labels \n0002.jpg,cat\n0001,dog\n"))
 
@@ -141,7 +160,8 @@ def test_unknown_class_when_classes_are_given(images: Path, tmp_path: Path) -> N
 
 @pytest.mark.parametrize(
     ("classes", "problem"),
-    [([], "empty"), (["cat", "cat"], "'cat' is listed twice"), (["big cat"], "contains a space")],
+    [([], "empty"), (["cat", "cat"], "'cat' is listed twice"), (["cat", "Cat"], "'cat' is listed twice"),
+     (["big cat"], "contains a space"), (["bee,dog"], "contains a space, ','")],
 )
 def test_bad_class_list(images: Path, tmp_path: Path, classes: list[str], problem: str) -> None:
     with pytest.raises(InputError, match=problem):

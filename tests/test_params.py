@@ -42,15 +42,15 @@ def test_bad_values_name_the_file_section_and_key(values, message):
 
 
 def test_optional_values(tmp_path):
-    (tmp_path / "params.yaml").write_text("x:\n  weights: null\ny:\n  weights: w.pth\n")
-    assert load_params(Example, "x", tmp_path / "params.yaml").weights is None
-    assert load_params(Example, "y", tmp_path / "params.yaml").weights == "w.pth"
-    assert load_params(Example, "absent", tmp_path / "params.yaml") == Example()
+    (tmp_path / "params.yaml").write_text("classifier:\n  weights: null\ndeeplab:\n  weights: w.pth\n")
+    assert load_params(Example, "classifier", tmp_path / "params.yaml").weights is None
+    assert load_params(Example, "deeplab", tmp_path / "params.yaml").weights == "w.pth"
+    assert load_params(Example, "segment", tmp_path / "params.yaml") == Example()  # a section left out: defaults
 
 
 def test_missing_and_broken_params_file(tmp_path):
     with pytest.raises(InputError, match="parameters file not found"):
         load_params(Example, "x", tmp_path / "nope.yaml")
-    (tmp_path / "bad.yaml").write_text("x: [\n")
+    (tmp_path / "bad.yaml").write_text("classifier: [\n")
     with pytest.raises(InputError, match="not valid YAML"):
         load_params(Example, "x", tmp_path / "bad.yaml")

@@ -30,6 +30,20 @@ def test_round_trip_keeps_dtype_shape_values_and_attrs(store):
     assert "a" in store and "c" not in store
 
 
+def test_an_array_whose_chunk_file_is_gone_counts_as_not_written(store):
+    store.write("background", np.zeros((3, 4), dtype=np.uint8))  # all zeros: its chunk is still written
+    store.write("object", np.ones((3, 4), dtype=np.uint8))
+    store.mark_complete(["background", "object"])
+    for chunk in [path for path in (store.path / "background" / "c").rglob("*") if path.is_file()]:
+        chunk.unlink()
+
+    assert "background" not in store and store.complete_ids() == ["object"]  # a rerun writes it again
+    with pytest.raises(InputError, match=r"image 'background' has lost its data \(chunk file gone\) \(rerun the cams"):
+        store.read("background")
+    store.write("background", np.zeros((3, 4), dtype=np.uint8))
+    assert store.complete_ids() == ["background", "object"]
+
+
 def test_empty_array_for_an_image_without_classes(store):
     store.write("none", np.zeros((0, 4, 6), dtype=np.float16), classes=[])
     array, attrs = store.read("none")
