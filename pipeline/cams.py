@@ -30,10 +30,11 @@ from upath import UPath
 
 from pipeline.data import ImageDataset
 from pipeline.errors import InputError
-from pipeline.io import IGNORE, TURNED, orientation
+from pipeline.io import IGNORE, TURNED, file_digest, orientation
 from pipeline.manifest import Manifest
 from pipeline.metrics import SegmentationScore
 from pipeline.params import check_range, check_scales
+from pipeline.provenance import MadeFrom, settings
 from pipeline.store import ImageStore
 
 CamFn = Callable[[torch.Tensor], torch.Tensor]
@@ -73,6 +74,12 @@ class CamParams:
             raise ValueError("score_thresholds must hold at least one threshold")
         for threshold in self.score_thresholds:
             check_range("score_thresholds", threshold, 0, 1)
+
+
+def cams_made_from(manifest: Manifest, splits: Sequence[str], params: CamParams, weights: Path) -> MadeFrom:
+    """What a CAM store is made from: the images and tags of ``splits``, the `cams:` settings and
+    the classifier's weights."""
+    return MadeFrom.made(manifest, splits, settings("cams", params), {"classifier": file_digest(weights)})
 
 
 def image_size(path: Path | UPath) -> tuple[int, int]:

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from pipeline.data import ClassificationDataset, ImageDataset
-from pipeline.io import fingerprint
+from pipeline.io import file_digest, fingerprint
 from pipeline.manifest import Manifest
 from pipeline.metrics import classification_scores
 from pipeline.models import (
@@ -26,6 +26,7 @@ from pipeline.models import (
     load_checkpoint,
     save_checkpoint,
 )
+from pipeline.provenance import MadeFrom, settings
 from pipeline.training import (
     Checkpoint,
     Distributed,
@@ -34,6 +35,10 @@ from pipeline.training import (
     train,
     unwrap,
 )
+
+WEIGHTS = Path("checkpoints/classifier.pth")
+"""The classifier stage's trained network, under ``storage.root``: the CAM network of the cams
+stage and the initialisation of the segment stage."""
 
 
 @dataclass(frozen=True)
@@ -46,6 +51,14 @@ class ClassifierParams(TrainingParams):
     """A whole trained classifier to start from (ours, or PSA's res38_cls.pth); with steps 0, used as is."""
     output_stride: int = 8
     freeze_bn: bool = False
+
+
+def classifier_made_from(manifest: Manifest, split: str, params: ClassifierParams) -> MadeFrom:
+    """What the classifier stage's network is made from: the images and tags of ``split``, the
+    `classifier:` settings and the files it starts from (see :mod:`pipeline.provenance`)."""
+    starts = {"weights": params.weights, "checkpoint": params.checkpoint}
+    return MadeFrom.made(manifest, (split,), settings("classifier", params),
+                         {name: file_digest(path) if path else None for name, path in starts.items()})
 
 
 def build_classifier(params: ClassifierParams, num_classes: int) -> CAMNet:

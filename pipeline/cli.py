@@ -184,10 +184,13 @@ def stage(name: str, params_path: Path, scheduler: str | None, skip_bad: bool) -
 
 
 @main.command()
+@click.option("--params", "params_path", type=click.Path(path_type=Path), default=Path("params.yaml"),
+              show_default=True, help="Parameters file; the run's metrics are in metrics/ under its storage.root.")
 @click.option("--metrics", "metrics_dir", type=click.Path(file_okay=False, path_type=Path),
-              default=Path("metrics"), show_default=True, help="Folder of the stages' metrics files.")
+              help="Folder of the stages' metrics files [default: metrics/ under storage.root, or metrics/ "
+              "without a parameters file].")
 @click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON instead of a table.")
-def report(metrics_dir: Path, as_json: bool) -> None:
+def report(params_path: Path, metrics_dir: Path | None, as_json: bool) -> None:
     """The scores of the paper's ablation (percent) and the seconds each stage took.
 
     CAM mIoU on val and train, reliable-region precision and coverage, one-step mIoU with and
@@ -197,8 +200,13 @@ def report(metrics_dir: Path, as_json: bool) -> None:
     """
     import json
 
+    from pipeline.params import load_params
     from pipeline.report import format_rows, read_metrics, report_rows, rows_as_json
+    from pipeline.store import StorageParams
 
+    if metrics_dir is None:
+        storage = load_params(StorageParams, "storage", params_path) if params_path.is_file() else StorageParams()
+        metrics_dir = storage.file("metrics")
     rows = report_rows(read_metrics(metrics_dir, STAGES))
     click.echo(json.dumps(rows_as_json(rows), indent=1) if as_json else format_rows(rows))
 

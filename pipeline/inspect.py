@@ -51,6 +51,7 @@ from pipeline.panels import (
     thumbnail,
 )
 from pipeline.params import check_range, load_params
+from pipeline.provenance import same_dataset
 from pipeline.stage import DatasetParams, load_dataset
 from pipeline.store import CAMS, DEEPLAB, MASKS, PSEUDO, SEGMENT, SUPERVISED, ImageStore, StorageParams
 
@@ -115,7 +116,7 @@ class Project:
 
     def with_artifacts(self, folder: str | Path) -> Project:
         """The same project reading the stores in another local folder."""
-        return replace(self, storage=StorageParams(str(folder)))
+        return replace(self, storage=StorageParams(artifacts=str(folder)))
 
     def split(self, role: str) -> str:
         """The dataset's split name for a role, ``train`` or ``val``."""
@@ -143,19 +144,18 @@ def source(name: str) -> Source:
     return next(s for s in SOURCES if s.name == name)
 
 
-def store_problem(store: ImageStore) -> str | None:
-    """Why a store cannot be read yet (not run, cut short, switched off), or None if it can."""
+def store_problem(store: ImageStore, manifest: Manifest) -> str | None:
+    """Why a store cannot be read (not run, cut short, switched off, made from other images or
+    tags than ``manifest`` lists), or None if it can. An image whose data is gone is an error
+    when it is read."""
     if not store.exists():
         return f"not run (has the {store.stage} stage run?)"
     if not store.is_complete():
         return f"incomplete (rerun the {store.stage} stage)"
-    ids = store.ids()
-    if not ids:
+    if not store.ids():
         return f"empty (the {store.stage} stage wrote no masks: is it switched off?)"
-    lost = sorted(set(ids) - set(store.complete_ids()))
-    if lost:
-        return f"{len(lost)} image(s) lost their data, e.g. {lost[0]!r} (rerun the {store.stage} stage)"
-    return None
+    other = same_dataset(store.made_from, manifest)
+    return None if other is None else f"{other} (rerun the {store.stage} stage)"
 
 
 def _finite(value: float) -> float | None:
@@ -256,7 +256,7 @@ def all_stats(project: Project, ids: Sequence[str] | None = None) -> dict[str, d
     for src in SOURCES:
         store = project.store(src)
         entry: dict[str, Any] = {"stage": src.stage, "store": str(store.path), "split": project.split(src.split)}
-        problem = store_problem(store)
+        problem = store_problem(store, project.manifest)
         if problem is None:
             entry.update(status="ok", **source_stats(project, src, ids).as_dict(project.manifest.label_names))
         else:
@@ -324,16 +324,19 @@ def image_figure(project: Project, image_id: str, scale: int | None = None,
     scale = scale or default_scale(image.shape)
     big = enlarge(image, scale)
     cams, attrs = project.cams().read(image_id)
+    stale = same_dataset(project.cams().made_from, manifest)
+    if stale is not None:
+        raise InputError(project.cams().path, f"{stale} (rerun the cams stage)")
     panels = [Panel("image", big)]
     panels += [Panel(f"CAM {manifest.classes[c]}", cam_panel(big, enlarge(cam.astype(np.float32), scale)))
                for c, cam in zip(attrs["classes"], cams)]
     masks: list[tuple[str, np.ndarray]] = []
     notes = []
     for src in (s for s in SOURCES if s.split == role):
-        mask = _mask_if_present(project.store(src), image_id)
+        problem = store_problem(project.store(src), manifest)
+        mask = None if problem is not None else _mask_if_present(project.store(src), image_id)
         if mask is None:
-            problem = store_problem(project.store(src)) or "no mask of this image"
-            notes.append(f"{src.name}: {project.store(src).path}: {problem}")
+            notes.append(f"{src.name}: {project.store(src).path}: {problem or 'no mask of this image'}")
             continue
         masks.append((src.title, mask))
         other = None if against is None else _mask_if_present(against.store(src), image_id)
@@ -376,10 +379,11 @@ def gallery_stores(project: Project, role: str) -> tuple[ImageStore | None, Imag
     """The stores of :data:`GALLERY_SOURCES` that can be read (None for the others); at least one
     must be, else the error says why the first cannot."""
     stores = [None if name is None else project.store(source(name)) for name in GALLERY_SOURCES[role]]
-    readable = [store if store is not None and store_problem(store) is None else None for store in stores]
+    problems = [None if store is None else store_problem(store, project.manifest) for store in stores]
+    readable = [store if store is not None and problem is None else None for store, problem in zip(stores, problems)]
     if not any(readable):
-        first = next(store for store in stores if store is not None)
-        raise InputError(first.path, str(store_problem(first)))
+        first = next(index for index, store in enumerate(stores) if store is not None)
+        raise InputError(stores[first].path, str(problems[first]))
     return readable[0], readable[1]
 
 
@@ -605,8 +609,8 @@ def compare(project: Project, other: Project, top: int) -> dict[str, Any]:
     changes: dict[str, tuple[float, str]] = {}
     names = project.manifest.label_names
     for src in SOURCES:
-        problem = store_problem(project.store(src))
-        if problem is None and store_problem(other.store(src)) is not None:
+        problem = store_problem(project.store(src), project.manifest)
+        if problem is None and store_problem(other.store(src), project.manifest) is not None:
             problem = f"not in the other version ({other.store(src).path})"
         if problem is not None:
             result["stages"][src.name] = {"status": problem}

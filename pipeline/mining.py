@@ -30,7 +30,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from functools import partial
 from itertools import islice
 from pathlib import Path
@@ -42,10 +42,11 @@ from distributed import Client, LocalCluster, as_completed
 from tqdm import tqdm
 
 from pipeline.errors import InputError, children_ignore_interrupt
-from pipeline.io import IGNORE, fingerprint
+from pipeline.io import IGNORE
 from pipeline.manifest import Item, Manifest
 from pipeline.metrics import PartialLabelScore, SegmentationScore
 from pipeline.params import build_params, check_range, read_params_file
+from pipeline.provenance import MadeFrom, settings
 from pipeline.prune import PruneParams, prune_image, stack_scores
 from pipeline.store import ImageStore
 
@@ -88,9 +89,10 @@ def load_prune_params(params_path: str | Path) -> tuple[PruneParams, ClusterPara
     return build_params(PruneParams, rule, where), build_params(ClusterParams, run, where)
 
 
-def mask_fingerprint(params: PruneParams, cams: ImageStore) -> str:
-    """What the masks are made from: the rule's settings and the CAMs (by their store's fingerprint)."""
-    return fingerprint(asdict(params), cams.fingerprint)
+def masks_made_from(manifest: Manifest, split: str, params: PruneParams, cams: ImageStore) -> MadeFrom:
+    """What a mask store is made from: the images and tags of ``split``, the rule's settings and
+    the CAMs (by their store's fingerprint)."""
+    return MadeFrom.made(manifest, (split,), settings("prune", params), {"cams.zarr": cams.fingerprint})
 
 
 @dataclass(frozen=True)
@@ -315,7 +317,8 @@ def mine_split(
     """
     cams.require_complete()
     items = manifest.split(split)
-    masks.reset_unless(mask_fingerprint(params, cams))
+    made = masks_made_from(manifest, split, params, cams)
+    masks.reset_unless(made.fingerprint, made.as_json())
     job = MiningJob.create(manifest, cams, masks, params)
     total = MiningScore(manifest.num_classes + 1)
     with (

@@ -31,7 +31,7 @@ from pipeline.classifier import ClassifierParams
 from pipeline.crf import CRFParams, dense_crf
 from pipeline.data import ImageDataset, SegmentationDataset
 from pipeline.errors import ignore_interrupt
-from pipeline.io import IGNORE, fingerprint
+from pipeline.io import IGNORE, file_digest, fingerprint
 from pipeline.losses import (
     DENSE_ENERGY_WEIGHT,
     DenseEnergyLoss,
@@ -45,6 +45,7 @@ from pipeline.metrics import SegmentationScore
 from pipeline.mining import scheduler_client
 from pipeline.models import SegNet, build_backbone, fold_batch_norms, load_checkpoint, save_checkpoint, seg_dilation
 from pipeline.params import check_range, check_scales
+from pipeline.provenance import MadeFrom, settings
 from pipeline.prune import PruneParams, prune_image
 from pipeline.store import ImageStore
 from pipeline.training import Checkpoint, Distributed, TrainingParams, data_parallel, train, unwrap
@@ -161,10 +162,6 @@ def train_segmentation(manifest: Manifest, split: str, classifier: ClassifierPar
     """Train the segmentation branch (either mode), write its weights to ``out``; returns the network."""
     torch.manual_seed(params.seed)
     net = build_segnet(classifier, manifest.num_classes, init).to(device)
-    if params.steps == 0:
-        if ctx.is_main:
-            save_checkpoint(net, out)
-        return net
     staged = params.mode == "staged"
     if staged:
         masks.require_complete()
@@ -254,6 +251,16 @@ def crf_pool(workers: int, scheduler: str | None) -> Iterator[tuple[Executor, in
         return
     with scheduler_client(scheduler) as client, client.get_executor(pure=False) as pool:
         yield pool, max(1, sum(client.nthreads().values()))
+
+
+WEIGHTS = Path("checkpoints/segment.pth")
+"""The segment stage's trained network, under ``storage.root``."""
+
+
+def predictions_made_from(manifest: Manifest, split: str, section: str, params: Any, weights: Path) -> MadeFrom:
+    """What a store of predictions of ``split`` is made from: its images and tags, the settings of
+    the stage that trained the network (its params ``section``) and the network's weights."""
+    return MadeFrom.made(manifest, (split,), settings(section, params), {"weights": file_digest(weights)})
 
 
 ProbabilityFn = Callable[[torch.Tensor], torch.Tensor]

@@ -15,6 +15,7 @@ from pipeline.errors import as_one_line
 from pipeline.manifest import Manifest, check_disjoint, load_manifest
 from pipeline.params import PARAMS_FILE, load_params
 from pipeline.screen import screen_splits
+from pipeline.store import StorageParams
 
 
 def _is_flag(hint: Any) -> bool:
@@ -57,7 +58,8 @@ def stopwatch() -> Iterator[dict[str, float]]:
 
 
 REJECTS = Path("rejects")
-"""Folder of the stages' rejects files, ``rejects/<stage>.json`` (see :mod:`pipeline.screen`)."""
+"""Folder of the stages' rejects files, ``rejects/<stage>.json`` under ``storage.root`` (see
+:mod:`pipeline.screen`)."""
 
 
 @dataclass(frozen=True)
@@ -89,7 +91,8 @@ def screened_dataset(
 
     ``skip_bad`` (the command-line flag) overrides ``dataset.skip_bad``. Screened, the manifest
     returned holds only the good items of the two splits and the bad ones are listed in
-    ``rejects/<stage>.json``. Returns the manifest, the section and how many images were left out.
+    ``rejects/<stage>.json`` (under ``storage.root``). Returns the manifest, the section and how
+    many images were left out.
     """
     manifest, params = load_dataset(params_path)
     if skip_bad is not None:
@@ -97,5 +100,6 @@ def screened_dataset(
     if not params.skip_bad:
         return manifest, params, 0
     splits = (params.train_split, params.val_split)
-    screened, rejects = screen_splits(manifest, splits, REJECTS / f"{stage}.json")
+    rejects_file = load_params(StorageParams, "storage", params_path).file(REJECTS / f"{stage}.json")
+    screened, rejects = screen_splits(manifest, splits, rejects_file)
     return screened, params, len(rejects)

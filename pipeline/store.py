@@ -50,6 +50,9 @@ store's group it means every image the stage had to write is there."""
 FINGERPRINT = "fingerprint"
 """Group attribute: digest of the settings and inputs the store's arrays were made from."""
 
+MADE_FROM = "made_from"
+"""Group attribute: the record of what the arrays were made from (see :mod:`pipeline.provenance`)."""
+
 COMPRESSOR = BloscCodec(cname="zstd", clevel=1, shuffle="shuffle")
 """Fast, and byte shuffling suits smooth float16 maps."""
 
@@ -138,8 +141,14 @@ class ImageStore:
         """The fingerprint the store was started with (None without a store)."""
         return self._group("r").attrs.get(FINGERPRINT) if self.exists() else None
 
-    def reset_unless(self, fingerprint: str) -> bool:
-        """Keep the store only if it was started with ``fingerprint``; else start it anew, empty.
+    @property
+    def made_from(self) -> dict[str, Any] | None:
+        """The record of what the store was made from (None without a store or a record)."""
+        return self._group("r").attrs.get(MADE_FROM) if self.exists() else None
+
+    def reset_unless(self, fingerprint: str, made_from: Mapping[str, Any] | None = None) -> bool:
+        """Keep the store only if it was started with ``fingerprint``; else start it anew, empty,
+        with ``made_from`` recorded (see :mod:`pipeline.provenance`).
 
         A stage calls this once, from one process, before writing: arrays made with other
         settings are never mixed with new ones, while a rerun with the same settings keeps what
@@ -151,7 +160,8 @@ class ImageStore:
             return True
         if self.path.exists():
             _remove_tree(self.path)
-        zarr.open_group(self._root(), mode="w", attributes={FINGERPRINT: fingerprint}, zarr_format=3)
+        attributes = {FINGERPRINT: fingerprint, **({} if made_from is None else {MADE_FROM: dict(made_from)})}
+        zarr.open_group(self._root(), mode="w", attributes=attributes, zarr_format=3)
         return False
 
     def mark_complete(self, expected: Iterable[str]) -> None:
@@ -241,15 +251,22 @@ predictions, and those of the supervised reference."""
 
 @dataclass(frozen=True)
 class StorageParams:
-    """The `storage:` section: where the stages keep their stores.
+    """The `storage:` section: where a run writes.
+
+    ``root`` is the one folder of everything a run writes: its checkpoints (``checkpoints/``),
+    metrics (``metrics/``), plots (``plots/``), rejects files (``rejects/``) and, unless
+    ``artifacts`` is an absolute path or a URL, its stores. The default, the project folder, is
+    where dvc.yaml expects them; a trial params file with a root of its own (``trials/a``) never
+    touches the default run's files.
 
     ``artifacts`` is the folder of the stores (``cams.zarr``, ``masks.zarr``, ...): a local
-    path, relative to the project root, or an fsspec URL such as ``s3://bucket/project/artifacts``.
+    path, relative to ``root``, or an fsspec URL such as ``s3://bucket/project/artifacts``.
     ``options`` are fsspec storage options for that URL, e.g. ``{endpoint_url: ...}`` for an
     S3-compatible server; secrets belong in the environment (``AWS_ACCESS_KEY_ID``, ...) or
     ``~/.aws``, not in the committed params file.
     """
 
+    root: str = "."
     artifacts: str = "artifacts"
     options: dict[str, Any] = field(default_factory=dict)
 
@@ -257,9 +274,16 @@ class StorageParams:
         if not isinstance(self.options, dict):
             raise ValueError(f"options={self.options!r} must be a mapping of fsspec storage options")
 
+    def file(self, relative: str | Path) -> Path:
+        """Where the run keeps ``relative`` (e.g. ``checkpoints/classifier.pth``): under ``root``."""
+        return Path(self.root) / relative
+
     def store(self, name: str, stage: str) -> ImageStore:
         """The store ``name`` (e.g. ``cams.zarr``) in the artifacts folder, written by ``stage``."""
-        return ImageStore(location(self.artifacts, self.options) / name, stage)
+        folder = location(self.artifacts, self.options)
+        if isinstance(folder, Path) and not folder.is_absolute():
+            folder = self.file(folder)
+        return ImageStore(folder / name, stage)
 
 
 def _check_id(path: Path | UPath, image_id: str) -> None:

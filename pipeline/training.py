@@ -30,7 +30,10 @@ from pipeline.params import check_range, check_scale_range
 class TrainingParams:
     """What every trained stage sets: its crops, its schedule, its optimiser (SGD with momentum).
 
-    A stage's own parameters extend this class and may give other defaults.
+    A stage's own parameters extend this class and may give other defaults. ``steps: 0`` means
+    "evaluate the given checkpoint": only a stage whose parameters name a ``checkpoint`` (the
+    classifier's) accepts it, and only with one given, so that an untrained network is never
+    written over a trained one.
     """
 
     crop_size: int = 96
@@ -56,6 +59,9 @@ class TrainingParams:
             check_range(name, getattr(self, name), 1)
         check_range("crop_size", self.crop_size, 8)
         check_scale_range("scale_range", self.scale_range)
+        if self.steps == 0 and not getattr(self, "checkpoint", None):
+            raise ValueError("steps=0 evaluates a trained `checkpoint`, and there is none to evaluate here: "
+                             "it would write an untrained network over the trained one")
 
     def optimizer(self, net: nn.Module) -> torch.optim.Optimizer:
         """SGD over PSA's four parameter groups (new layers at 10x, biases at 2x)."""

@@ -6,22 +6,22 @@ alone shows progress (its share), marks the store complete and writes the metric
 
 from __future__ import annotations
 
-from dataclasses import asdict
 from pathlib import Path
 
-from pipeline.cams import CamParams, extract_cams, score_cams
-from pipeline.classifier import ClassifierParams, load_classifier
-from pipeline.io import file_digest, fingerprint, write_json
+from pipeline.cams import CamParams, cams_made_from, extract_cams, score_cams
+from pipeline.classifier import WEIGHTS, ClassifierParams, classifier_made_from, load_classifier
+from pipeline.io import write_json
 from pipeline.metrics import write_metrics
 from pipeline.models import fold_batch_norms
 from pipeline.params import load_params
+from pipeline.provenance import check_checkpoint
 from pipeline.stage import run, screened_dataset, stopwatch
 from pipeline.store import CAMS, StorageParams
 from pipeline.training import default_device, init_distributed
 
-WEIGHTS = Path("checkpoints/classifier.pth")
 METRICS = Path("metrics/cams.json")
 CURVE = Path("plots/cams_threshold.json")
+"""Under ``storage.root``, as every file a stage writes."""
 
 
 def main(params_path: Path, skip_bad: bool | None = None) -> None:
@@ -29,13 +29,17 @@ def main(params_path: Path, skip_bad: bool | None = None) -> None:
     manifest, dataset, rejected = screened_dataset(params_path, "cams", skip_bad)
     classifier = load_params(ClassifierParams, "classifier", params_path)
     params = load_params(CamParams, "cams", params_path)
+    storage = load_params(StorageParams, "storage", params_path)
     ctx = init_distributed()
     device = default_device(ctx)
-    net = fold_batch_norms(load_classifier(classifier, manifest.num_classes, WEIGHTS)).to(device)
-    store = load_params(StorageParams, "storage", params_path).store(CAMS, "cams")
+    weights = storage.file(WEIGHTS)
+    check_checkpoint(weights, classifier_made_from(manifest, dataset.train_split, classifier), manifest, "classifier")
+    net = fold_batch_norms(load_classifier(classifier, manifest.num_classes, weights)).to(device)
+    store = storage.store(CAMS, "cams")
     splits = (dataset.train_split, dataset.val_split)
     if ctx.is_main:
-        store.reset_unless(fingerprint(asdict(params), file_digest(WEIGHTS), file_digest(manifest.source), splits))
+        made = cams_made_from(manifest, splits, params, weights)
+        store.reset_unless(made.fingerprint, made.as_json())
     ctx.barrier()
     with stopwatch() as timing:
         for split in splits:
@@ -48,10 +52,10 @@ def main(params_path: Path, skip_bad: bool | None = None) -> None:
     val = score_cams(store, manifest, dataset.val_split, params.score_thresholds)
     train = score_cams(store, manifest, dataset.train_split, params.score_thresholds)
     scores = ("miou", "threshold", "iou", "scored_images")
-    write_metrics(METRICS, {**{k: val[k] for k in scores}, "rejected": rejected,
-                            "train": {k: train[k] for k in scores}, **timing})
-    write_json(CURVE, [{"threshold": p["threshold"], "val": p["miou"], "train": t["miou"]}
-                       for p, t in zip(val["curve"], train["curve"], strict=True)])
+    write_metrics(storage.file(METRICS), {**{k: val[k] for k in scores}, "rejected": rejected,
+                                          "train": {k: train[k] for k in scores}, **timing})
+    write_json(storage.file(CURVE), [{"threshold": p["threshold"], "val": p["miou"], "train": t["miou"]}
+                                     for p, t in zip(val["curve"], train["curve"], strict=True)])
 
 
 if __name__ == "__main__":

@@ -6,11 +6,13 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.metrics import write_metrics
-from pipeline.params import build_params, read_params_file
+from pipeline.params import build_params, load_params, read_params_file
 from pipeline.stage import run, stopwatch
+from pipeline.store import StorageParams
 from pipeline.synth import SynthParams, generate
 
 METRICS = Path("metrics/data.json")
+"""Under ``storage.root``, as every file a stage writes."""
 
 
 def read_data_params(params_path: Path, overrides: dict[str, Any] | None = None) -> tuple[SynthParams, Path, Path]:
@@ -26,7 +28,7 @@ def main(params_path: Path) -> None:
     params, root, manifest_path = read_data_params(params_path)
     with stopwatch() as timing:
         _, stats = generate(params, root, manifest_path)
-    write_metrics(METRICS, {**stats, **timing})
+    write_metrics(load_params(StorageParams, "storage", params_path).file(METRICS), {**stats, **timing})
 
 
 if __name__ == "__main__":

@@ -15,20 +15,23 @@ from pipeline.inspect import ROLES, OverlayParams, Project, all_stats, image_fig
 from pipeline.io import write_json
 from pipeline.params import load_params
 from pipeline.stage import load_dataset, run
+from pipeline.store import StorageParams
 
 OVERLAYS = Path("plots/overlays")
 PER_CLASS = Path("plots/stats_per_class.json")
+"""Under ``storage.root``, as every file a stage writes."""
 
 
 def main(params_path: Path) -> None:
     manifest, dataset = load_dataset(params_path)
     params = load_params(OverlayParams, "overlays", params_path)
-    project = Project(manifest, dataset)
-    shutil.rmtree(OVERLAYS, ignore_errors=True)  # pictures of other samples would linger
+    project = Project(manifest, dataset, load_params(StorageParams, "storage", params_path))
+    overlays = project.storage.file(OVERLAYS)
+    shutil.rmtree(overlays, ignore_errors=True)  # pictures of other samples would linger
     for role in ROLES:
         for item in manifest.split(project.split(role))[: params.samples]:
-            image_figure(project, item.id)[0].save(OVERLAYS / f"{item.id}.png")
-    write_json(PER_CLASS, per_class_rows(all_stats(project), manifest.label_names))
+            image_figure(project, item.id)[0].save(overlays / f"{item.id}.png")
+    write_json(project.storage.file(PER_CLASS), per_class_rows(all_stats(project), manifest.label_names))
 
 
 if __name__ == "__main__":

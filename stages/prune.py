@@ -2,7 +2,8 @@
 
 Only the training split is pruned: its masks are what the segmentation stage learns from, and
 pruning is the costly part (two dense CRFs per image). The validation split is judged on the
-segmentation predictions, against its full masks, by the segment stage.
+segmentation predictions, against its full masks, by the segment stage. The CAM store is
+refused unless it was made from the current dataset, `cams:` settings and classifier.
 
 ``python -m stages.prune [params.yaml] [--scheduler ADDRESS]``; the `prune:` section holds both the rule's settings
 and how to run it (``scheduler``, ``workers``, ``chunk_size``, see ``ClusterParams``).
@@ -13,15 +14,19 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
+from pipeline.cams import CamParams, cams_made_from
+from pipeline.classifier import WEIGHTS
 from pipeline.io import write_json
 from pipeline.metrics import write_metrics
 from pipeline.mining import load_prune_params, mine_split, per_class_rows
 from pipeline.params import load_params
+from pipeline.provenance import check
 from pipeline.stage import run, screened_dataset, stopwatch
 from pipeline.store import CAMS, MASKS, StorageParams
 
 METRICS = Path("metrics/prune.json")
 PLOT = Path("plots/prune_per_class.json")
+"""Under ``storage.root``, as every file a stage writes."""
 
 
 def main(params_path: Path, scheduler: str | None = None, skip_bad: bool | None = None) -> None:
@@ -33,11 +38,14 @@ def main(params_path: Path, scheduler: str | None = None, skip_bad: bool | None 
         cluster = replace(cluster, scheduler=scheduler)
     storage = load_params(StorageParams, "storage", params_path)
     cams, masks = storage.store(CAMS, "cams"), storage.store(MASKS, "prune")
+    cams.require_complete()
+    check(cams, cams_made_from(manifest, (dataset.train_split, dataset.val_split),
+                               load_params(CamParams, "cams", params_path), storage.file(WEIGHTS)), manifest)
     with stopwatch() as timing:
         score = mine_split(manifest, dataset.train_split, cams, masks, params, cluster)
     metrics = score.as_dict(manifest.label_names)
-    write_metrics(METRICS, {**metrics, "rejected": rejected, **timing})
-    write_json(PLOT, per_class_rows(metrics))
+    write_metrics(storage.file(METRICS), {**metrics, "rejected": rejected, **timing})
+    write_json(storage.file(PLOT), per_class_rows(metrics))
 
 
 if __name__ == "__main__":

@@ -1,25 +1,37 @@
 """Stage `segment`: train the segmentation branch, predict val (scored) and train (the two-step
-pseudo labels, scored where ground truth exists)."""
+pseudo labels, scored where ground truth exists).
+
+Staged, it learns from the prune stage's masks, refused unless they were made from the current
+dataset, `prune:` settings and CAM store.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.classifier import ClassifierParams
+from pipeline.classifier import WEIGHTS as INIT
+from pipeline.classifier import ClassifierParams, classifier_made_from
 from pipeline.crf import INFERENCE_CRF
-from pipeline.io import file_digest, fingerprint
+from pipeline.io import file_digest
 from pipeline.metrics import write_metrics
-from pipeline.mining import load_prune_params
+from pipeline.mining import load_prune_params, masks_made_from
 from pipeline.params import load_params
-from pipeline.segment import SegmentParams, infer_split, segnet_probabilities, train_segmentation
+from pipeline.provenance import MadeFrom, check, check_checkpoint, forget, settings, write_record
+from pipeline.segment import (
+    WEIGHTS,
+    SegmentParams,
+    infer_split,
+    predictions_made_from,
+    segnet_probabilities,
+    train_segmentation,
+)
 from pipeline.stage import run, screened_dataset, stopwatch
-from pipeline.store import MASKS, PSEUDO, SEGMENT, StorageParams
+from pipeline.store import CAMS, MASKS, PSEUDO, SEGMENT, StorageParams
 from pipeline.training import default_device, init_distributed
 
-INIT = Path("checkpoints/classifier.pth")
-WEIGHTS = Path("checkpoints/segment.pth")
 STATE = Path("checkpoints/state/segment.pt")
 METRICS = Path("metrics/segment.json")
+"""Under ``storage.root``, as every file a stage writes."""
 
 
 def main(params_path: Path, skip_bad: bool | None = None) -> None:
@@ -29,15 +41,27 @@ def main(params_path: Path, skip_bad: bool | None = None) -> None:
     params = load_params(SegmentParams, "segment", params_path)
     prune, _ = load_prune_params(params_path)
     storage = load_params(StorageParams, "storage", params_path)
+    init, masks = storage.file(INIT), storage.store(MASKS, "prune")
+    check_checkpoint(init, classifier_made_from(manifest, dataset.train_split, classifier), manifest, "classifier")
+    staged = params.mode == "staged"
+    if staged:
+        masks.require_complete()
+        check(masks, masks_made_from(manifest, dataset.train_split, prune, storage.store(CAMS, "cams")), manifest)
+    made = MadeFrom.made(manifest, (dataset.train_split,), {**settings("segment", params),
+                                                              **({} if staged else settings("prune", prune))},
+                         {"classifier": file_digest(init), "masks.zarr": masks.fingerprint if staged else None})
     ctx = init_distributed()
     device = default_device(ctx)
+    weights = storage.file(WEIGHTS)
+    if ctx.is_main:
+        forget(weights)
     with stopwatch() as training:
-        net = train_segmentation(manifest, dataset.train_split, classifier, params, prune, INIT,
-                                 storage.store(MASKS, "prune"), WEIGHTS, STATE, ctx, device)
+        net = train_segmentation(manifest, dataset.train_split, classifier, params, prune, init,
+                                 masks, weights, storage.file(STATE), ctx, device)
     if not ctx.is_main:
         return
+    write_record(weights, made)
     crf = INFERENCE_CRF if params.crf else None
-    weights = file_digest(WEIGHTS)
     results = {}
     with stopwatch() as inference:
         probabilities = segnet_probabilities(net)
@@ -45,12 +69,14 @@ def main(params_path: Path, skip_bad: bool | None = None) -> None:
         # own classes. Val's are not (test time): every class competes there.
         for name, store, split, restricted in (("val", storage.store(SEGMENT, "segment"), dataset.val_split, False),
                                                ("pseudo", storage.store(PSEUDO, "segment"), dataset.train_split, True)):
-            store.reset_unless(fingerprint(weights, params.crf, split, restricted))
+            made = predictions_made_from(manifest, split, "segment", params, weights)
+            store.reset_unless(made.fingerprint, made.as_json())
             results[name] = infer_split(probabilities, manifest, split, store, device, crf,
                                         params.crf_workers, params.crf_scheduler, restricted)
-    write_metrics(METRICS, {**results["val"], "mode": params.mode, "pseudo": results["pseudo"], "rejected": rejected,
-                            "train_seconds": training["seconds"], "infer_seconds": inference["seconds"],
-                            "seconds": training["seconds"] + inference["seconds"]})
+    write_metrics(storage.file(METRICS), {**results["val"], "mode": params.mode, "pseudo": results["pseudo"],
+                                          "rejected": rejected, "train_seconds": training["seconds"],
+                                          "infer_seconds": inference["seconds"],
+                                          "seconds": training["seconds"] + inference["seconds"]})
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from PIL import ExifTags, Image
 from torch.utils.data import DataLoader
 
 from pipeline.cams import CamParams, extract_cams
-from pipeline.classifier import CAMNet, ClassifierParams, build_classifier
+from pipeline.classifier import WEIGHTS, CAMNet, ClassifierParams, build_classifier, classifier_made_from
 from pipeline.cli import main as rrm
 from pipeline.data import ImageDataset
 from pipeline.errors import InputError
@@ -29,6 +29,7 @@ from pipeline.manifest import Manifest, default_palette, load_manifest
 from pipeline.models.backbones import build_backbone
 from pipeline.models.weights import load_checkpoint, save_checkpoint
 from pipeline.params import load_params
+from pipeline.provenance import write_record
 from pipeline.prune import PruneParams
 from pipeline.screen import Reject, screen_splits
 from pipeline.stage import DatasetParams, run, screened_dataset
@@ -443,7 +444,8 @@ def test_cams_prune_and_segment_leave_out_the_same_bad_image(tmp_path, monkeypat
     bad = manifest.split("train")[2].id
     truncate(manifest.image_path(bad))
     classifier = load_params(ClassifierParams, "classifier", params)
-    save_checkpoint(build_classifier(classifier, manifest.num_classes), cams.WEIGHTS)
+    save_checkpoint(build_classifier(classifier, manifest.num_classes), WEIGHTS)
+    write_record(WEIGHTS, classifier_made_from(manifest, "train", classifier))
 
     cams.main(params)
     with LocalCluster(n_workers=1, processes=False, dashboard_address=None) as cluster:

@@ -15,7 +15,8 @@ from pipeline.deeplab import DeepLabParams, build_deeplab, deeplab_probabilities
 from pipeline.errors import InputError
 from pipeline.io import IGNORE
 from pipeline.manifest import load_manifest
-from pipeline.params import build_params
+from pipeline.params import build_params, load_params
+from pipeline.segment import SegmentParams, predictions_made_from
 from pipeline.store import DEEPLAB, PSEUDO, SUPERVISED, StorageParams
 from stages import data, deeplab, supervised
 
@@ -32,7 +33,7 @@ PARAMS = {
 @pytest.fixture(scope="module")
 def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A project after the data stage, with pseudo labels standing in for the segment stage's:
-    the ground truth with its left quarter unlabelled."""
+    the ground truth with its left quarter unlabelled, recorded as made by a stand-in network."""
     root = tmp_path_factory.mktemp("project")
     (root / "params.yaml").write_text(yaml.safe_dump(PARAMS))
     with pytest.MonkeyPatch.context() as patch:
@@ -40,7 +41,12 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
         data.main(Path("params.yaml"))
         manifest = load_manifest("manifests/synth.json")
         pseudo = StorageParams().store(PSEUDO, "segment")
-        pseudo.reset_unless("test")
+        segment_weights = Path("checkpoints/segment.pth")
+        segment_weights.parent.mkdir(parents=True, exist_ok=True)
+        segment_weights.write_bytes(b"a stand-in for the segment stage's network")
+        made = predictions_made_from(manifest, "train", "segment", load_params(SegmentParams, "segment",
+                                                                               Path("params.yaml")), segment_weights)
+        pseudo.reset_unless(made.fingerprint, made.as_json())
         for item in manifest.split("train"):
             label = manifest.read_mask(item).copy()
             label[:, : label.shape[1] // 4] = IGNORE

@@ -166,7 +166,7 @@ def test_only_rank_0_writes_files_and_shows_progress(reference, tmp_path):
     launch(project, "classifier", processes=2)  # trained batch norm and dropout: runs, but equality is not expected
 
     assert writes(project, 0) == ["checkpoints/state/classifier.pt", "checkpoints/classifier.pth",
-                                  "metrics/classifier.json"]
+                                  "checkpoints/classifier.json", "metrics/classifier.json"]
     assert writes(project, 1) == []
     assert "classifier: 100%" in rank_log(project, 0)
     assert "classifier" not in rank_log(project, 1)
@@ -192,7 +192,8 @@ def test_segment_of_two_processes_learns_the_single_process_weights_and_rank_0_a
     for name in one:  # the cross-entropy divides by both processes' pixel counts, as one batch's would
         torch.testing.assert_close(two[name], one[name], rtol=1e-5, atol=1e-6, msg=name)
     assert writes(project, 0) == ["checkpoints/state/segment.pt", "checkpoints/state/segment.pt",  # steps 2 and 4
-                                  "checkpoints/segment.pth", "complete segment.zarr", "complete pseudo.zarr",
+                                  "checkpoints/segment.pth", "checkpoints/segment.json", "complete segment.zarr",
+                                  "complete pseudo.zarr",
                                   "metrics/segment.json"]
     assert writes(project, 1) == []
 

@@ -72,7 +72,7 @@ def artifacts(tiny_manifest: Manifest, tmp_path: Path) -> Path:
 
 @pytest.fixture
 def project(tiny_manifest: Manifest, artifacts: Path) -> Project:
-    return Project(tiny_manifest, DatasetParams(), StorageParams(str(artifacts)))
+    return Project(tiny_manifest, DatasetParams(), StorageParams(artifacts=str(artifacts)))
 
 
 @pytest.fixture
@@ -157,7 +157,8 @@ def test_reliable_stats_equal_what_the_prune_stage_reports(tiny_manifest, tmp_pa
     job = MiningJob.create(tiny_manifest, ImageStore(tmp_path / "artifacts" / CAMS), masks, PruneParams())
     reported = mine_chunk(job, items).as_dict(tiny_manifest.label_names)
     masks.mark_complete(item.id for item in items)
-    ours = all_stats(Project(tiny_manifest, DatasetParams(), StorageParams(str(tmp_path / "artifacts"))))["reliable"]
+    project = Project(tiny_manifest, DatasetParams(), StorageParams(artifacts=str(tmp_path / "artifacts")))
+    ours = all_stats(project)["reliable"]
     assert (ours["precision"], ours["coverage"]) == (round(reported["precision"], 6), round(reported["coverage"], 6))
 
 

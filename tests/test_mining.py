@@ -21,7 +21,7 @@ from pipeline.mining import (
     ClusterParams,
     MiningJob,
     load_prune_params,
-    mask_fingerprint,
+    masks_made_from,
     mine_chunk,
     mine_split,
     per_class_rows,
@@ -109,7 +109,9 @@ def test_other_cluster_settings_keep_the_masks_and_other_rule_settings_redo_them
 
     assert again.computed == []
     assert redone.computed == ["im0", "im1", "im2", "im3"]
-    assert masks.fingerprint == mask_fingerprint(stricter, cams) != mask_fingerprint(PARAMS, cams)
+    made = masks_made_from(tiny_manifest, "train", stricter, cams)
+    assert masks.fingerprint == made.fingerprint != masks_made_from(tiny_manifest, "train", PARAMS, cams).fingerprint
+    assert masks.made_from == made.as_json() and made.settings["prune.cam_quantile"] == 0.9
     assert redone.masks.coverage() < again.masks.coverage()
 
 

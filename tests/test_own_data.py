@@ -4,6 +4,7 @@ from other data or other settings are never taken for the current ones."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -13,9 +14,12 @@ from distributed import LocalCluster
 
 from pipeline.cli import main as rrm
 from pipeline.errors import InputError
+from pipeline.io import read_image, write_image
 from pipeline.manifest import load_manifest
+from pipeline.segment import SegmentParams
 from pipeline.store import ImageStore
 from stages import cams, classifier, data, deeplab, prune, segment, supervised
+from tests.test_faults import weights_digest
 from tests.test_stages import TINY
 
 PARAMS = {
@@ -96,3 +100,107 @@ def test_report_stats_and_gallery_say_there_is_no_ground_truth(tagged_project, m
     assert gallery.exit_code == 0, gallery.output
     assert "No image of this split has a ground-truth mask" in Path("gallery.html").read_text()
     assert len(load_manifest("manifests/tagged.json").split("train")) == 16
+
+
+@pytest.fixture
+def project(tagged_project: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A copy of the finished tagged project to change, as the working folder."""
+    copy = tmp_path / "project"
+    shutil.copytree(tagged_project, copy)
+    monkeypatch.chdir(copy)
+    return copy
+
+
+def set_params(section: str, **values: object) -> None:
+    """Change ``values`` of a section of the working folder's params.yaml, as a user edits it."""
+    params = yaml.safe_load(Path("params.yaml").read_text())
+    params[section] = {**params.get(section, {}), **values}
+    Path("params.yaml").write_text(yaml.safe_dump(params))
+
+
+def first_train_id() -> str:
+    return load_manifest("manifests/tagged.json").split("train")[0].id
+
+
+def test_stores_made_from_other_images_under_the_same_ids_are_refused(project):
+    manifest = load_manifest("manifests/tagged.json")
+    image = manifest.image_path(first_train_id())
+    write_image(image, 255 - read_image(image))  # another photo under the same id
+
+    expected = ("artifacts/cams.zarr: was made from other images or tags than those of manifests/tagged.json "
+                "(rerun the cams stage)")
+    with pytest.raises(InputError) as error:
+        run_prune(Path("params.yaml"))
+    assert str(error.value) == expected
+    shown = CliRunner().invoke(rrm, ["show", first_train_id()])
+    assert shown.exit_code == 2 and shown.output == f"error: {expected}\n"
+    stats = CliRunner().invoke(rrm, ["stats"])
+    assert "was made from other images or tags" in stats.output
+
+    with pytest.raises(InputError, match="classifier.pth: was made from other images or tags"):
+        cams.main(Path("params.yaml"))  # the classifier learnt from the old photo too
+    classifier.main(Path("params.yaml"))
+    cams.main(Path("params.yaml"))  # the stage that owns the store redoes it
+    run_prune(Path("params.yaml"))
+    assert CliRunner().invoke(rrm, ["show", first_train_id()]).exit_code == 0
+
+
+def test_masks_made_with_other_prune_settings_are_refused_by_the_segment_stage(project):
+    set_params("prune", cam_quantile=0.5)
+    with pytest.raises(InputError) as error:
+        segment.main(Path("params.yaml"))
+    assert str(error.value) == ("artifacts/masks.zarr: was made with prune.cam_quantile=0.6, the params file has 0.5 "
+                                "(rerun the prune stage)")
+
+
+def test_pseudo_labels_of_another_segmentation_network_are_refused_by_the_deeplab_stage(project):
+    set_params("segment", lr=0.002)
+    with pytest.raises(InputError) as error:
+        deeplab.main(Path("params.yaml"))
+    assert str(error.value) == (f"artifacts/pseudo.zarr: was made with segment.lr={SegmentParams().lr!r}, "
+                                "the params file has 0.002 (rerun the segment stage)")
+
+
+def test_a_run_setting_changes_no_record(project):
+    fingerprints = {name: ImageStore(f"artifacts/{name}.zarr").fingerprint for name in ("cams", "masks")}
+    set_params("cams", num_workers=1)
+    set_params("prune", workers=2, chunk_size=3)
+
+    cams.main(Path("params.yaml"))
+    run_prune(Path("params.yaml"))
+    segment.main(Path("params.yaml"))  # the masks are still those of the current settings
+    assert {name: ImageStore(f"artifacts/{name}.zarr").fingerprint for name in fingerprints} == fingerprints
+
+
+def test_a_trial_with_its_own_root_leaves_the_default_run_untouched(project):
+    def snapshot() -> dict[str, bytes]:
+        return {str(path): path.read_bytes() for folder in ("checkpoints", "metrics", "plots", "artifacts")
+                for path in sorted(Path(folder).rglob("*")) if path.is_file()}
+
+    before = snapshot()
+    trial = {**PARAMS, "storage": {"root": "trials/a"}, "classifier": {**PARAMS["classifier"], "steps": 2}}
+    Path("trial.yaml").write_text(yaml.safe_dump(trial))
+    for main in (classifier.main, cams.main):
+        main(Path("trial.yaml"))
+    run_prune(Path("trial.yaml"))
+
+    assert snapshot() == before
+    assert Path("trials/a/checkpoints/classifier.pth").is_file()
+    assert ImageStore("trials/a/artifacts/masks.zarr").is_complete()
+    report = CliRunner().invoke(rrm, ["report", "--params", "trial.yaml", "--json"])
+    times = {row["label"]: row["status"] for row in json.loads(report.output)}
+    assert times["Time: prune"] == "ok" and times["Time: segment"] == "not run"
+
+
+def test_steps_0_evaluates_the_given_checkpoint_and_never_writes_an_untrained_network(project):
+    trained = Path("checkpoints/classifier.pth").read_bytes()
+    set_params("classifier", steps=0)
+    with pytest.raises(InputError, match=r"steps=0 evaluates a trained `checkpoint`, and there is none"):
+        classifier.main(Path("params.yaml"))
+    assert Path("checkpoints/classifier.pth").read_bytes() == trained
+
+    shutil.copy("checkpoints/classifier.pth", "given.pth")
+    set_params("classifier", checkpoint="given.pth")
+    classifier.main(Path("params.yaml"))
+    assert weights_digest(Path("checkpoints/classifier.pth")) == weights_digest(Path("given.pth"))
+    assert 0 <= json.loads(Path("metrics/classifier.json").read_text())["map"] <= 1

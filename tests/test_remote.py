@@ -18,12 +18,13 @@ from moto.server import ThreadedMotoServer
 from upath import UPath
 
 from pipeline.cams import image_size
-from pipeline.classifier import ClassifierParams, build_classifier
+from pipeline.classifier import WEIGHTS, ClassifierParams, build_classifier, classifier_made_from
 from pipeline.errors import InputError
 from pipeline.io import read_image, read_mask
 from pipeline.manifest import Manifest, load_manifest
 from pipeline.models.weights import save_checkpoint
 from pipeline.params import build_params, load_params
+from pipeline.provenance import write_record
 from pipeline.store import CAMS, ImageStore, StorageParams
 
 BUCKET = "rrm"
@@ -172,7 +173,8 @@ def test_the_cams_stage_with_dataset_and_stores_in_a_bucket_matches_the_local_ru
         "cams": {**settings["cams"], "num_workers": 1},  # a DataLoader worker reads the bucket too
     }))
     classifier = load_params(ClassifierParams, "classifier", local_params)
-    save_checkpoint(build_classifier(classifier, tiny_manifest.num_classes), cams.WEIGHTS)
+    save_checkpoint(build_classifier(classifier, tiny_manifest.num_classes), WEIGHTS)
+    write_record(WEIGHTS, classifier_made_from(tiny_manifest, "train", classifier))  # the same images' in the bucket
 
     cams.main(local_params)
     local_metrics = json.loads(cams.METRICS.read_text())

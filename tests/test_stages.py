@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 import yaml
 
+from pipeline.manifest import load_manifest
+from pipeline.mining import load_prune_params, masks_made_from
 from pipeline.store import ImageStore
 from stages import cams, classifier, data, segment
 
@@ -93,9 +95,12 @@ def test_segment_trains_predicts_and_scores(project, monkeypatch, mode):
 
 
 def _write_masks_from_cams() -> None:
-    """Stand-in masks for the staged mode: CAM argmax with a background threshold."""
+    """Stand-in masks for the staged mode: CAM argmax with a background threshold, recorded as
+    made by the prune stage's current settings (which the segment stage checks)."""
     cams_store, masks = ImageStore("artifacts/cams.zarr"), ImageStore("artifacts/masks.zarr")
-    masks.reset_unless("test")
+    made = masks_made_from(load_manifest("manifests/synth.json"), "train",
+                           load_prune_params(Path("params.yaml"))[0], cams_store)
+    masks.reset_unless(made.fingerprint, made.as_json())
     manifest = json.loads(Path("manifests/synth.json").read_text())
     ids = [item["id"] for item in manifest["splits"]["train"]]
     for image_id in ids:
