@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import signal
 import sys
-import threading
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from os import PathLike
 from typing import TypeVar
 
@@ -60,17 +58,3 @@ def ignore_interrupt() -> None:
     ``KeyboardInterrupt`` each print a traceback while their parent shuts them down anyway."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
-
-@contextmanager
-def children_ignore_interrupt() -> Iterator[None]:
-    """Processes started inside the block ignore Ctrl-C (see :func:`ignore_interrupt`): an
-    ignored signal stays ignored in a child, and Python then installs no handler of its own.
-    This process ignores it only meanwhile; outside the main thread nothing changes."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)

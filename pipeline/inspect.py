@@ -333,10 +333,14 @@ def image_figure(project: Project, image_id: str, scale: int | None = None,
     masks: list[tuple[str, np.ndarray]] = []
     notes = []
     for src in (s for s in SOURCES if s.split == role):
-        problem = store_problem(project.store(src), manifest)
-        mask = None if problem is not None else _mask_if_present(project.store(src), image_id)
+        store = project.store(src)
+        problem = store_problem(store, manifest)
+        mask = None if problem is not None else _mask_if_present(store, image_id)
         if mask is None:
-            notes.append(f"{src.name}: {project.store(src).path}: {problem or 'no mask of this image'}")
+            lost = problem is None and image_id in store.ids()
+            problem = problem or (f"this image's data is gone (rerun the {store.stage} stage)" if lost
+                                  else "no mask of this image")
+            notes.append(f"{src.name}: {store.path}: {problem}")
             continue
         masks.append((src.title, mask))
         other = None if against is None else _mask_if_present(against.store(src), image_id)

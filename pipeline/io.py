@@ -80,8 +80,11 @@ def atomic_open(path: str | Path, mode: str = "w") -> Iterator[IO[Any]]:
     A reader never sees a half-written file, and an existing file survives a failure.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except PermissionError:
+        raise InputError(path, "permission denied (cannot write the file there)") from None
     os.fchmod(fd, FILE_MODE)
     try:
         with os.fdopen(fd, mode) as handle:

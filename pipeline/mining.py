@@ -27,6 +27,7 @@ fixed threshold is what ``metrics/cams.json`` reports).
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -41,7 +42,7 @@ import numpy as np
 from distributed import Client, LocalCluster, as_completed
 from tqdm import tqdm
 
-from pipeline.errors import InputError, children_ignore_interrupt
+from pipeline.errors import InputError, ignore_interrupt
 from pipeline.io import IGNORE
 from pipeline.manifest import Item, Manifest
 from pipeline.metrics import PartialLabelScore, SegmentationScore
@@ -268,7 +269,8 @@ def connect(cluster: ClusterParams) -> Iterator[Client]:
     port, and its workers keep glibc's default memory trimming: dask sets
     ``MALLOC_TRIM_THRESHOLD_``, which turns off glibc's adaptive mmap threshold, so each CRF's
     large buffers would be mapped and faulted in afresh (measured 12-15% slower per image).
-    This process's environment is put back on exit (see :func:`environ_restored`).
+    This process's environment is put back on exit (see :func:`environ_restored`). Its workers
+    leave Ctrl-C to this process (see :func:`dask_setup`).
     """
     address = cluster.scheduler or dask.config.get("scheduler-address", None)
     if address:
@@ -276,11 +278,22 @@ def connect(cluster: ClusterParams) -> Iterator[Client]:
             yield client
         return
     workers = cluster.workers or os.cpu_count() or 1
-    with environ_restored(), dask.config.set({f"{PRE_SPAWN_ENVIRON}.MALLOC_TRIM_THRESHOLD_": None}):
-        with children_ignore_interrupt():  # Ctrl-C stops this process, which closes the cluster
-            local = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None)
-        with local, Client(local) as client:
-            yield client
+    with (
+        environ_restored(),
+        dask.config.set({f"{PRE_SPAWN_ENVIRON}.MALLOC_TRIM_THRESHOLD_": None}),
+        LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
+                     preload=[__name__]) as local,
+        Client(local) as client,
+    ):
+        yield client
+
+
+def dask_setup(worker: Any) -> None:
+    """dask's preload hook, run in each worker of the local cluster as it starts: Ctrl-C is left
+    to the stage's process, which closes the cluster (see :func:`ignore_interrupt`), and the
+    tasks that closing cancels are not each reported as a warning."""
+    ignore_interrupt()
+    logging.getLogger("distributed.worker.state_machine").setLevel(logging.ERROR)
 
 
 def _chunks(items: Sequence[Item], size: int) -> Iterator[Sequence[Item]]:

@@ -108,6 +108,14 @@ def test_show_of_a_val_image_says_which_stage_has_not_run(project):
     assert "has the deeplab stage run?" in notes[0] and "has the supervised stage run?" in notes[1]
 
 
+def test_show_says_when_an_image_s_data_is_gone(project, artifacts):
+    for chunk in [path for path in (artifacts / "segment.zarr" / "im4" / "c").rglob("*") if path.is_file()]:
+        chunk.unlink()
+    figure, notes = image_figure(project, "im4", scale=2)
+    assert "segment" not in figure.titles
+    assert notes[0] == f"segment: {artifacts / 'segment.zarr'}: this image's data is gone (rerun the segment stage)"
+
+
 def test_unreliable_pixels_are_hatched_grey_not_background_black():
     image = np.full((12, 12, 3), 200, dtype=np.uint8)
     palette = np.array([[0, 0, 0], [255, 0, 0]], dtype=np.uint8)
