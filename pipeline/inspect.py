@@ -33,10 +33,15 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.cams import CamParams, cams_made_from
+from pipeline.classifier import WEIGHTS as CLASSIFIER_WEIGHTS
+from pipeline.deeplab import SUPERVISED_WEIGHTS, DeepLabParams
+from pipeline.deeplab import WEIGHTS as DEEPLAB_WEIGHTS
 from pipeline.errors import InputError
 from pipeline.io import IGNORE
 from pipeline.manifest import Item, Manifest
 from pipeline.metrics import DIGITS, PartialLabelScore, iou_from_confusion, nanmean
+from pipeline.mining import load_prune_params, masks_made_from
 from pipeline.panels import (
     Figure,
     LegendEntry,
@@ -51,7 +56,9 @@ from pipeline.panels import (
     thumbnail,
 )
 from pipeline.params import check_range, load_params
-from pipeline.provenance import same_dataset
+from pipeline.provenance import MadeFrom, difference, same_dataset
+from pipeline.segment import WEIGHTS as SEGMENT_WEIGHTS
+from pipeline.segment import SegmentParams, predictions_made_from
 from pipeline.stage import DatasetParams, load_dataset
 from pipeline.store import CAMS, DEEPLAB, MASKS, PSEUDO, SEGMENT, SUPERVISED, ImageStore, StorageParams
 
@@ -102,11 +109,13 @@ class OverlayParams:
 
 @dataclass(frozen=True)
 class Project:
-    """Where to read: the manifest, the dataset's splits and the folder of stores."""
+    """Where to read: the manifest, the dataset's splits and the folder of stores; with
+    ``params_path``, the params file whose settings each store must have been made with."""
 
     manifest: Manifest
     dataset: DatasetParams
     storage: StorageParams = field(default_factory=StorageParams)
+    params_path: Path | None = None
 
     def store(self, source: Source) -> ImageStore:
         return self.storage.store(source.store, source.stage)
@@ -115,8 +124,40 @@ class Project:
         return self.storage.store(CAMS, "cams")
 
     def with_artifacts(self, folder: str | Path) -> Project:
-        """The same project reading the stores in another local folder."""
-        return replace(self, storage=StorageParams(artifacts=str(folder)))
+        """The same project reading the stores in another local folder: another version, made
+        with other settings (no params file to hold them to), from the same images."""
+        return replace(self, storage=StorageParams(artifacts=str(folder)), params_path=None)
+
+    def expected(self, store: str) -> MadeFrom | None:
+        """What the params file says the store ``store`` (e.g. ``masks.zarr``) should be made from;
+        None without a params file."""
+        if self.params_path is None:
+            return None
+        params, manifest, storage = self.params_path, self.manifest, self.storage
+        train, val = self.dataset.train_split, self.dataset.val_split
+        if store == CAMS:
+            return cams_made_from(manifest, (train, val), load_params(CamParams, "cams", params),
+                                  storage.file(CLASSIFIER_WEIGHTS))
+        if store == MASKS:
+            return masks_made_from(manifest, train, load_prune_params(params)[0], self.cams())
+        if store in (PSEUDO, SEGMENT):
+            return predictions_made_from(manifest, train if store == PSEUDO else val, "segment",
+                                         load_params(SegmentParams, "segment", params), storage.file(SEGMENT_WEIGHTS))
+        weights = DEEPLAB_WEIGHTS if store == DEEPLAB else SUPERVISED_WEIGHTS
+        return predictions_made_from(manifest, val, "deeplab", load_params(DeepLabParams, "deeplab", params),
+                                     storage.file(weights))
+
+    def problem(self, store: ImageStore) -> str | None:
+        """Why ``store`` cannot be read as this project's (see :func:`store_problem`), or None."""
+        problem = store_problem(store, self.manifest)
+        if problem is not None or store.made_from is None:
+            return problem
+        try:
+            differs = difference(store.made_from, self.expected(store.path.name), self.manifest) \
+                if self.params_path is not None else None
+        except InputError as error:  # an input the record names is gone (e.g. the weights)
+            differs = f"cannot be checked ({error})"
+        return None if differs is None else f"{differs} (rerun the {store.stage} stage)"
 
     def split(self, role: str) -> str:
         """The dataset's split name for a role, ``train`` or ``val``."""
@@ -136,7 +177,7 @@ def open_project(params_path: str | Path, artifacts: str | Path | None = None) -
     """The project of a params file: its `dataset:` and `storage:` sections; ``artifacts``, a
     folder of stores, overrides ``storage.artifacts``."""
     manifest, dataset = load_dataset(Path(params_path))
-    project = Project(manifest, dataset, load_params(StorageParams, "storage", params_path))
+    project = Project(manifest, dataset, load_params(StorageParams, "storage", params_path), Path(params_path))
     return project if artifacts is None else project.with_artifacts(artifacts)
 
 
@@ -256,7 +297,7 @@ def all_stats(project: Project, ids: Sequence[str] | None = None) -> dict[str, d
     for src in SOURCES:
         store = project.store(src)
         entry: dict[str, Any] = {"stage": src.stage, "store": str(store.path), "split": project.split(src.split)}
-        problem = store_problem(store, project.manifest)
+        problem = project.problem(store)
         if problem is None:
             entry.update(status="ok", **source_stats(project, src, ids).as_dict(project.manifest.label_names))
         else:
@@ -324,9 +365,9 @@ def image_figure(project: Project, image_id: str, scale: int | None = None,
     scale = scale or default_scale(image.shape)
     big = enlarge(image, scale)
     cams, attrs = project.cams().read(image_id)
-    stale = same_dataset(project.cams().made_from, manifest)
+    stale = project.problem(project.cams())
     if stale is not None:
-        raise InputError(project.cams().path, f"{stale} (rerun the cams stage)")
+        raise InputError(project.cams().path, stale)
     panels = [Panel("image", big)]
     panels += [Panel(f"CAM {manifest.classes[c]}", cam_panel(big, enlarge(cam.astype(np.float32), scale)))
                for c, cam in zip(attrs["classes"], cams)]
@@ -334,7 +375,7 @@ def image_figure(project: Project, image_id: str, scale: int | None = None,
     notes = []
     for src in (s for s in SOURCES if s.split == role):
         store = project.store(src)
-        problem = store_problem(store, manifest)
+        problem = project.problem(store)
         mask = None if problem is not None else _mask_if_present(store, image_id)
         if mask is None:
             lost = problem is None and image_id in store.ids()
@@ -383,7 +424,7 @@ def gallery_stores(project: Project, role: str) -> tuple[ImageStore | None, Imag
     """The stores of :data:`GALLERY_SOURCES` that can be read (None for the others); at least one
     must be, else the error says why the first cannot."""
     stores = [None if name is None else project.store(source(name)) for name in GALLERY_SOURCES[role]]
-    problems = [None if store is None else store_problem(store, project.manifest) for store in stores]
+    problems = [None if store is None else project.problem(store) for store in stores]
     readable = [store if store is not None and problem is None else None for store, problem in zip(stores, problems)]
     if not any(readable):
         first = next(index for index, store in enumerate(stores) if store is not None)
@@ -613,8 +654,8 @@ def compare(project: Project, other: Project, top: int) -> dict[str, Any]:
     changes: dict[str, tuple[float, str]] = {}
     names = project.manifest.label_names
     for src in SOURCES:
-        problem = store_problem(project.store(src), project.manifest)
-        if problem is None and store_problem(other.store(src), project.manifest) is not None:
+        problem = project.problem(project.store(src))
+        if problem is None and other.problem(other.store(src)) is not None:
             problem = f"not in the other version ({other.store(src).path})"
         if problem is not None:
             result["stages"][src.name] = {"status": problem}

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.crf import INFERENCE_CRF
-from pipeline.deeplab import DeepLabParams, LabelReader, deeplab_probabilities, pseudo_labels, train_deeplab
+from pipeline.deeplab import WEIGHTS, DeepLabParams, LabelReader, deeplab_probabilities, pseudo_labels, train_deeplab
 from pipeline.io import file_digest
 from pipeline.manifest import Manifest
 from pipeline.metrics import write_metrics
@@ -45,7 +45,7 @@ class Outputs:
     metrics: Path
 
 
-OUTPUTS = Outputs(DEEPLAB, Path("checkpoints/deeplab/model.pth"), Path("checkpoints/state/deeplab.pt"),
+OUTPUTS = Outputs(DEEPLAB, WEIGHTS, Path("checkpoints/state/deeplab.pt"),
                   Path("metrics/deeplab.json"))
 
 Targets = Callable[[Manifest, str, StorageParams], tuple[LabelReader, str]]

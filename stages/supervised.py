@@ -10,13 +10,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.deeplab import SupervisedParams, ground_truth
+from pipeline.deeplab import SUPERVISED_WEIGHTS, SupervisedParams, ground_truth
 from pipeline.params import load_params
 from pipeline.stage import run
 from pipeline.store import SUPERVISED
 from stages.deeplab import Outputs, run_deeplab
 
-OUTPUTS = Outputs(SUPERVISED, Path("checkpoints/supervised/model.pth"), Path("checkpoints/state/supervised.pt"),
+OUTPUTS = Outputs(SUPERVISED, SUPERVISED_WEIGHTS, Path("checkpoints/state/supervised.pt"),
                   Path("metrics/supervised.json"))
 
 

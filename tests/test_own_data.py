@@ -149,8 +149,11 @@ def test_masks_made_with_other_prune_settings_are_refused_by_the_segment_stage(p
     set_params("prune", cam_quantile=0.5)
     with pytest.raises(InputError) as error:
         segment.main(Path("params.yaml"))
-    assert str(error.value) == ("artifacts/masks.zarr: was made with prune.cam_quantile=0.6, the params file has 0.5 "
-                                "(rerun the prune stage)")
+    stale = "was made with prune.cam_quantile=0.6, the params file has 0.5 (rerun the prune stage)"
+    assert str(error.value) == f"artifacts/masks.zarr: {stale}"
+    shown = CliRunner().invoke(rrm, ["show", first_train_id()])  # the other stages' panels are still drawn
+    assert shown.exit_code == 0 and f"not shown: reliable: artifacts/masks.zarr: {stale}" in shown.output
+    assert "reliable" not in shown.output.splitlines()[-1] and "segment" in shown.output.splitlines()[-1]
 
 
 def test_pseudo_labels_of_another_segmentation_network_are_refused_by_the_deeplab_stage(project):
