@@ -36,10 +36,6 @@ from pipeline.training import (
     unwrap,
 )
 
-WEIGHTS = Path("checkpoints/classifier.pth")
-"""The classifier stage's trained network, under ``storage.root``: the CAM network of the cams
-stage and the initialisation of the segment stage."""
-
 
 @dataclass(frozen=True)
 class ClassifierParams(TrainingParams):

@@ -97,12 +97,6 @@ class DeepLab(OnBackbone):
         return self.head(self.backbone(images))
 
 
-WEIGHTS = Path("checkpoints/deeplab/model.pth")
-SUPERVISED_WEIGHTS = Path("checkpoints/supervised/model.pth")
-"""The trained networks of the deeplab and supervised stages, under ``storage.root``; each in a
-folder of its own, which a disabled stage leaves empty."""
-
-
 def build_deeplab(params: DeepLabParams, num_classes: int) -> DeepLab:
     """The network for ``num_classes`` foreground classes, its backbone from ``params.weights``
     (batch norm then frozen) or from PyTorch's default initialisation."""

@@ -26,22 +26,17 @@ import math
 import os
 import random
 import shutil
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from pipeline.cams import CamParams, cams_made_from
-from pipeline.classifier import WEIGHTS as CLASSIFIER_WEIGHTS
-from pipeline.deeplab import SUPERVISED_WEIGHTS, DeepLabParams
-from pipeline.deeplab import WEIGHTS as DEEPLAB_WEIGHTS
 from pipeline.errors import InputError
-from pipeline.io import IGNORE
+from pipeline.io import IGNORE, file_digest
 from pipeline.manifest import Item, Manifest
 from pipeline.metrics import DIGITS, PartialLabelScore, iou_from_confusion, nanmean
-from pipeline.mining import load_prune_params, masks_made_from
 from pipeline.panels import (
     Figure,
     LegendEntry,
@@ -55,12 +50,23 @@ from pipeline.panels import (
     png_bytes,
     thumbnail,
 )
-from pipeline.params import check_range, load_params
-from pipeline.provenance import MadeFrom, difference, same_dataset
-from pipeline.segment import WEIGHTS as SEGMENT_WEIGHTS
-from pipeline.segment import SegmentParams, predictions_made_from
+from pipeline.params import check_range, load_params, read_params_file
+from pipeline.provenance import dataset_identity, same_dataset, stated_difference
 from pipeline.stage import DatasetParams, load_dataset
-from pipeline.store import CAMS, DEEPLAB, MASKS, PSEUDO, SEGMENT, SUPERVISED, ImageStore, StorageParams
+from pipeline.store import (
+    CAMS,
+    CLASSIFIER_WEIGHTS,
+    DEEPLAB,
+    DEEPLAB_WEIGHTS,
+    MASKS,
+    PSEUDO,
+    SEGMENT,
+    SEGMENT_WEIGHTS,
+    SUPERVISED,
+    SUPERVISED_WEIGHTS,
+    ImageStore,
+    StorageParams,
+)
 
 DVC_ARTIFACTS = Path("artifacts")
 """The folder of the stores as dvc.yaml tracks them (its outs), relative to the project root:
@@ -116,6 +122,8 @@ class Project:
     dataset: DatasetParams
     storage: StorageParams = field(default_factory=StorageParams)
     params_path: Path | None = None
+    identities: dict[tuple[str, ...], str] = field(default_factory=dict, compare=False, repr=False)
+    """A memo of :meth:`identity`: a command reads each image's head once, not once per store."""
 
     def store(self, source: Source) -> ImageStore:
         return self.storage.store(source.store, source.stage)
@@ -128,35 +136,27 @@ class Project:
         with other settings (no params file to hold them to), from the same images."""
         return replace(self, storage=StorageParams(artifacts=str(folder)), params_path=None)
 
-    def expected(self, store: str) -> MadeFrom | None:
-        """What the params file says the store ``store`` (e.g. ``masks.zarr``) should be made from;
-        None without a params file."""
-        if self.params_path is None:
-            return None
-        params, manifest, storage = self.params_path, self.manifest, self.storage
-        train, val = self.dataset.train_split, self.dataset.val_split
-        if store == CAMS:
-            return cams_made_from(manifest, (train, val), load_params(CamParams, "cams", params),
-                                  storage.file(CLASSIFIER_WEIGHTS))
-        if store == MASKS:
-            return masks_made_from(manifest, train, load_prune_params(params)[0], self.cams())
-        if store in (PSEUDO, SEGMENT):
-            return predictions_made_from(manifest, train if store == PSEUDO else val, "segment",
-                                         load_params(SegmentParams, "segment", params), storage.file(SEGMENT_WEIGHTS))
-        weights = DEEPLAB_WEIGHTS if store == DEEPLAB else SUPERVISED_WEIGHTS
-        return predictions_made_from(manifest, val, "deeplab", load_params(DeepLabParams, "deeplab", params),
-                                     storage.file(weights))
+    def identity(self, splits: tuple[str, ...]) -> str:
+        """The :func:`~pipeline.provenance.dataset_identity` of ``splits``, computed once."""
+        if splits not in self.identities:
+            self.identities[splits] = dataset_identity(self.manifest, splits)
+        return self.identities[splits]
 
     def problem(self, store: ImageStore) -> str | None:
-        """Why ``store`` cannot be read as this project's (see :func:`store_problem`), or None."""
-        problem = store_problem(store, self.manifest)
-        if problem is not None or store.made_from is None:
+        """Why ``store`` cannot be read as this project's (see :func:`store_problem`), or None.
+        With a params file, a store's record is held to it as far as it states it (see
+        :func:`~pipeline.provenance.stated_difference`)."""
+        problem = store_problem(store, self.manifest, self.identity)
+        if problem is not None or store.made_from is None or self.params_path is None:
             return problem
+        section, inputs = RECORDED[store.path.name]
+        given = read_params_file(self.params_path).get(section) or {}
         try:
-            differs = difference(store.made_from, self.expected(store.path.name), self.manifest) \
-                if self.params_path is not None else None
+            found = {name: make(self) for name, make in inputs.items()}
         except InputError as error:  # an input the record names is gone (e.g. the weights)
-            differs = f"cannot be checked ({error})"
+            return f"cannot be checked ({error})"
+        differs = stated_difference(store.made_from, {f"{section}.{key}": value for key, value in given.items()},
+                                    found)
         return None if differs is None else f"{differs} (rerun the {store.stage} stage)"
 
     def split(self, role: str) -> str:
@@ -173,6 +173,22 @@ class Project:
         raise InputError(self.manifest.source or self.manifest.name, f"no image id {image_id!r} in split {splits}")
 
 
+def _digest(path: Path) -> Callable[[Project], str]:
+    return lambda project: file_digest(project.storage.file(path))
+
+
+RECORDED: dict[str, tuple[str, dict[str, Callable[[Project], str | None]]]] = {
+    CAMS: ("cams", {"classifier": _digest(CLASSIFIER_WEIGHTS)}),
+    MASKS: ("prune", {"cams.zarr": lambda project: project.cams().fingerprint}),
+    PSEUDO: ("segment", {"weights": _digest(SEGMENT_WEIGHTS)}),
+    SEGMENT: ("segment", {"weights": _digest(SEGMENT_WEIGHTS)}),
+    DEEPLAB: ("deeplab", {"weights": _digest(DEEPLAB_WEIGHTS)}),
+    SUPERVISED: ("deeplab", {"weights": _digest(SUPERVISED_WEIGHTS)}),
+}
+"""Per store: the params section its record's settings come from, and how to find now each input
+it records (as the stage that writes it names them)."""
+
+
 def open_project(params_path: str | Path, artifacts: str | Path | None = None) -> Project:
     """The project of a params file: its `dataset:` and `storage:` sections; ``artifacts``, a
     folder of stores, overrides ``storage.artifacts``."""
@@ -185,7 +201,8 @@ def source(name: str) -> Source:
     return next(s for s in SOURCES if s.name == name)
 
 
-def store_problem(store: ImageStore, manifest: Manifest) -> str | None:
+def store_problem(store: ImageStore, manifest: Manifest,
+                  identity: Callable[[tuple[str, ...]], str] | None = None) -> str | None:
     """Why a store cannot be read (not run, cut short, switched off, made from other images or
     tags than ``manifest`` lists), or None if it can. An image whose data is gone is an error
     when it is read."""
@@ -193,9 +210,9 @@ def store_problem(store: ImageStore, manifest: Manifest) -> str | None:
         return f"not run (has the {store.stage} stage run?)"
     if not store.is_complete():
         return f"incomplete (rerun the {store.stage} stage)"
-    if not store.ids():
+    if store.is_empty():
         return f"empty (the {store.stage} stage wrote no masks: is it switched off?)"
-    other = same_dataset(store.made_from, manifest)
+    other = same_dataset(store.made_from, manifest, identity)
     return None if other is None else f"{other} (rerun the {store.stage} stage)"
 
 

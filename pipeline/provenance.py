@@ -20,8 +20,9 @@ import dataclasses
 import hashlib
 import json
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -139,15 +140,34 @@ def difference(recorded: Mapping[str, Any] | None, expected: MadeFrom, manifest:
     return None
 
 
-def same_dataset(recorded: Mapping[str, Any] | None, manifest: Manifest) -> str | None:
+def stated_difference(recorded: Mapping[str, Any], stated: Mapping[str, Any],
+                      inputs: Mapping[str, str | None]) -> str | None:
+    """:func:`difference` beyond the dataset (see :func:`same_dataset`) as far as a params file
+    states it without the stages' code: each setting the file gives explicitly (``stated``,
+    ``{"section.key": value}``) and the ``inputs``. A setting left to its default is not
+    compared (the default lives in the stage's code, which a command that only looks at the
+    stores does not load)."""
+    was = recorded.get("settings", {})
+    for key, value in sorted(stated.items()):
+        if key in was and was[key] != _plain(value):
+            return f"was made with {key}={was[key]!r}, the params file has {_plain(value)!r}"
+    for key, value in sorted(inputs.items()):
+        if recorded.get("inputs", {}).get(key) != value:
+            return f"was made from another {key}"
+    return None
+
+
+def same_dataset(recorded: Mapping[str, Any] | None, manifest: Manifest,
+                 identity: Callable[[tuple[str, ...]], str] | None = None) -> str | None:
     """:func:`difference` in the dataset alone, for inspection, which reads stores of any
     settings: what differs, or None. A store without a record (written by hand, or by an
-    earlier version of this project) has nothing to check and is read as it is."""
+    earlier version of this project) has nothing to check and is read as it is. ``identity``
+    gives the :func:`dataset_identity` of some splits (a caller's memo of it)."""
     if recorded is None:
         return None
-    splits = recorded.get("splits", [])
-    if not all(name in manifest.splits for name in splits) or recorded.get("dataset") != dataset_identity(manifest,
-                                                                                                          splits):
+    splits = tuple(recorded.get("splits", []))
+    identity = identity or partial(dataset_identity, manifest)
+    if not all(name in manifest.splits for name in splits) or recorded.get("dataset") != identity(splits):
         return f"was made from other images or tags than those of {manifest.source or manifest.name}"
     return None
 

@@ -253,10 +253,6 @@ def crf_pool(workers: int, scheduler: str | None) -> Iterator[tuple[Executor, in
         yield pool, max(1, sum(client.nthreads().values()))
 
 
-WEIGHTS = Path("checkpoints/segment.pth")
-"""The segment stage's trained network, under ``storage.root``."""
-
-
 def predictions_made_from(manifest: Manifest, split: str, section: str, params: Any, weights: Path) -> MadeFrom:
     """What a store of predictions of ``split`` is made from: its images and tags, the settings of
     the stage that trained the network (its params ``section``) and the network's weights."""

@@ -111,7 +111,7 @@ class ImageStore:
             raise InputError(
                 self.path, f"image {image_id!r} was not written in full{self._hint('rerun the {} stage')}"
             )
-        if not _has_data(node):
+        if not self._has_data(image_id, node):
             raise InputError(self.path, f"image {image_id!r} has lost its data (chunk file gone)"
                                         f"{self._hint('rerun the {} stage to write it again')}")
         return node[...], attrs
@@ -129,12 +129,16 @@ class ImageStore:
         """Ids of the arrays written in full and whole (data present), sorted."""
         if not self.exists():
             return []
-        return sorted(name for name, node in self._group("r").arrays() if _is_whole(node))
+        return sorted(name for name, node in self._group("r").arrays() if self._is_whole(name, node))
+
+    def is_empty(self) -> bool:
+        """Whether the store holds no array (without listing them all)."""
+        return not self.exists() or next(iter(self._group("r").array_keys()), None) is None
 
     def __contains__(self, image_id: object) -> bool:
         """Whether ``image_id`` was written in full and its data is still there."""
         node = self._open(image_id) if isinstance(image_id, str) else None
-        return node is not None and _is_whole(node)
+        return node is not None and self._is_whole(image_id, node)
 
     @property
     def fingerprint(self) -> str | None:
@@ -215,19 +219,17 @@ class ImageStore:
         except (ArrayNotFoundError, FileNotFoundError):
             return None
 
+    def _has_data(self, image_id: str, node: zarr.Array) -> bool:
+        """Whether the array's one chunk file is there (one file check; an empty array has none)."""
+        return node.nchunks == 0 or (self.path / image_id / node.metadata.encode_chunk_key((0,) * node.ndim)).is_file()
+
+    def _is_whole(self, image_id: str, node: zarr.Array) -> bool:
+        """Written in full (its ``complete`` attribute) and its data still there."""
+        return bool(node.attrs.get(COMPLETE, False)) and self._has_data(image_id, node)
+
     def _hint(self, template: str) -> str:
         """`` (template with the stage name)``, or nothing for a store of no named stage."""
         return "" if self.stage is None else f" ({template.format(self.stage)})"
-
-
-def _has_data(node: zarr.Array) -> bool:
-    """Whether every chunk file of the array is there (one listing of its folder)."""
-    return node.nchunks_initialized == node.nchunks
-
-
-def _is_whole(node: zarr.Array) -> bool:
-    """Written in full (its ``complete`` attribute) and its data still there."""
-    return bool(node.attrs.get(COMPLETE, False)) and _has_data(node)
 
 
 def _remove_tree(path: Path | UPath) -> None:
@@ -247,6 +249,15 @@ SUPERVISED = "supervised.zarr"
 """The stores' names in the artifacts folder: the cams stage's CAMs, the prune stage's reliable
 masks, the segment stage's val predictions and training-split pseudo labels, DeepLab's val
 predictions, and those of the supervised reference."""
+
+CLASSIFIER_WEIGHTS = Path("checkpoints/classifier.pth")
+SEGMENT_WEIGHTS = Path("checkpoints/segment.pth")
+DEEPLAB_WEIGHTS = Path("checkpoints/deeplab/model.pth")
+SUPERVISED_WEIGHTS = Path("checkpoints/supervised/model.pth")
+"""The stages' trained networks, under ``storage.root``: the classifier (the cams stage's CAM
+network and the segment stage's initialisation), the segmentation branch, DeepLab and the
+supervised reference (each of the last two in a folder of its own, which a disabled stage
+leaves empty)."""
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline.cams import CamParams, cams_made_from, extract_cams, score_cams
-from pipeline.classifier import WEIGHTS, ClassifierParams, classifier_made_from, load_classifier
+from pipeline.classifier import ClassifierParams, classifier_made_from, load_classifier
 from pipeline.io import write_json
 from pipeline.metrics import write_metrics
 from pipeline.models import fold_batch_norms
@@ -17,6 +17,7 @@ from pipeline.params import load_params
 from pipeline.provenance import check_checkpoint
 from pipeline.stage import run, screened_dataset, stopwatch
 from pipeline.store import CAMS, StorageParams
+from pipeline.store import CLASSIFIER_WEIGHTS as WEIGHTS
 from pipeline.training import default_device, init_distributed
 
 METRICS = Path("metrics/cams.json")

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.classifier import WEIGHTS, ClassifierParams, classifier_made_from, evaluate_classifier, train_classifier
+from pipeline.classifier import ClassifierParams, classifier_made_from, evaluate_classifier, train_classifier
 from pipeline.metrics import write_metrics
 from pipeline.params import load_params
 from pipeline.provenance import forget, write_record
 from pipeline.stage import run, screened_dataset, stopwatch
+from pipeline.store import CLASSIFIER_WEIGHTS as WEIGHTS
 from pipeline.store import StorageParams
 from pipeline.training import default_device, init_distributed
 

@@ -18,16 +18,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.crf import INFERENCE_CRF
-from pipeline.deeplab import WEIGHTS, DeepLabParams, LabelReader, deeplab_probabilities, pseudo_labels, train_deeplab
+from pipeline.deeplab import DeepLabParams, LabelReader, deeplab_probabilities, pseudo_labels, train_deeplab
 from pipeline.io import file_digest
 from pipeline.manifest import Manifest
 from pipeline.metrics import write_metrics
 from pipeline.params import load_params
 from pipeline.provenance import MadeFrom, check, forget, settings, write_record
-from pipeline.segment import WEIGHTS as SEGMENT_WEIGHTS
 from pipeline.segment import SegmentParams, infer_split, predictions_made_from
 from pipeline.stage import run, screened_dataset, stopwatch
-from pipeline.store import DEEPLAB, PSEUDO, ImageStore, StorageParams
+from pipeline.store import DEEPLAB, DEEPLAB_WEIGHTS, PSEUDO, SEGMENT_WEIGHTS, ImageStore, StorageParams
 from pipeline.training import default_device, init_distributed
 
 DISABLED = "disabled"
@@ -45,7 +44,7 @@ class Outputs:
     metrics: Path
 
 
-OUTPUTS = Outputs(DEEPLAB, WEIGHTS, Path("checkpoints/state/deeplab.pt"),
+OUTPUTS = Outputs(DEEPLAB, DEEPLAB_WEIGHTS, Path("checkpoints/state/deeplab.pt"),
                   Path("metrics/deeplab.json"))
 
 Targets = Callable[[Manifest, str, StorageParams], tuple[LabelReader, str]]

@@ -15,14 +15,13 @@ from dataclasses import replace
 from pathlib import Path
 
 from pipeline.cams import CamParams, cams_made_from
-from pipeline.classifier import WEIGHTS
 from pipeline.io import write_json
 from pipeline.metrics import write_metrics
 from pipeline.mining import load_prune_params, mine_split, per_class_rows
 from pipeline.params import load_params
 from pipeline.provenance import check
 from pipeline.stage import run, screened_dataset, stopwatch
-from pipeline.store import CAMS, MASKS, StorageParams
+from pipeline.store import CAMS, CLASSIFIER_WEIGHTS, MASKS, StorageParams
 
 METRICS = Path("metrics/prune.json")
 PLOT = Path("plots/prune_per_class.json")
@@ -40,7 +39,7 @@ def main(params_path: Path, scheduler: str | None = None, skip_bad: bool | None 
     cams, masks = storage.store(CAMS, "cams"), storage.store(MASKS, "prune")
     cams.require_complete()
     check(cams, cams_made_from(manifest, (dataset.train_split, dataset.val_split),
-                               load_params(CamParams, "cams", params_path), storage.file(WEIGHTS)), manifest)
+                               load_params(CamParams, "cams", params_path), storage.file(CLASSIFIER_WEIGHTS)), manifest)
     with stopwatch() as timing:
         score = mine_split(manifest, dataset.train_split, cams, masks, params, cluster)
     metrics = score.as_dict(manifest.label_names)

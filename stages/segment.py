@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.classifier import WEIGHTS as INIT
 from pipeline.classifier import ClassifierParams, classifier_made_from
 from pipeline.crf import INFERENCE_CRF
 from pipeline.io import file_digest
@@ -18,7 +17,6 @@ from pipeline.mining import load_prune_params, masks_made_from
 from pipeline.params import load_params
 from pipeline.provenance import MadeFrom, check, check_checkpoint, forget, settings, write_record
 from pipeline.segment import (
-    WEIGHTS,
     SegmentParams,
     infer_split,
     predictions_made_from,
@@ -27,6 +25,8 @@ from pipeline.segment import (
 )
 from pipeline.stage import run, screened_dataset, stopwatch
 from pipeline.store import CAMS, MASKS, PSEUDO, SEGMENT, StorageParams
+from pipeline.store import CLASSIFIER_WEIGHTS as INIT
+from pipeline.store import SEGMENT_WEIGHTS as WEIGHTS
 from pipeline.training import default_device, init_distributed
 
 STATE = Path("checkpoints/state/segment.pt")

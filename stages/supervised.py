@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.deeplab import SUPERVISED_WEIGHTS, SupervisedParams, ground_truth
+from pipeline.deeplab import SupervisedParams, ground_truth
 from pipeline.params import load_params
 from pipeline.stage import run
-from pipeline.store import SUPERVISED
+from pipeline.store import SUPERVISED, SUPERVISED_WEIGHTS
 from stages.deeplab import Outputs, run_deeplab
 
 OUTPUTS = Outputs(SUPERVISED, SUPERVISED_WEIGHTS, Path("checkpoints/state/supervised.pt"),

@@ -19,7 +19,7 @@ from PIL import ExifTags, Image
 from torch.utils.data import DataLoader
 
 from pipeline.cams import CamParams, extract_cams
-from pipeline.classifier import WEIGHTS, CAMNet, ClassifierParams, build_classifier, classifier_made_from
+from pipeline.classifier import CAMNet, ClassifierParams, build_classifier, classifier_made_from
 from pipeline.cli import main as rrm
 from pipeline.data import ImageDataset
 from pipeline.errors import InputError
@@ -33,6 +33,7 @@ from pipeline.provenance import write_record
 from pipeline.prune import PruneParams
 from pipeline.screen import Reject, screen_splits
 from pipeline.stage import DatasetParams, run, screened_dataset
+from pipeline.store import CLASSIFIER_WEIGHTS as WEIGHTS
 from pipeline.store import ImageStore
 
 

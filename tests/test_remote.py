@@ -18,7 +18,7 @@ from moto.server import ThreadedMotoServer
 from upath import UPath
 
 from pipeline.cams import image_size
-from pipeline.classifier import WEIGHTS, ClassifierParams, build_classifier, classifier_made_from
+from pipeline.classifier import ClassifierParams, build_classifier, classifier_made_from
 from pipeline.errors import InputError
 from pipeline.io import read_image, read_mask
 from pipeline.manifest import Manifest, load_manifest
@@ -26,6 +26,7 @@ from pipeline.models.weights import save_checkpoint
 from pipeline.params import build_params, load_params
 from pipeline.provenance import write_record
 from pipeline.store import CAMS, ImageStore, StorageParams
+from pipeline.store import CLASSIFIER_WEIGHTS as WEIGHTS
 
 BUCKET = "rrm"
 
