@@ -63,7 +63,8 @@ def test_the_voc_preset_holds_the_papers_settings():
     prune, _ = load_prune_params(preset)
     assert (classifier.backbone, classifier.crop_size, classifier.freeze_bn) == ("resnet38", 448, True)
     assert (segment.mode, segment.crop_size, segment.batch_size, segment.steps) == ("end_to_end", 321, 4, 20000)
-    assert (segment.lr, segment.momentum, segment.dense_weight) == (7e-4, 0.0, 5e-8)
+    assert (segment.lr, segment.momentum, segment.dense_weight) == (7e-4, 1e-5, 5e-8)  # momentum = RRM's wt_dec
+    assert (classifier.momentum, classifier.weight_decay) == (5e-4, 5e-4)  # PSA's PolyOptimizer: momentum = wt_dec
     assert prune == PruneParams()
 
 

@@ -89,6 +89,19 @@ def test_poly_decay_and_per_group_multipliers(tmp_path):
     assert seen[2] == pytest.approx([0.01 * 0.5**0.9, 0.1 * 0.5**0.9])
 
 
+@pytest.mark.parametrize("momentum", [0.9, 5e-4, 0.0])
+def test_every_group_takes_the_section_s_momentum_and_only_weights_decay(momentum):
+    from pipeline.classifier import ClassifierParams, build_classifier
+
+    params = ClassifierParams(momentum=momentum, weight_decay=5e-4, lr=0.01)
+    optimizer = params.optimizer(build_classifier(params, num_classes=3))
+    groups = {group["name"]: group for group in optimizer.param_groups}
+    assert {group["momentum"] for group in groups.values()} == {momentum}
+    assert {name: (group["lr"], group["weight_decay"]) for name, group in groups.items()} == {
+        "backbone weights": (0.01, 5e-4), "backbone biases": (0.02, 0.0),
+        "new weights": (0.1, 5e-4), "new biases": (0.2, 0.0)}
+
+
 def test_epoch_sampler_shards_cover_each_epoch_once_and_resume_mid_epoch():
     shards = [list(EpochSampler(10, seed=1, rank=r, world_size=2)) for r in range(2)]
     assert sorted(shards[0] + shards[1]) == list(range(10))
