@@ -26,7 +26,7 @@ import math
 import os
 import random
 import shutil
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -116,12 +116,13 @@ class OverlayParams:
 @dataclass(frozen=True)
 class Project:
     """Where to read: the manifest, the dataset's splits and the folder of stores; with
-    ``params_path``, the params file whose settings each store must have been made with."""
+    ``params``, the sections of the params file whose settings each store must have been made
+    with."""
 
     manifest: Manifest
     dataset: DatasetParams
     storage: StorageParams = field(default_factory=StorageParams)
-    params_path: Path | None = None
+    params: Mapping[str, Any] | None = None
     identities: dict[tuple[str, ...], str] = field(default_factory=dict, compare=False, repr=False)
     """A memo of :meth:`identity`: a command reads each image's head once, not once per store."""
 
@@ -134,7 +135,7 @@ class Project:
     def with_artifacts(self, folder: str | Path) -> Project:
         """The same project reading the stores in another local folder: another version, made
         with other settings (no params file to hold them to), from the same images."""
-        return replace(self, storage=StorageParams(artifacts=str(folder)), params_path=None)
+        return replace(self, storage=StorageParams(artifacts=str(folder)), params=None)
 
     def identity(self, splits: tuple[str, ...]) -> str:
         """The :func:`~pipeline.provenance.dataset_identity` of ``splits``, computed once."""
@@ -147,10 +148,10 @@ class Project:
         With a params file, a store's record is held to it as far as it states it (see
         :func:`~pipeline.provenance.stated_difference`)."""
         problem = store_problem(store, self.manifest, self.identity)
-        if problem is not None or store.made_from is None or self.params_path is None:
+        if problem is not None or store.made_from is None or self.params is None:
             return problem
         section, inputs = RECORDED[store.path.name]
-        given = read_params_file(self.params_path).get(section) or {}
+        given = self.params.get(section) or {}
         try:
             found = {name: make(self) for name, make in inputs.items()}
         except InputError as error:  # an input the record names is gone (e.g. the weights)
@@ -193,7 +194,8 @@ def open_project(params_path: str | Path, artifacts: str | Path | None = None) -
     """The project of a params file: its `dataset:` and `storage:` sections; ``artifacts``, a
     folder of stores, overrides ``storage.artifacts``."""
     manifest, dataset = load_dataset(Path(params_path))
-    project = Project(manifest, dataset, load_params(StorageParams, "storage", params_path), Path(params_path))
+    project = Project(manifest, dataset, load_params(StorageParams, "storage", params_path),
+                      read_params_file(params_path))
     return project if artifacts is None else project.with_artifacts(artifacts)
 
 

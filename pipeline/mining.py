@@ -47,7 +47,7 @@ from pipeline.io import IGNORE
 from pipeline.manifest import Item, Manifest
 from pipeline.metrics import PartialLabelScore, SegmentationScore
 from pipeline.params import build_params, check_range, read_params_file
-from pipeline.provenance import MadeFrom, settings
+from pipeline.provenance import MadeFrom, settings, start
 from pipeline.prune import PruneParams, prune_image, stack_scores
 from pipeline.store import ImageStore
 
@@ -330,8 +330,7 @@ def mine_split(
     """
     cams.require_complete()
     items = manifest.split(split)
-    made = masks_made_from(manifest, split, params, cams)
-    masks.reset_unless(made.fingerprint, made.as_json())
+    start(masks, masks_made_from(manifest, split, params, cams))
     job = MiningJob.create(manifest, cams, masks, params)
     total = MiningScore(manifest.num_classes + 1)
     with (

@@ -129,15 +129,9 @@ def difference(recorded: Mapping[str, Any] | None, expected: MadeFrom, manifest:
         return "records nothing of what it was made from"
     if recorded.get("splits") != list(expected.splits) or recorded.get("dataset") != expected.dataset:
         return f"was made from other images or tags than those of {manifest.source or manifest.name}"
-    was, now = recorded.get("settings", {}), expected.as_json()["settings"]
-    for key in sorted(set(was) | set(now)):
-        if was.get(key) != now.get(key):
-            return f"was made with {key}={was.get(key)!r}, the params file has {now.get(key)!r}"
-    was, now = recorded.get("inputs", {}), dict(expected.inputs)
-    for key in sorted(set(was) | set(now)):
-        if was.get(key) != now.get(key):
-            return f"was made from another {key}"
-    return None
+    now = expected.as_json()
+    return _changed(recorded, now["settings"], now["inputs"], set(recorded.get("settings", {})) | set(now["settings"]),
+                    set(recorded.get("inputs", {})) | set(now["inputs"]))
 
 
 def stated_difference(recorded: Mapping[str, Any], stated: Mapping[str, Any],
@@ -147,12 +141,21 @@ def stated_difference(recorded: Mapping[str, Any], stated: Mapping[str, Any],
     ``{"section.key": value}``) and the ``inputs``. A setting left to its default is not
     compared (the default lives in the stage's code, which a command that only looks at the
     stores does not load)."""
+    settings = {key: _plain(value) for key, value in stated.items()}
+    return _changed(recorded, settings, inputs, set(settings) & set(recorded.get("settings", {})), set(inputs))
+
+
+def _changed(recorded: Mapping[str, Any], settings: Mapping[str, Any], inputs: Mapping[str, str | None],
+             setting_keys: set[str], input_keys: set[str]) -> str | None:
+    """The first of ``setting_keys``, then of ``input_keys``, whose recorded value is not the
+    current one (``settings``, ``inputs``; absent: None), in words; None if none."""
     was = recorded.get("settings", {})
-    for key, value in sorted(stated.items()):
-        if key in was and was[key] != _plain(value):
-            return f"was made with {key}={was[key]!r}, the params file has {_plain(value)!r}"
-    for key, value in sorted(inputs.items()):
-        if recorded.get("inputs", {}).get(key) != value:
+    for key in sorted(setting_keys):
+        if was.get(key) != settings.get(key):
+            return f"was made with {key}={was.get(key)!r}, the params file has {settings.get(key)!r}"
+    was = recorded.get("inputs", {})
+    for key in sorted(input_keys):
+        if was.get(key) != inputs.get(key):
             return f"was made from another {key}"
     return None
 
@@ -170,6 +173,12 @@ def same_dataset(recorded: Mapping[str, Any] | None, manifest: Manifest,
     if not all(name in manifest.splits for name in splits) or recorded.get("dataset") != identity(splits):
         return f"was made from other images or tags than those of {manifest.source or manifest.name}"
     return None
+
+
+def start(store: ImageStore, made: MadeFrom) -> None:
+    """Start ``store`` with ``made`` recorded, keeping what it holds if it was started with the
+    same record (see :meth:`~pipeline.store.ImageStore.reset_unless`)."""
+    store.reset_unless(made.fingerprint, made.as_json())
 
 
 def check(store: ImageStore, expected: MadeFrom, manifest: Manifest) -> None:

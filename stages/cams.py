@@ -14,7 +14,7 @@ from pipeline.io import write_json
 from pipeline.metrics import write_metrics
 from pipeline.models import fold_batch_norms
 from pipeline.params import load_params
-from pipeline.provenance import check_checkpoint
+from pipeline.provenance import check_checkpoint, start
 from pipeline.stage import run, screened_dataset, stopwatch
 from pipeline.store import CAMS, StorageParams
 from pipeline.store import CLASSIFIER_WEIGHTS as WEIGHTS
@@ -39,8 +39,7 @@ def main(params_path: Path, skip_bad: bool | None = None) -> None:
     store = storage.store(CAMS, "cams")
     splits = (dataset.train_split, dataset.val_split)
     if ctx.is_main:
-        made = cams_made_from(manifest, splits, params, weights)
-        store.reset_unless(made.fingerprint, made.as_json())
+        start(store, cams_made_from(manifest, splits, params, weights))
     ctx.barrier()
     with stopwatch() as timing:
         for split in splits:

@@ -23,7 +23,7 @@ from pipeline.io import file_digest
 from pipeline.manifest import Manifest
 from pipeline.metrics import write_metrics
 from pipeline.params import load_params
-from pipeline.provenance import MadeFrom, check, forget, settings, write_record
+from pipeline.provenance import MadeFrom, check, forget, settings, start, write_record
 from pipeline.segment import SegmentParams, infer_split, predictions_made_from
 from pipeline.stage import run, screened_dataset, stopwatch
 from pipeline.store import DEEPLAB, DEEPLAB_WEIGHTS, PSEUDO, SEGMENT_WEIGHTS, ImageStore, StorageParams
@@ -82,8 +82,7 @@ def run_deeplab(params_path: Path, stage: str, enabled: bool, targets: Targets, 
     if not ctx.is_main:
         return
     write_record(weights, made)
-    made = predictions_made_from(manifest, dataset.val_split, "deeplab", params, weights)
-    store.reset_unless(made.fingerprint, made.as_json())
+    start(store, predictions_made_from(manifest, dataset.val_split, "deeplab", params, weights))
     with stopwatch() as inference:
         val = infer_split(deeplab_probabilities(net, params.scales, params.flip), manifest, dataset.val_split, store,
                           device, INFERENCE_CRF if params.crf else None, params.crf_workers,

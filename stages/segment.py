@@ -15,7 +15,7 @@ from pipeline.io import file_digest
 from pipeline.metrics import write_metrics
 from pipeline.mining import load_prune_params, masks_made_from
 from pipeline.params import load_params
-from pipeline.provenance import MadeFrom, check, check_checkpoint, forget, settings, write_record
+from pipeline.provenance import MadeFrom, check, check_checkpoint, forget, settings, start, write_record
 from pipeline.segment import (
     SegmentParams,
     infer_split,
@@ -69,8 +69,7 @@ def main(params_path: Path, skip_bad: bool | None = None) -> None:
         # own classes. Val's are not (test time): every class competes there.
         for name, store, split, restricted in (("val", storage.store(SEGMENT, "segment"), dataset.val_split, False),
                                                ("pseudo", storage.store(PSEUDO, "segment"), dataset.train_split, True)):
-            made = predictions_made_from(manifest, split, "segment", params, weights)
-            store.reset_unless(made.fingerprint, made.as_json())
+            start(store, predictions_made_from(manifest, split, "segment", params, weights))
             results[name] = infer_split(probabilities, manifest, split, store, device, crf,
                                         params.crf_workers, params.crf_scheduler, restricted)
     write_metrics(storage.file(METRICS), {**results["val"], "mode": params.mode, "pseudo": results["pseudo"],
