@@ -16,12 +16,13 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from pipeline.data import ClassificationDataset, ImageDataset
+from pipeline.data import Augmentation, ClassificationDataset, ImageDataset
 from pipeline.io import file_digest, fingerprint
 from pipeline.manifest import Manifest
 from pipeline.metrics import classification_scores
 from pipeline.models import (
     CAMNet,
+    backbone_modules,
     build_backbone,
     load_checkpoint,
     save_checkpoint,
@@ -47,6 +48,29 @@ class ClassifierParams(TrainingParams):
     """A whole trained classifier to start from (ours, or PSA's res38_cls.pth); with steps 0, used as is."""
     output_stride: int = 8
     freeze_bn: bool = False
+    frozen: tuple[str, ...] = ()
+    """Backbone modules that do not train (PSA: ``[conv1a, b2, b2_1, b2_2]`` of ResNet-38): no
+    gradient, no weight decay, in eval mode (see :class:`~pipeline.models.OnBackbone`)."""
+    resize_long: tuple[int, ...] | None = None
+    """PSA's rescaling: the long side resized to a random length in ``[low, high]`` pixels, so that
+    objects come at one scale whatever the photo's resolution; ``scale_range`` must then be
+    ``[1.0, 1.0]`` (one rescaling at a time). None: ``scale_range`` alone."""
+    color_jitter: tuple[float, ...] | None = None
+    """``[brightness, contrast, saturation, hue]`` of torchvision's colour jitter (PSA: ``[0.3, 0.3,
+    0.3, 0.1]``, see :func:`~pipeline.data.jitter_colours`). None: the colours as they are."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.resize_long is not None and tuple(self.scale_range) != (1.0, 1.0):
+            raise ValueError(f"resize_long={tuple(self.resize_long)!r} and scale_range={tuple(self.scale_range)!r} "
+                             "both rescale the image: with resize_long, set scale_range: [1.0, 1.0]")
+        self.augmentation()
+        if self.frozen:
+            with torch.device("meta"):
+                backbone_modules(build_backbone(self.backbone, None, self.output_stride), self.frozen)
+
+    def augmentation(self) -> Augmentation:
+        return Augmentation(self.crop_size, tuple(self.scale_range), self.flip, self.resize_long, self.color_jitter)
 
 
 def classifier_made_from(manifest: Manifest, split: str, params: ClassifierParams) -> MadeFrom:
@@ -61,7 +85,7 @@ def build_classifier(params: ClassifierParams, num_classes: int) -> CAMNet:
     """The network with its initial weights: a whole checkpoint if given, else the backbone's."""
     weights = Path(params.weights) if params.weights and not params.checkpoint else None
     net = CAMNet(build_backbone(params.backbone, weights, params.output_stride), num_classes,
-                 freeze_bn=params.freeze_bn)
+                 freeze_bn=params.freeze_bn, frozen=params.frozen)
     if params.checkpoint:
         load_checkpoint(net, params.checkpoint)
     return net
@@ -80,8 +104,7 @@ def train_classifier(manifest: Manifest, split: str, params: ClassifierParams, o
     torch.manual_seed(params.seed)
     net = build_classifier(params, manifest.num_classes).to(device)
     if params.steps > 0:
-        dataset = ClassificationDataset(manifest, split, params.crop_size, params.scale_range, params.flip,
-                                        params.seed)
+        dataset = ClassificationDataset(manifest, split, params.augmentation(), params.seed)
         loader = params.loader(dataset, ctx, device)
         model = data_parallel(net, ctx, device)
         optimizer = params.optimizer(net)

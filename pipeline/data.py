@@ -2,7 +2,8 @@
 
 Transforms work on numpy arrays: an RGB image uint8 (H, W, 3) and any number of label arrays
 (H, W) that must stay aligned with it. The image is resampled bilinearly, labels by nearest
-neighbour, and padding gives the image 0 and labels ``IGNORE``.
+neighbour, and padding gives the image the ImageNet mean colour (:data:`MEAN_COLOUR`) and labels
+``IGNORE``.
 
 Randomness: every item draws from its own ``numpy.random.Generator`` seeded by
 ``(seed, epoch, index)``. An item's crop, scale and flip therefore depend neither on the order
@@ -22,6 +23,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torchvision.transforms.functional as TF
 from PIL import Image
 from torch.utils.data import Dataset, default_collate
 
@@ -34,6 +36,10 @@ IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32) * 255
 """Per-channel RGB mean of ImageNet in 0..255, as the ImageNet-trained backbones expect."""
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32) * 255
 """Per-channel RGB standard deviation of ImageNet in 0..255."""
+MEAN_COLOUR = np.round(IMAGENET_MEAN).astype(np.uint8)
+"""The padding of training crops: the ImageNet mean, which :func:`normalize` takes to (about) zero.
+PSA and RRM pad their normalised crops with zeros, so a padded pixel carries no signal into the
+network, and RRM's online mining sees the padding in this colour."""
 
 Sample = dict[str, Any]
 
@@ -54,10 +60,20 @@ def resize(
 ) -> tuple[np.ndarray, list[np.ndarray]]:
     """Resize the image (bilinear) and the label arrays (nearest) to ``size`` = (height, width)."""
     height, width = size
+    if (height, width) == image.shape[:2]:
+        return image, list(masks)
     resized = np.asarray(Image.fromarray(image).resize((width, height), Image.Resampling.BILINEAR))
     rows = _nearest_indices(image.shape[0], height)
     cols = _nearest_indices(image.shape[1], width)
     return resized, [mask[np.ix_(rows, cols)] for mask in masks]
+
+
+def rescale(
+    image: np.ndarray, masks: Sequence[np.ndarray], factor: float
+) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Resize the image and labels together by ``factor``, each side rounded (1 pixel at least)."""
+    height, width = image.shape[:2]
+    return resize(image, masks, (max(1, round(height * factor)), max(1, round(width * factor))))
 
 
 def random_rescale(
@@ -67,10 +83,53 @@ def random_rescale(
     rng: np.random.Generator,
 ) -> tuple[np.ndarray, list[np.ndarray]]:
     """Rescale the image and labels together by a factor drawn uniformly from ``scale_range``."""
-    scale = rng.uniform(*scale_range)
-    height, width = image.shape[:2]
-    size = (max(1, round(height * scale)), max(1, round(width * scale)))
-    return resize(image, masks, size)
+    return rescale(image, masks, rng.uniform(*scale_range))
+
+
+def random_resize_long(
+    image: np.ndarray,
+    masks: Sequence[np.ndarray],
+    long_range: tuple[int, int],
+    rng: np.random.Generator,
+) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Resize the image and labels together so that their long side is a whole number of pixels
+    drawn uniformly from ``long_range`` (both ends included), the short side in proportion:
+    PSA's rescaling, which makes the object scale independent of the photo's resolution."""
+    target = int(rng.integers(long_range[0], long_range[1] + 1))
+    return rescale(image, masks, target / max(image.shape[:2]))
+
+
+def jitter_colours(image: np.ndarray, strengths: tuple[float, float, float, float],
+                   rng: np.random.Generator) -> np.ndarray:
+    """``image`` with torchvision's colour jitter (PSA's augmentation), drawn from ``rng``.
+
+    ``strengths`` = (brightness, contrast, saturation, hue): the first three scale by a factor
+    drawn from ``[max(0, 1 - s), 1 + s]``, hue shifts by one drawn from ``[-h, h]`` (of a full
+    turn), the four applied in a random order; a strength of 0 leaves its property alone.
+    """
+    brightness, contrast, saturation, hue = strengths
+    adjustments = [
+        (TF.adjust_brightness, brightness, rng.uniform(max(0.0, 1 - brightness), 1 + brightness)),
+        (TF.adjust_contrast, contrast, rng.uniform(max(0.0, 1 - contrast), 1 + contrast)),
+        (TF.adjust_saturation, saturation, rng.uniform(max(0.0, 1 - saturation), 1 + saturation)),
+        (TF.adjust_hue, hue, rng.uniform(-hue, hue)),
+    ]
+    picture = Image.fromarray(image)
+    for index in rng.permutation(len(adjustments)):
+        adjust, strength, amount = adjustments[index]
+        if strength > 0:
+            picture = adjust(picture, float(amount))
+    return np.asarray(picture)
+
+
+def check_colour_jitter(name: str, strengths: Sequence[float]) -> None:
+    """Raise ValueError unless ``strengths`` is (brightness, contrast, saturation, hue), the first
+    three at least 0 and hue in [0, 0.5]."""
+    if len(strengths) != 4:
+        raise ValueError(f"{name}={tuple(strengths)!r} must be [brightness, contrast, saturation, hue]")
+    for what, value in zip(("brightness", "contrast", "saturation"), strengths[:3], strict=True):
+        check_range(f"{name} {what}", value, 0)
+    check_range(f"{name} hue", strengths[3], 0, 0.5)
 
 
 def hflip(image: np.ndarray, masks: Sequence[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
@@ -96,13 +155,14 @@ def random_crop(
 ) -> tuple[np.ndarray, list[np.ndarray], np.ndarray]:
     """Cut a ``size`` x ``size`` window from the image and labels at the same random place.
 
-    Where the image is smaller than the window it is padded, the image with 0 and the labels
-    with ``IGNORE``. Returns ``(image, masks, valid)``, ``valid`` bool (size, size) marking
-    the pixels that come from the image.
+    Where the image is smaller than the window it is padded, the image with :data:`MEAN_COLOUR`
+    and the labels with ``IGNORE``. Returns ``(image, masks, valid)``, ``valid`` bool (size,
+    size) marking the pixels that come from the image.
     """
     rows_from, rows_to = _window(image.shape[0], size, rng)
     cols_from, cols_to = _window(image.shape[1], size, rng)
-    cropped = np.zeros((size, size, image.shape[2]), dtype=image.dtype)
+    cropped = np.empty((size, size, image.shape[2]), dtype=image.dtype)
+    cropped[:] = MEAN_COLOUR
     cropped[rows_to, cols_to] = image[rows_from, cols_from]
     cropped_masks = []
     for mask in masks:
@@ -116,23 +176,42 @@ def random_crop(
 
 @dataclass(frozen=True)
 class Augmentation:
-    """The training augmentation: random rescale, random horizontal flip, random square crop."""
+    """The training augmentation, in this order: the long side resized to a random length
+    (``resize_long``, pixels, if given), a random rescale (``scale_range``), a random horizontal
+    flip, colour jitter (``color_jitter``, see :func:`jitter_colours`, if given), a random square
+    crop padded with the mean colour."""
 
     crop_size: int
     scale_range: tuple[float, float]
     flip: bool
+    resize_long: tuple[int, int] | None = None
+    color_jitter: tuple[float, float, float, float] | None = None
 
     def __post_init__(self) -> None:
         check_range("crop_size", self.crop_size, low=1)
         check_scale_range("scale_range", self.scale_range)
+        if self.resize_long is not None:
+            check_long_range("resize_long", self.resize_long)
+        if self.color_jitter is not None:
+            check_colour_jitter("color_jitter", self.color_jitter)
 
     def __call__(
         self, image: np.ndarray, masks: Sequence[np.ndarray], rng: np.random.Generator
     ) -> tuple[np.ndarray, list[np.ndarray], np.ndarray]:
+        if self.resize_long is not None:
+            image, masks = random_resize_long(image, masks, self.resize_long, rng)
         image, masks = random_rescale(image, masks, self.scale_range, rng)
         if self.flip and rng.random() < 0.5:
             image, masks = hflip(image, masks)
+        if self.color_jitter is not None:
+            image = jitter_colours(image, self.color_jitter, rng)
         return random_crop(image, masks, self.crop_size, rng)
+
+
+def check_long_range(name: str, values: Sequence[int]) -> None:
+    """Raise ValueError unless ``values`` is a (low, high) pair of lengths in pixels with 1 <= low <= high."""
+    if len(values) != 2 or any(int(value) != value for value in values) or not 1 <= values[0] <= values[1]:
+        raise ValueError(f"{name}={tuple(values)!r} must be (low, high) pixels with 1 <= low <= high")
 
 
 class _WorkerInputError(InputError):
@@ -185,17 +264,9 @@ class _SplitDataset(Dataset):
 class _AugmentedDataset(_SplitDataset):
     """A split with the training augmentation and per-item random generators (see the module docstring)."""
 
-    def __init__(
-        self,
-        manifest: Manifest,
-        split: str,
-        crop_size: int,
-        scale_range: tuple[float, float],
-        flip: bool,
-        seed: int,
-    ) -> None:
+    def __init__(self, manifest: Manifest, split: str, augment: Augmentation, seed: int) -> None:
         super().__init__(manifest, split)
-        self.augment = Augmentation(crop_size, tuple(scale_range), flip)
+        self.augment = augment
         self.seed = seed
         self.epoch = 0
 
@@ -241,12 +312,10 @@ class SegmentationDataset(_AugmentedDataset):
         manifest: Manifest,
         split: str,
         read_label: Callable[[str], np.ndarray],
-        crop_size: int,
-        scale_range: tuple[float, float],
-        flip: bool,
+        augment: Augmentation,
         seed: int,
     ) -> None:
-        super().__init__(manifest, split, crop_size, scale_range, flip, seed)
+        super().__init__(manifest, split, augment, seed)
         self.read_label = read_label
 
     def _read_pair(self, item: Item) -> tuple[np.ndarray, np.ndarray]:

@@ -144,8 +144,7 @@ def train_deeplab(manifest: Manifest, split: str, params: DeepLabParams, targets
     read_label, labels_key = targets
     torch.manual_seed(params.seed)
     net = build_deeplab(params, manifest.num_classes).to(device)
-    dataset = SegmentationDataset(manifest, split, read_label, params.crop_size, params.scale_range, params.flip,
-                                  params.seed)
+    dataset = SegmentationDataset(manifest, split, read_label, params.augmentation(), params.seed)
     loader = params.loader(dataset, ctx, device)
     model = data_parallel(net, ctx, device)
     optimizer = params.optimizer(net)

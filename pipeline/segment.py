@@ -2,8 +2,9 @@
 
 ``staged``: the head learns from the reliable regions mined once by the prune stage.
 ``end_to_end`` (the paper): every step adds the classification loss, and the reliable regions
-of the batch are re-mined from the network's current multi-scale CAMs, the dense CRF work for
-the batch running in parallel worker processes.
+of the batch are re-mined from the CAMs of that step's own forward pass with those of the other
+scales, as RRM's code does (see :class:`Miner`), the dense CRF work for the batch running in
+parallel worker processes.
 
 Both minimise the balanced cross-entropy on reliable pixels plus the gated dense energy on all
 pixels (:mod:`pipeline.losses`).
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 import multiprocessing
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Executor, Future, ProcessPoolExecutor
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
@@ -26,7 +27,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from pipeline.cams import CamParams, image_size, multiscale_cams, select_and_normalise, size_grouped_batches
+from pipeline.cams import CamFn, CamParams, image_size, select_and_normalise, size_grouped_batches
 from pipeline.classifier import ClassifierParams
 from pipeline.crf import CRFParams, dense_crf
 from pipeline.data import ImageDataset, SegmentationDataset
@@ -62,6 +63,10 @@ class SegmentParams(TrainingParams):
     weight_decay: float = 1e-5
     mode: str = "staged"
     """staged: learn from the prune stage's masks; end_to_end: re-mine them every step (the paper)."""
+    checkpoint: str | None = None
+    """A trained segmentation network to start from instead of the classifier's weights: this
+    project's ``checkpoints/segment.pth`` or RRM's released weights (its flat key names). With
+    ``steps: 0`` the stage only predicts and scores it."""
     dense_weight: float = DENSE_ENERGY_WEIGHT
     """Weight of the dense energy at RRM's 321-pixel crops, with the exact kernel (5e-8 matches the
     paper's 1e-7, see :mod:`pipeline.losses`); other crop sizes get :func:`~pipeline.losses.crop_weight`
@@ -75,7 +80,8 @@ class SegmentParams(TrainingParams):
     cls_weight: float = 1.0
     """end_to_end only: weight of the classification loss."""
     mining_scales: tuple[float, ...] = (1.0, 0.5, 1.5, 2.0)
-    """end_to_end only: scales of the CAMs the reliable regions are re-mined from."""
+    """end_to_end only: scales of the CAMs the reliable regions are re-mined from; 1.0 is the
+    training pass itself (see :func:`fused_cams`), so it must be one of them."""
     mining_workers: int = 2
     """end_to_end only: processes running the batch's dense CRFs."""
     crf: bool = True
@@ -96,14 +102,20 @@ class SegmentParams(TrainingParams):
             check_range(name, getattr(self, name), 1)
         check_range("energy_scale", self.energy_scale, 0.05, 1)
         check_scales("mining_scales", self.mining_scales)
+        if 1.0 not in self.mining_scales:
+            raise ValueError(f"mining_scales={tuple(self.mining_scales)!r} must hold 1.0, the training pass's own CAMs")
 
 
-def build_segnet(classifier: ClassifierParams, num_classes: int, init: Path | None) -> SegNet:
-    """The joint network on the classifier's backbone, from the classifier's trained weights."""
+def build_segnet(classifier: ClassifierParams, num_classes: int, init: Path | None,
+                 checkpoint: Path | None = None) -> SegNet:
+    """The joint network on the classifier's backbone: a whole segmentation ``checkpoint`` if
+    given, else the classifier's trained weights ``init`` with a new segmentation head."""
     backbone = build_backbone(classifier.backbone, None, classifier.output_stride)
     dilation = seg_dilation(classifier.output_stride)
     net = SegNet(backbone, num_classes, freeze_bn=classifier.freeze_bn, dilation=dilation)
-    if init is not None:
+    if checkpoint is not None:
+        load_checkpoint(net, checkpoint)
+    elif init is not None:
         load_checkpoint(net, init, allow_missing=SegNet.seg_head)
     return net
 
@@ -119,10 +131,34 @@ def crf_processes(workers: int) -> ProcessPoolExecutor:
     return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=ignore_interrupt)
 
 
-class Miner:
-    """Re-mines reliable regions for a training batch from the network's current CAMs.
+def fused_cams(cam_fn: CamFn, images: torch.Tensor, cams: torch.Tensor, scales: Sequence[float]) -> torch.Tensor:
+    """RRM's multi-scale CAMs of a training batch, (N, C, h, w) on the scale-1 feature grid.
 
-    The dense CRFs of the batch's crops run in ``workers`` processes at once (see
+    ``cams`` (N, C, h, w) are scale 1.0: the training forward pass's own, taken as they are (in
+    train mode, dropout active). Every other scale's come from ``images`` (N, 3, H, W) resized
+    to ``int(H * s) x int(W * s)``, through ``cam_fn`` without gradient; they are resized to
+    (h, w) and the mean of all scales is taken there, on the coarse grid, before any upsampling.
+    """
+    total = cams.detach().float()
+    height, width = images.shape[-2:]
+    with torch.no_grad():
+        for scale in scales:
+            if scale != 1.0:
+                scaled = F.interpolate(images, size=(max(1, int(height * scale)), max(1, int(width * scale))),
+                                       mode="bilinear", align_corners=False)
+                total = total + upsample(cam_fn(scaled), tuple(cams.shape[-2:]))
+    return total / len(scales)
+
+
+class Miner:
+    """Re-mines reliable regions for a training batch from the network's CAMs of that step, as
+    RRM's training does.
+
+    The CAMs are the training pass's own fused with the other ``scales`` (:func:`fused_cams`),
+    upsampled to the crop, each tagged class's map divided by its maximum over the whole crop;
+    the pruning rule then labels every pixel of the crop, its padding included (mean colour,
+    see :data:`pipeline.data.MEAN_COLOUR`), which can come out as reliable background as in
+    the reference. The dense CRFs of the batch's crops run in ``workers`` processes at once (see
     :func:`crf_processes`).
     """
 
@@ -134,34 +170,45 @@ class Miner:
         self.pool.shutdown(cancel_futures=True)
 
     @torch.no_grad()
-    def __call__(self, net: SegNet, batch: dict[str, Any], device: torch.device) -> torch.Tensor:
-        was_training = net.training
-        net.eval()
-        cams = multiscale_cams(net.cams, batch["image"].to(device), self.scales, flip=False).cpu()
-        net.train(was_training)
-        valid = batch["valid"].bool()
+    def __call__(self, cam_fn: CamFn, batch: dict[str, Any], cams: torch.Tensor) -> torch.Tensor:
+        """int64 (N, S, S) labels of the batch's crops from ``cams`` (N, C, h, w), the CAMs of
+        this step's forward pass; ``cam_fn`` gives the other scales' (the network as it trains)."""
+        size = tuple(batch["rgb"].shape[-2:])
+        maps = upsample(fused_cams(cam_fn, batch["image"].to(cams.device), cams, self.scales), size).cpu()
         jobs = []
-        for index in range(cams.shape[0]):
+        for index in range(maps.shape[0]):
             classes = batch["labels"][index].nonzero().flatten().tolist()
-            maps = (cams[index] * valid[index]).clamp(min=0)
             rgb = batch["rgb"][index].permute(1, 2, 0).numpy()
             if classes:
-                normalised = select_and_normalise(maps, classes).numpy()
+                normalised = select_and_normalise(maps[index].clamp(min=0), classes).numpy()
                 jobs.append(self.pool.submit(prune_image, rgb, normalised, np.array(classes), self.params))
             else:
                 jobs.append(None)
-        size = tuple(batch["rgb"].shape[-2:])
         labels = [torch.from_numpy(job.result()) if job else torch.full(size, IGNORE, dtype=torch.uint8)
                   for job in jobs]
-        return torch.stack(labels).long().masked_fill(~valid, IGNORE)
+        return torch.stack(labels).long()
 
 
 def train_segmentation(manifest: Manifest, split: str, classifier: ClassifierParams, params: SegmentParams,
                        prune: PruneParams, init: Path, masks: ImageStore, out: Path, state: Path,
                        ctx: Distributed, device: torch.device, progress: bool = True) -> SegNet:
-    """Train the segmentation branch (either mode), write its weights to ``out``; returns the network."""
+    """Train the segmentation branch (either mode) from ``params.checkpoint`` or else the
+    classifier's weights ``init``, write its weights to ``out`` (rank 0); returns the network.
+    With ``steps: 0`` the checkpoint is written as it is."""
     torch.manual_seed(params.seed)
-    net = build_segnet(classifier, manifest.num_classes, init).to(device)
+    checkpoint = Path(params.checkpoint) if params.checkpoint else None
+    net = build_segnet(classifier, manifest.num_classes, init, checkpoint).to(device)
+    if params.steps > 0:
+        _fit(net, manifest, split, classifier, params, prune, masks, state, ctx, device, progress)
+    if ctx.is_main:
+        save_checkpoint(unwrap(net), out)
+    return net
+
+
+def _fit(net: SegNet, manifest: Manifest, split: str, classifier: ClassifierParams, params: SegmentParams,
+         prune: PruneParams, masks: ImageStore, state: Path, ctx: Distributed, device: torch.device,
+         progress: bool) -> None:
+    """The training loop of :func:`train_segmentation`."""
     staged = params.mode == "staged"
     if staged:
         masks.require_complete()
@@ -171,8 +218,7 @@ def train_segmentation(manifest: Manifest, split: str, classifier: ClassifierPar
     else:
         def read_label(image_id: str) -> np.ndarray:  # mined anew at every step
             return np.full(image_size(manifest.image_path(image_id)), IGNORE, dtype=np.uint8)
-    dataset = SegmentationDataset(manifest, split, read_label, params.crop_size, params.scale_range, params.flip,
-                                  params.seed)
+    dataset = SegmentationDataset(manifest, split, read_label, params.augmentation(), params.seed)
     loader = params.loader(dataset, ctx, device)
     model = data_parallel(net, ctx, device, find_unused=staged)  # staged: the classification layer has no loss
     optimizer = params.optimizer(net)
@@ -181,9 +227,9 @@ def train_segmentation(manifest: Manifest, split: str, classifier: ClassifierPar
     miner = None if staged else Miner(prune, params.mining_scales, params.mining_workers)
 
     def step(batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        labels = batch["label"] if miner is None else miner(net, batch, device)
-        labels, valid = labels.to(device), batch["valid"].to(device)
+        valid = batch["valid"].to(device)
         output = model(batch["image"].to(device, non_blocking=True))
+        labels = (batch["label"] if miner is None else miner(net.cams, batch, output.cams)).to(device)
         seg = upsample(output.seg, tuple(labels.shape[-2:]))
         probs = seg.softmax(1)
         if params.energy_tags:
@@ -203,9 +249,6 @@ def train_segmentation(manifest: Manifest, split: str, classifier: ClassifierPar
     finally:
         if miner is not None:
             miner.close()
-    if ctx.is_main:
-        save_checkpoint(unwrap(net), out)
-    return net
 
 
 def tag_mask(tags: torch.Tensor) -> torch.Tensor:

@@ -21,6 +21,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
+from pipeline.data import Augmentation
 from pipeline.io import atomic_open
 from pipeline.models import param_groups
 from pipeline.params import check_range, check_scale_range
@@ -62,6 +63,10 @@ class TrainingParams:
         if self.steps == 0 and not getattr(self, "checkpoint", None):
             raise ValueError("steps=0 evaluates a trained `checkpoint`, and there is none to evaluate here: "
                              "it would write an untrained network over the trained one")
+
+    def augmentation(self) -> Augmentation:
+        """How the stage's training crops are drawn."""
+        return Augmentation(self.crop_size, tuple(self.scale_range), self.flip)
 
     def optimizer(self, net: nn.Module) -> torch.optim.Optimizer:
         """SGD over PSA's four parameter groups (new layers at 10x, biases at 2x)."""

@@ -2,7 +2,9 @@
 pseudo labels, scored where ground truth exists).
 
 Staged, it learns from the prune stage's masks, refused unless they were made from the current
-dataset, `prune:` settings and CAM store.
+dataset, `prune:` settings and CAM store. It starts from the classifier stage's weights, refused
+unless made from the current dataset and `classifier:` settings, or from `segment.checkpoint`;
+with `steps: 0` it only predicts and scores that checkpoint.
 """
 
 from __future__ import annotations
@@ -42,14 +44,19 @@ def main(params_path: Path, skip_bad: bool | None = None) -> None:
     prune, _ = load_prune_params(params_path)
     storage = load_params(StorageParams, "storage", params_path)
     init, masks = storage.file(INIT), storage.store(MASKS, "prune")
-    check_checkpoint(init, classifier_made_from(manifest, dataset.train_split, classifier), manifest, "classifier")
-    staged = params.mode == "staged"
+    if params.checkpoint:
+        start_from = {"checkpoint": file_digest(Path(params.checkpoint))}
+    else:
+        check_checkpoint(init, classifier_made_from(manifest, dataset.train_split, classifier), manifest,
+                         "classifier")
+        start_from = {"classifier": file_digest(init)}
+    staged, mined = params.steps > 0 and params.mode == "staged", params.steps > 0 and params.mode == "end_to_end"
     if staged:
         masks.require_complete()
         check(masks, masks_made_from(manifest, dataset.train_split, prune, storage.store(CAMS, "cams")), manifest)
     made = MadeFrom.made(manifest, (dataset.train_split,), {**settings("segment", params),
-                                                              **({} if staged else settings("prune", prune))},
-                         {"classifier": file_digest(init), "masks.zarr": masks.fingerprint if staged else None})
+                                                              **(settings("prune", prune) if mined else {})},
+                         {**start_from, "masks.zarr": masks.fingerprint if staged else None})
     ctx = init_distributed()
     device = default_device(ctx)
     weights = storage.file(WEIGHTS)

@@ -6,15 +6,18 @@ import torch
 from torch.utils.data import DataLoader
 
 from pipeline.data import (
+    MEAN_COLOUR,
     Augmentation,
     ClassificationDataset,
     ImageDataset,
     SegmentationDataset,
     hflip,
+    jitter_colours,
     normalize,
     pad_collate,
     random_crop,
     random_rescale,
+    random_resize_long,
 )
 from pipeline.errors import InputError
 from pipeline.io import IGNORE, write_image, write_mask
@@ -110,7 +113,7 @@ def test_random_crop_pads_a_smaller_image_and_marks_its_pixels_valid():
     crop, (mask_crop,), valid = random_crop(image, [mask], 10, np.random.default_rng(3))
     assert crop.shape == (10, 10, 3) and mask_crop.shape == (10, 10) and valid.shape == (10, 10)
     assert valid.sum() == 35
-    assert (crop[~valid] == 0).all() and (mask_crop[~valid] == IGNORE).all()
+    assert (crop[~valid] == MEAN_COLOUR).all() and (mask_crop[~valid] == IGNORE).all()
     np.testing.assert_array_equal(crop[valid].reshape(5, 7, 3), image)
     np.testing.assert_array_equal(mask_crop[valid].reshape(5, 7), mask)
 
@@ -133,6 +136,42 @@ def test_random_rescale_keeps_labels_aligned_with_colours():
         assert assert_colours_match_labels(image, label) > 100
 
 
+def test_padding_is_the_mean_colour_which_normalises_to_about_zero():
+    # PSA and RRM pad their normalised crops with zeros: a padded pixel carries no signal.
+    padded, _, valid = random_crop(coordinate_image(4, 4), [], 8, np.random.default_rng(0))
+    assert np.abs(normalize(padded)[:, ~valid]).max() < 0.01
+
+
+def test_resize_long_draws_the_long_side_in_pixels_and_keeps_the_proportions():
+    mask = block_mask((40, 60), np.random.default_rng(0))
+    longs = set()
+    for seed in range(30):
+        image, (label,) = random_resize_long(COLOURS[mask], [mask], (30, 33), np.random.default_rng(seed))
+        assert max(image.shape[:2]) == image.shape[1] and 30 <= image.shape[1] <= 33
+        assert image.shape[0] == round(40 * image.shape[1] / 60) and label.shape == image.shape[:2]
+        longs.add(image.shape[1])
+    assert longs == {30, 31, 32, 33}
+
+
+def test_colour_jitter_changes_colours_within_its_strengths_and_zero_changes_nothing():
+    image = np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    np.testing.assert_array_equal(jitter_colours(image, (0, 0, 0, 0), np.random.default_rng(1)), image)
+    brighter = [jitter_colours(image, (0.3, 0, 0, 0), np.random.default_rng(seed)) for seed in range(20)]
+    ratios = [float(out.astype(float).mean() / image.astype(float).mean()) for out in brighter]
+    assert 0.68 < min(ratios) < 0.95 and 1.05 < max(ratios) < 1.32
+    hue = jitter_colours(image, (0, 0, 0, 0.1), np.random.default_rng(2))
+    assert hue.shape == image.shape and hue.dtype == np.uint8 and (hue != image).any()
+
+
+def test_augmentation_with_jitter_is_repeated_by_its_generator():
+    augment = Augmentation(24, (1.0, 1.0), True, resize_long=(20, 40), color_jitter=(0.3, 0.3, 0.3, 0.1))
+    image = coordinate_image(30, 50)
+    first = augment(image, [], np.random.default_rng(5))
+    again = augment(image, [], np.random.default_rng(5))
+    np.testing.assert_array_equal(first[0], again[0])
+    assert first[0].shape == (24, 24, 3) and (first[0][~first[2]] == MEAN_COLOUR).all()
+
+
 def test_hflip_mirrors_image_and_masks():
     image = coordinate_image(2, 3)
     flipped, (mask,) = hflip(image, [image[..., 1]])
@@ -152,18 +191,21 @@ def test_augmentation_flips_about_half_the_time_only_when_asked():
     assert not any(flipped(False, seed) for seed in range(20))
 
 
-@pytest.mark.parametrize(("crop_size", "scale_range"), [(0, (0.7, 1.3)), (32, (0.0, 1.0)), (32, (1.3, 0.7))])
-def test_augmentation_rejects_bad_parameters(crop_size, scale_range):
+@pytest.mark.parametrize(("crop_size", "scale_range", "extra"), [
+    (0, (0.7, 1.3), {}), (32, (0.0, 1.0), {}), (32, (1.3, 0.7), {}),
+    (32, (1.0, 1.0), {"resize_long": (512, 256)}), (32, (1.0, 1.0), {"resize_long": (0, 10)}),
+    (32, (1.0, 1.0), {"color_jitter": (0.3, 0.3, 0.3)}), (32, (1.0, 1.0), {"color_jitter": (0.3, 0.3, 0.3, 0.6)}),
+    (32, (1.0, 1.0), {"color_jitter": (-0.1, 0, 0, 0)}),
+])
+def test_augmentation_rejects_bad_parameters(crop_size, scale_range, extra):
     with pytest.raises(ValueError):
-        Augmentation(crop_size=crop_size, scale_range=scale_range, flip=True)
+        Augmentation(crop_size=crop_size, scale_range=scale_range, flip=True, **extra)
 
 
 def segmentation_dataset(
     manifest: Manifest, masks: dict[str, np.ndarray], seed: int = 0
 ) -> SegmentationDataset:
-    return SegmentationDataset(
-        manifest, "train", masks.__getitem__, crop_size=CROP, scale_range=(0.7, 1.3), flip=True, seed=seed
-    )
+    return SegmentationDataset(manifest, "train", masks.__getitem__, Augmentation(CROP, (0.7, 1.3), flip=True), seed)
 
 
 def test_segmentation_items_keep_image_label_and_valid_aligned(dataset):
@@ -183,7 +225,7 @@ def test_segmentation_items_keep_image_label_and_valid_aligned(dataset):
             rgb = sample["rgb"].numpy().transpose(1, 2, 0)
             label = sample["label"].numpy()
             padding = sample["valid"].numpy() == 0
-            assert (label[padding] == IGNORE).all() and (rgb[padding] == 0).all()
+            assert (label[padding] == IGNORE).all() and (rgb[padding] == MEAN_COLOUR).all()
             checked += assert_colours_match_labels(rgb, label)
             np.testing.assert_allclose(sample["image"].numpy(), normalize(rgb), atol=1e-6)
     assert checked > 1000
@@ -191,7 +233,7 @@ def test_segmentation_items_keep_image_label_and_valid_aligned(dataset):
 
 def test_classification_items(dataset):
     manifest, _ = dataset
-    data = ClassificationDataset(manifest, "train", crop_size=CROP, scale_range=(0.7, 1.3), flip=True, seed=0)
+    data = ClassificationDataset(manifest, "train", Augmentation(CROP, (0.7, 1.3), flip=True), seed=0)
     assert len(data) == 4
     sample = data[2]  # image "c", 20 x 20: at most 26 x 26 after rescaling, so padded in a 32 x 32 crop
     assert sample["id"] == "c"
@@ -200,9 +242,9 @@ def test_classification_items(dataset):
     np.testing.assert_array_equal(sample["labels"].numpy(), manifest.label_vector(manifest.split("train")[2]))
     padding = sample["valid"].numpy() == 0
     assert padding.sum() >= CROP * CROP - 26 * 26
-    black = normalize(np.zeros((1, 1, 3), dtype=np.uint8))[:, 0, 0]
+    mean = normalize(MEAN_COLOUR.reshape(1, 1, 3))[:, 0, 0]
     padded_pixels = sample["image"].numpy()[:, padding]
-    np.testing.assert_allclose(padded_pixels, np.repeat(black[:, None], padding.sum(), axis=1))
+    np.testing.assert_allclose(padded_pixels, np.repeat(mean[:, None], padding.sum(), axis=1))
 
 
 def assert_samples_equal(first: dict, second: dict) -> None:

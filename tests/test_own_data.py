@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from click.testing import CliRunner
 from distributed import LocalCluster
@@ -207,3 +208,35 @@ def test_steps_0_evaluates_the_given_checkpoint_and_never_writes_an_untrained_ne
     classifier.main(Path("params.yaml"))
     assert weights_digest(Path("checkpoints/classifier.pth")) == weights_digest(Path("given.pth"))
     assert 0 <= json.loads(Path("metrics/classifier.json").read_text())["map"] <= 1
+
+
+def write_flat(source: Path, target: Path) -> None:
+    """``source``'s weights in PSA's and RRM's layout: their networks subclass the backbone, so
+    its modules sit at the top level beside the heads (``conv1a...``, ``fc8``, ``fc8_seg_conv1``)."""
+    state = torch.load(source, map_location="cpu", weights_only=True)
+    torch.save({key.removeprefix("backbone."): value for key, value in state.items()}, target)
+
+
+def test_classifier_steps_0_gives_cams_straight_from_a_classifier_in_psa_s_layout(project):
+    trained = weights_digest(Path("checkpoints/classifier.pth"))
+    write_flat(Path("checkpoints/classifier.pth"), Path("res38_cls.pth"))
+    shutil.rmtree("artifacts/cams.zarr")
+    set_params("classifier", checkpoint="res38_cls.pth", steps=0)
+    classifier.main(Path("params.yaml"))
+    cams.main(Path("params.yaml"))
+    assert weights_digest(Path("checkpoints/classifier.pth")) == trained
+    assert len(ImageStore("artifacts/cams.zarr").complete_ids()) == 22
+
+
+def test_segment_steps_0_predicts_and_scores_released_weights_without_the_classifier(project):
+    write_flat(Path("checkpoints/segment.pth"), Path("rrm_final.pth"))
+    before = weights_digest(Path("checkpoints/segment.pth"))
+    for name in ("classifier.pth", "classifier.json"):  # nothing of the classifier stage is needed
+        Path("checkpoints", name).unlink()
+    set_params("segment", checkpoint="rrm_final.pth", steps=0)
+    segment.main(Path("params.yaml"))
+    assert weights_digest(Path("checkpoints/segment.pth")) == before
+    metrics = json.loads(Path("metrics/segment.json").read_text())
+    assert metrics["train_seconds"] < 5 and metrics["pseudo"]["scored_images"] == 0
+    assert json.loads(Path("checkpoints/segment.json").read_text())["inputs"]["checkpoint"]
+    assert ImageStore("artifacts/pseudo.zarr").is_complete()

@@ -65,6 +65,10 @@ def test_the_voc_preset_holds_the_papers_settings():
     assert (segment.mode, segment.crop_size, segment.batch_size, segment.steps) == ("end_to_end", 321, 4, 20000)
     assert (segment.lr, segment.momentum, segment.dense_weight) == (7e-4, 1e-5, 5e-8)  # momentum = RRM's wt_dec
     assert (classifier.momentum, classifier.weight_decay) == (5e-4, 5e-4)  # PSA's PolyOptimizer: momentum = wt_dec
+    psa = (classifier.batch_size, classifier.lr, classifier.steps, classifier.resize_long, classifier.color_jitter,
+           classifier.frozen)
+    assert psa == (16, 0.1, 15 * (10582 // 16), (256, 512), (0.3, 0.3, 0.3, 0.1), ("conv1a", "b2", "b2_1", "b2_2"))
+    assert segment.mining_scales == (1.0, 0.5, 1.5, 2.0) and segment.checkpoint is None
     assert prune == PruneParams()
 
 

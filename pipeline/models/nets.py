@@ -7,6 +7,7 @@ their flat checkpoints onto this layout.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, NamedTuple, Self
 
 import torch
@@ -51,26 +52,44 @@ def freeze_batchnorm(module: nn.Module) -> None:
                 parameter.requires_grad_(False)
 
 
+def backbone_modules(backbone: nn.Module, names: Sequence[str]) -> list[nn.Module]:
+    """The modules of ``backbone`` that ``names`` give by their dotted paths (``b2_1``,
+    ``features.0``); an unknown name is a ValueError that lists the top-level modules."""
+    known = dict(backbone.named_modules())
+    unknown = [name for name in names if name not in known or not name]
+    if unknown:
+        top = ", ".join(name for name, _ in backbone.named_children())
+        raise ValueError(f"no module {unknown[0]!r} in the {type(backbone).__name__} backbone (its modules: {top})")
+    return [known[name] for name in names]
+
+
 class OnBackbone(nn.Module):
     """A network on the child ``backbone`` (the name the weights loaders and the learning-rate
-    groups rely on), whose batch norm can stay frozen.
+    groups rely on), whose batch norm and first modules can stay frozen.
 
     ``freeze_bn``: keep the backbone's batch norm frozen (see ``freeze_batchnorm``), as PSA and
     RRM do with a pretrained backbone; a backbone trained from scratch (``small``, or any without
     weights) has no statistics worth keeping and must not freeze.
+    ``frozen``: backbone modules (see :func:`backbone_modules`) that do not train at all, as PSA
+    keeps ResNet-38's first blocks: no gradient (so no update and no weight decay, see
+    :func:`param_groups`), and in eval mode through ``train()``.
     """
 
-    def __init__(self, backbone: nn.Module, *, freeze_bn: bool) -> None:
+    def __init__(self, backbone: nn.Module, *, freeze_bn: bool, frozen: Sequence[str] = ()) -> None:
         super().__init__()
         self.backbone = backbone
         self.freeze_bn = freeze_bn
-        if freeze_bn:
-            freeze_batchnorm(self.backbone)
+        self.frozen = tuple(frozen)
+        for module in backbone_modules(backbone, self.frozen):
+            module.requires_grad_(False)
+        self.train(self.training)
 
     def train(self, mode: bool = True) -> Self:
         super().train(mode)
         if self.freeze_bn:
             freeze_batchnorm(self.backbone)
+        for module in backbone_modules(self.backbone, self.frozen):
+            module.eval()
         return self
 
 
@@ -78,9 +97,10 @@ class _Classifier(OnBackbone):
     """Backbone -> global average pooling -> bias-free 1x1 conv ``fc8`` to one logit per class."""
 
     def __init__(
-        self, backbone: nn.Module, num_classes: int, *, freeze_bn: bool, dropout: float = 0.5
+        self, backbone: nn.Module, num_classes: int, *, freeze_bn: bool, frozen: Sequence[str] = (),
+        dropout: float = 0.5,
     ) -> None:
-        super().__init__(backbone, freeze_bn=freeze_bn)
+        super().__init__(backbone, freeze_bn=freeze_bn, frozen=frozen)
         self.dropout7 = nn.Dropout2d(dropout)
         self.fc8 = nn.Conv2d(backbone.out_channels, num_classes, 1, bias=False)
         nn.init.xavier_uniform_(self.fc8.weight)
