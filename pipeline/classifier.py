@@ -22,6 +22,7 @@ from pipeline.manifest import Manifest
 from pipeline.metrics import classification_scores
 from pipeline.models import (
     CAMNet,
+    SegNet,
     backbone_modules,
     build_backbone,
     load_checkpoint,
@@ -45,7 +46,8 @@ class ClassifierParams(TrainingParams):
     weights: str | None = None
     """Backbone initialisation file (ImageNet .params for resnet38, torchvision .pth); None: from scratch."""
     checkpoint: str | None = None
-    """A whole trained classifier to start from (ours, or PSA's res38_cls.pth); with steps 0, used as is."""
+    """A whole trained classifier to start from (ours, or PSA's res38_cls.pth), or the classifier
+    part of a segmentation network (ours, or RRM's released weights); with steps 0, used as is."""
     output_stride: int = 8
     freeze_bn: bool = False
     frozen: tuple[str, ...] = ()
@@ -87,7 +89,7 @@ def build_classifier(params: ClassifierParams, num_classes: int) -> CAMNet:
     net = CAMNet(build_backbone(params.backbone, weights, params.output_stride), num_classes,
                  freeze_bn=params.freeze_bn, frozen=params.frozen)
     if params.checkpoint:
-        load_checkpoint(net, params.checkpoint)
+        load_checkpoint(net, params.checkpoint, set_aside=SegNet.seg_head)
     return net
 
 

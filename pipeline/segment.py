@@ -24,10 +24,11 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from pipeline.cams import CamFn, CamParams, image_size, select_and_normalise, size_grouped_batches
+from pipeline.cams import CamFn, CamParams, image_size, multiscale_cams, select_and_normalise, size_grouped_batches
 from pipeline.classifier import ClassifierParams
 from pipeline.crf import CRFParams, dense_crf
 from pipeline.data import ImageDataset, SegmentationDataset
@@ -50,6 +51,9 @@ from pipeline.provenance import MadeFrom, settings
 from pipeline.prune import PruneParams, prune_image
 from pipeline.store import ImageStore
 from pipeline.training import Checkpoint, Distributed, TrainingParams, data_parallel, train, unwrap
+
+MINING = ("training_pass", "eval_pass")
+"""Where the end-to-end miner's CAMs come from (see :class:`Miner`)."""
 
 
 @dataclass(frozen=True)
@@ -79,9 +83,14 @@ class SegmentParams(TrainingParams):
     """Count only background and each crop's tagged classes in the dense energy (see :func:`tag_mask`)."""
     cls_weight: float = 1.0
     """end_to_end only: weight of the classification loss."""
+    mining: str = "training_pass"
+    """end_to_end only: where the re-mined CAMs come from. ``training_pass``: RRM's code, the step's
+    own forward pass with the other scales fused on its grid, the padding minable (see
+    :class:`Miner`); ``eval_pass``: a separate eval-mode pass whose scales are fused at the crop's
+    resolution, the padding left unlabelled."""
     mining_scales: tuple[float, ...] = (1.0, 0.5, 1.5, 2.0)
-    """end_to_end only: scales of the CAMs the reliable regions are re-mined from; 1.0 is the
-    training pass itself (see :func:`fused_cams`), so it must be one of them."""
+    """end_to_end only: scales of the CAMs the reliable regions are re-mined from; 1.0 (with
+    ``training_pass``, the training pass itself, see :func:`fused_cams`) must be one of them."""
     mining_workers: int = 2
     """end_to_end only: processes running the batch's dense CRFs."""
     crf: bool = True
@@ -95,6 +104,8 @@ class SegmentParams(TrainingParams):
         super().__post_init__()
         if self.mode not in ("staged", "end_to_end"):
             raise ValueError(f"mode={self.mode!r} is not one of staged, end_to_end")
+        if self.mining not in MINING:
+            raise ValueError(f"mining={self.mining!r} is not one of {', '.join(MINING)}")
         check_method(self.energy_method)
         for name in ("dense_weight", "cls_weight"):
             check_range(name, getattr(self, name), 0)
@@ -102,7 +113,7 @@ class SegmentParams(TrainingParams):
             check_range(name, getattr(self, name), 1)
         check_range("energy_scale", self.energy_scale, 0.05, 1)
         check_scales("mining_scales", self.mining_scales)
-        if 1.0 not in self.mining_scales:
+        if self.mining == "training_pass" and 1.0 not in self.mining_scales:
             raise ValueError(f"mining_scales={tuple(self.mining_scales)!r} must hold 1.0, the training pass's own CAMs")
 
 
@@ -150,40 +161,73 @@ def fused_cams(cam_fn: CamFn, images: torch.Tensor, cams: torch.Tensor, scales: 
     return total / len(scales)
 
 
-class Miner:
-    """Re-mines reliable regions for a training batch from the network's CAMs of that step, as
-    RRM's training does.
+@contextmanager
+def running_statistics_kept(net: nn.Module) -> Iterator[None]:
+    """Batch norms in training mode normalise with their batch's statistics in the block, as
+    usual, but do not add them to their running statistics. The miner's extra passes at other
+    scales run so: with the reference's frozen batch norms they change nothing, and a network
+    that trains its batch norms keeps the statistics of its training crops for inference."""
+    norms = [module for module in net.modules() if isinstance(module, nn.modules.batchnorm._BatchNorm)]
+    momenta = [norm.momentum for norm in norms]
+    for norm in norms:
+        norm.momentum = 0.0
+    try:
+        yield
+    finally:
+        for norm, momentum in zip(norms, momenta, strict=True):
+            norm.momentum = momentum
 
-    The CAMs are the training pass's own fused with the other ``scales`` (:func:`fused_cams`),
-    upsampled to the crop, each tagged class's map divided by its maximum over the whole crop;
-    the pruning rule then labels every pixel of the crop, its padding included (mean colour,
-    see :data:`pipeline.data.MEAN_COLOUR`), which can come out as reliable background as in
-    the reference. The dense CRFs of the batch's crops run in ``workers`` processes at once (see
-    :func:`crf_processes`).
+
+class Miner:
+    """Re-mines reliable regions for a training batch from the network's CAMs of that step.
+
+    ``training_pass`` (RRM's training): the CAMs of the step's own forward pass (train mode,
+    dropout active) fused with the other ``scales`` on its grid (:func:`fused_cams`, the batch
+    norms' running statistics kept, see :func:`running_statistics_kept`), upsampled to the crop,
+    each tagged class's map divided by its maximum over the whole crop; the pruning rule labels
+    every pixel of the crop, its padding included (mean colour, see
+    :data:`pipeline.data.MEAN_COLOUR`), which can come out as reliable background as in the
+    reference. ``eval_pass``: the CAMs of a separate pass of the network in eval mode over the
+    scales, fused at the crop's resolution, the padding zeroed and left unlabelled. The dense
+    CRFs of the batch's crops run in ``workers`` processes at once (see :func:`crf_processes`).
     """
 
-    def __init__(self, params: PruneParams, scales: tuple[float, ...], workers: int) -> None:
-        self.params, self.scales = params, scales
+    def __init__(self, params: PruneParams, scales: tuple[float, ...], workers: int,
+                 source: str = "training_pass") -> None:
+        self.params, self.scales, self.source = params, scales, source
         self.pool: Executor = crf_processes(workers)
 
     def close(self) -> None:
         self.pool.shutdown(cancel_futures=True)
 
     @torch.no_grad()
-    def __call__(self, cam_fn: CamFn, batch: dict[str, Any], cams: torch.Tensor) -> torch.Tensor:
-        """int64 (N, S, S) labels of the batch's crops from ``cams`` (N, C, h, w), the CAMs of
-        this step's forward pass; ``cam_fn`` gives the other scales' (the network as it trains)."""
+    def __call__(self, net: SegNet, batch: dict[str, Any], cams: torch.Tensor) -> torch.Tensor:
+        """int64 (N, S, S) labels of the batch's crops; ``cams`` (N, C, h, w) are the CAMs of this
+        step's forward pass through ``net``."""
         size = tuple(batch["rgb"].shape[-2:])
-        maps = upsample(fused_cams(cam_fn, batch["image"].to(cams.device), cams, self.scales), size).cpu()
+        images = batch["image"].to(cams.device)
+        if self.source == "training_pass":
+            with running_statistics_kept(net):
+                maps = upsample(fused_cams(net.cams, images, cams, self.scales), size).cpu()
+            return self._prune(maps, batch)
+        net.eval()
+        maps = multiscale_cams(net.cams, images, self.scales, flip=False).cpu()
+        net.train()
+        valid = batch["valid"].bool()
+        return self._prune(maps * valid[:, None], batch).masked_fill(~valid, IGNORE)
+
+    def _prune(self, maps: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
+        """The pruning rule on each crop's tagged maps of ``maps`` (N, C, S, S), in the pool."""
         jobs = []
         for index in range(maps.shape[0]):
             classes = batch["labels"][index].nonzero().flatten().tolist()
             rgb = batch["rgb"][index].permute(1, 2, 0).numpy()
             if classes:
-                normalised = select_and_normalise(maps[index].clamp(min=0), classes).numpy()
+                normalised = select_and_normalise(maps[index], classes).numpy()
                 jobs.append(self.pool.submit(prune_image, rgb, normalised, np.array(classes), self.params))
             else:
                 jobs.append(None)
+        size = tuple(maps.shape[-2:])
         labels = [torch.from_numpy(job.result()) if job else torch.full(size, IGNORE, dtype=torch.uint8)
                   for job in jobs]
         return torch.stack(labels).long()
@@ -224,12 +268,12 @@ def _fit(net: SegNet, manifest: Manifest, split: str, classifier: ClassifierPara
     optimizer = params.optimizer(net)
     weight = crop_weight(params.dense_weight, params.crop_size, params.energy_scale, params.sigma_xy)
     energy = DenseEnergyLoss(weight, params.sigma_rgb, params.sigma_xy, params.energy_scale, params.energy_method)
-    miner = None if staged else Miner(prune, params.mining_scales, params.mining_workers)
+    miner = None if staged else Miner(prune, params.mining_scales, params.mining_workers, params.mining)
 
     def step(batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         valid = batch["valid"].to(device)
         output = model(batch["image"].to(device, non_blocking=True))
-        labels = (batch["label"] if miner is None else miner(net.cams, batch, output.cams)).to(device)
+        labels = (batch["label"] if miner is None else miner(net, batch, output.cams)).to(device)
         seg = upsample(output.seg, tuple(labels.shape[-2:]))
         probs = seg.softmax(1)
         if params.energy_tags:

@@ -48,23 +48,29 @@ def test_scales_are_fused_on_the_scale_1_grid_as_the_reference_does():
     torch.testing.assert_close(fused, plain_fusion(cam_fn, images, cams, scales))
 
 
-def test_the_miner_labels_from_the_cams_it_is_given_and_mines_the_padding():
-    rgb = np.full((24, 24, 3), MEAN_COLOUR, dtype=np.uint8)
-    rgb[4:20, 2:14] = (200, 30, 30)  # the image: a red object on grey; columns 14.. are padding
-    rgb[4:20, 14:] = MEAN_COLOUR
-    rgb[:4], rgb[20:] = 90, 90
-    cams = torch.zeros(1, 2, 6, 6)
-    cams[0, 1, 1:5, 0:3] = 1.0  # class 1 fires on the object, at stride 4
+def crop_with_padding() -> tuple[np.ndarray, dict[str, torch.Tensor]]:
+    """A 24x24 crop: a red object on grey, columns 14.. padding in the mean colour; tagged class 1."""
+    rgb = np.full((24, 24, 3), 90, dtype=np.uint8)
+    rgb[4:20, 2:14] = (200, 30, 30)
+    rgb[:, 14:] = MEAN_COLOUR
     batch = {"image": torch.from_numpy(normalize(rgb))[None], "rgb": torch.from_numpy(rgb.transpose(2, 0, 1))[None],
              "labels": torch.tensor([[0.0, 1.0]]), "valid": torch.ones(1, 24, 24)}
     batch["valid"][0, :, 14:] = 0
+    return rgb, batch
 
-    def never(images):
+
+class NoOtherPass(SegNet):
+    def cams(self, images):
         raise AssertionError("with scale 1.0 alone the miner needs no other pass")
 
+
+def test_the_miner_labels_from_the_cams_of_the_training_pass_and_mines_the_padding():
+    rgb, batch = crop_with_padding()
+    cams = torch.zeros(1, 2, 6, 6)
+    cams[0, 1, 1:5, 0:3] = 1.0  # class 1 fires on the object, at stride 4
     miner = Miner(PruneParams(), (1.0,), workers=1)
     try:
-        labels = miner(never, batch, cams)
+        labels = miner(NoOtherPass(build_backbone("small"), 2, freeze_bn=False), batch, cams)
     finally:
         miner.close()
     upsampled = F.interpolate(cams, size=(24, 24), mode="bilinear", align_corners=False)[0]
@@ -73,6 +79,35 @@ def test_the_miner_labels_from_the_cams_it_is_given_and_mines_the_padding():
     padding = batch["valid"][0].numpy() == 0
     assert (labels[0].numpy()[padding] == 0).any()  # padded pixels can be reliable background
     assert labels.dtype == torch.int64 and set(np.unique(labels)) <= {0, 2, IGNORE}
+
+
+def test_the_eval_pass_miner_leaves_the_padding_unlabelled_and_the_network_training():
+    _, batch = crop_with_padding()
+    net = SegNet(build_backbone("small"), 2, freeze_bn=False).train()
+    miner = Miner(PruneParams(), (1.0, 0.5), workers=1, source="eval_pass")
+    try:
+        labels = miner(net, batch, torch.zeros(1, 2, 3, 3))
+    finally:
+        miner.close()
+    assert (labels[0][batch["valid"][0] == 0] == IGNORE).all() and net.training
+
+
+def test_the_other_scales_leave_the_running_statistics_of_batch_norm_alone():
+    net = SegNet(build_backbone("small"), 2, freeze_bn=False).train()
+    before = {name: value.clone() for name, value in net.state_dict().items() if "running" in name}
+    _, batch = crop_with_padding()
+    miner = Miner(PruneParams(), (1.0, 0.5, 2.0), workers=1)
+    try:
+        miner(net, batch, net(batch["image"]).cams)
+    finally:
+        miner.close()
+    after = net.state_dict()
+    assert any(not torch.equal(before[name], after[name]) for name in before)  # the training pass's own update
+    net_again = SegNet(build_backbone("small"), 2, freeze_bn=False).train()
+    net_again.load_state_dict({**net.state_dict(), **before})
+    net_again(batch["image"])
+    for name in before:  # ... is all that changed them
+        torch.testing.assert_close(after[name], net_again.state_dict()[name])
 
 
 def test_end_to_end_mines_from_the_cams_of_the_training_pass_in_train_mode(tiny_manifest, tmp_path, monkeypatch):
@@ -84,8 +119,8 @@ def test_end_to_end_mines_from_the_cams_of_the_training_pass_in_train_mode(tiny_
         forwards.append(output)
         return output
 
-    def recording_miner(self, cam_fn, batch, cams):
-        mined.append((cams, cam_fn.__self__.training))
+    def recording_miner(self, net, batch, cams):
+        mined.append((cams, net.training))
         return torch.full((len(batch["id"]), *batch["rgb"].shape[-2:]), IGNORE, dtype=torch.long)
 
     monkeypatch.setattr(SegNet, "forward", recording_forward)
@@ -143,3 +178,13 @@ def test_the_segment_network_starts_from_a_whole_checkpoint_in_rrm_s_flat_layout
     net = build_segnet(ClassifierParams(), 3, None, tmp_path / "released.pth")
     for name, value in trained.state_dict().items():
         assert torch.equal(net.state_dict()[name], value), name
+
+
+def test_the_classifier_part_of_a_segmentation_network_serves_as_classifier_checkpoint(tmp_path):
+    joint = SegNet(build_backbone("small"), 3, freeze_bn=False)
+    torch.save({key.removeprefix("backbone."): value for key, value in joint.state_dict().items()},
+               tmp_path / "RRM_final.pth")
+    net = build_classifier(ClassifierParams(checkpoint=str(tmp_path / "RRM_final.pth")), 3)
+    assert set(net.state_dict()) == {key for key in joint.state_dict() if not key.startswith("fc8_seg")}
+    for name, value in net.state_dict().items():
+        assert torch.equal(value, joint.state_dict()[name]), name

@@ -116,15 +116,20 @@ def nest_backbone_keys(state: Mapping[str, Tensor], heads: Collection[str]) -> d
 
 
 def load_checkpoint(
-    net: nn.Module, path: str | Path, allow_missing: Collection[str] = (), hint: str = CHECKPOINT_HINT
+    net: nn.Module, path: str | Path, allow_missing: Collection[str] = (), hint: str = CHECKPOINT_HINT,
+    set_aside: Collection[str] = (),
 ) -> None:
     """Load a whole network (backbone and heads), ours or PSA's/RRM's, with every key matched.
 
     ``allow_missing`` names heads the file may lack, e.g. ``SegNet.seg_head`` to start a
-    segmentation network from a classifier checkpoint.
+    segmentation network from a classifier checkpoint; ``set_aside`` names heads the file may
+    have and the network has no use for, e.g. ``SegNet.seg_head`` to take the classifier of a
+    segmentation network (RRM's trains one jointly).
     """
     heads = [name for name, _ in net.named_children() if name != BACKBONE]
-    state = nest_backbone_keys(read_weights(path, hint), heads)
+    weights = read_weights(path, hint)
+    state = nest_backbone_keys({key: value for key, value in weights.items()
+                                if key.split(".", 1)[0] not in set_aside}, heads)
     target = f"{type(net).__name__} with a {type(getattr(net, BACKBONE)).__name__} backbone"
     load_state(net, state, path, target, allow_missing)
 
