@@ -28,7 +28,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from pipeline.cams import CamFn, CamParams, image_size, multiscale_cams, select_and_normalise, size_grouped_batches
+from pipeline.cams import CamFn, CamParams, image_size, select_and_normalise, size_grouped_batches
 from pipeline.classifier import ClassifierParams
 from pipeline.crf import CRFParams, dense_crf
 from pipeline.data import ImageDataset, SegmentationDataset
@@ -51,9 +51,6 @@ from pipeline.provenance import MadeFrom, settings
 from pipeline.prune import PruneParams, prune_image
 from pipeline.store import ImageStore
 from pipeline.training import Checkpoint, Distributed, TrainingParams, data_parallel, train, unwrap
-
-MINING = ("training_pass", "eval_pass")
-"""Where the end-to-end miner's CAMs come from (see :class:`Miner`)."""
 
 
 @dataclass(frozen=True)
@@ -83,14 +80,9 @@ class SegmentParams(TrainingParams):
     """Count only background and each crop's tagged classes in the dense energy (see :func:`tag_mask`)."""
     cls_weight: float = 1.0
     """end_to_end only: weight of the classification loss."""
-    mining: str = "training_pass"
-    """end_to_end only: where the re-mined CAMs come from. ``training_pass``: RRM's code, the step's
-    own forward pass with the other scales fused on its grid, the padding minable (see
-    :class:`Miner`); ``eval_pass``: a separate eval-mode pass whose scales are fused at the crop's
-    resolution, the padding left unlabelled."""
     mining_scales: tuple[float, ...] = (1.0, 0.5, 1.5, 2.0)
-    """end_to_end only: scales of the CAMs the reliable regions are re-mined from; 1.0 (with
-    ``training_pass``, the training pass itself, see :func:`fused_cams`) must be one of them."""
+    """end_to_end only: scales of the CAMs the reliable regions are re-mined from; 1.0 is the
+    training pass itself (see :class:`Miner`), so it must be one of them."""
     mining_workers: int = 2
     """end_to_end only: processes running the batch's dense CRFs."""
     crf: bool = True
@@ -104,8 +96,6 @@ class SegmentParams(TrainingParams):
         super().__post_init__()
         if self.mode not in ("staged", "end_to_end"):
             raise ValueError(f"mode={self.mode!r} is not one of staged, end_to_end")
-        if self.mining not in MINING:
-            raise ValueError(f"mining={self.mining!r} is not one of {', '.join(MINING)}")
         check_method(self.energy_method)
         for name in ("dense_weight", "cls_weight"):
             check_range(name, getattr(self, name), 0)
@@ -113,7 +103,7 @@ class SegmentParams(TrainingParams):
             check_range(name, getattr(self, name), 1)
         check_range("energy_scale", self.energy_scale, 0.05, 1)
         check_scales("mining_scales", self.mining_scales)
-        if self.mining == "training_pass" and 1.0 not in self.mining_scales:
+        if 1.0 not in self.mining_scales:
             raise ValueError(f"mining_scales={tuple(self.mining_scales)!r} must hold 1.0, the training pass's own CAMs")
 
 
@@ -179,22 +169,20 @@ def running_statistics_kept(net: nn.Module) -> Iterator[None]:
 
 
 class Miner:
-    """Re-mines reliable regions for a training batch from the network's CAMs of that step.
+    """Re-mines reliable regions for a training batch from the network's CAMs of that step, as
+    RRM's training does.
 
-    ``training_pass`` (RRM's training): the CAMs of the step's own forward pass (train mode,
-    dropout active) fused with the other ``scales`` on its grid (:func:`fused_cams`, the batch
-    norms' running statistics kept, see :func:`running_statistics_kept`), upsampled to the crop,
-    each tagged class's map divided by its maximum over the whole crop; the pruning rule labels
-    every pixel of the crop, its padding included (mean colour, see
-    :data:`pipeline.data.MEAN_COLOUR`), which can come out as reliable background as in the
-    reference. ``eval_pass``: the CAMs of a separate pass of the network in eval mode over the
-    scales, fused at the crop's resolution, the padding zeroed and left unlabelled. The dense
-    CRFs of the batch's crops run in ``workers`` processes at once (see :func:`crf_processes`).
+    The CAMs of the step's own forward pass (train mode, dropout active) are fused with the other
+    ``scales`` on its grid (:func:`fused_cams`, the batch norms' running statistics kept, see
+    :func:`running_statistics_kept`), upsampled to the crop, each tagged class's map divided by
+    its maximum over the whole crop; the pruning rule then labels every pixel of the crop, its
+    padding included (mean colour, see :data:`pipeline.data.MEAN_COLOUR`), which can come out as
+    reliable background as in the reference. The dense CRFs of the batch's crops run in
+    ``workers`` processes at once (see :func:`crf_processes`).
     """
 
-    def __init__(self, params: PruneParams, scales: tuple[float, ...], workers: int,
-                 source: str = "training_pass") -> None:
-        self.params, self.scales, self.source = params, scales, source
+    def __init__(self, params: PruneParams, scales: tuple[float, ...], workers: int) -> None:
+        self.params, self.scales = params, scales
         self.pool: Executor = crf_processes(workers)
 
     def close(self) -> None:
@@ -205,16 +193,9 @@ class Miner:
         """int64 (N, S, S) labels of the batch's crops; ``cams`` (N, C, h, w) are the CAMs of this
         step's forward pass through ``net``."""
         size = tuple(batch["rgb"].shape[-2:])
-        images = batch["image"].to(cams.device)
-        if self.source == "training_pass":
-            with running_statistics_kept(net):
-                maps = upsample(fused_cams(net.cams, images, cams, self.scales), size).cpu()
-            return self._prune(maps, batch)
-        net.eval()
-        maps = multiscale_cams(net.cams, images, self.scales, flip=False).cpu()
-        net.train()
-        valid = batch["valid"].bool()
-        return self._prune(maps * valid[:, None], batch).masked_fill(~valid, IGNORE)
+        with running_statistics_kept(net):
+            maps = fused_cams(net.cams, batch["image"].to(cams.device), cams, self.scales)
+        return self._prune(upsample(maps, size).cpu(), batch)
 
     def _prune(self, maps: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
         """The pruning rule on each crop's tagged maps of ``maps`` (N, C, S, S), in the pool."""
@@ -268,7 +249,7 @@ def _fit(net: SegNet, manifest: Manifest, split: str, classifier: ClassifierPara
     optimizer = params.optimizer(net)
     weight = crop_weight(params.dense_weight, params.crop_size, params.energy_scale, params.sigma_xy)
     energy = DenseEnergyLoss(weight, params.sigma_rgb, params.sigma_xy, params.energy_scale, params.energy_method)
-    miner = None if staged else Miner(prune, params.mining_scales, params.mining_workers, params.mining)
+    miner = None if staged else Miner(prune, params.mining_scales, params.mining_workers)
 
     def step(batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         valid = batch["valid"].to(device)

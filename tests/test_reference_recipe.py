@@ -81,17 +81,6 @@ def test_the_miner_labels_from_the_cams_of_the_training_pass_and_mines_the_paddi
     assert labels.dtype == torch.int64 and set(np.unique(labels)) <= {0, 2, IGNORE}
 
 
-def test_the_eval_pass_miner_leaves_the_padding_unlabelled_and_the_network_training():
-    _, batch = crop_with_padding()
-    net = SegNet(build_backbone("small"), 2, freeze_bn=False).train()
-    miner = Miner(PruneParams(), (1.0, 0.5), workers=1, source="eval_pass")
-    try:
-        labels = miner(net, batch, torch.zeros(1, 2, 3, 3))
-    finally:
-        miner.close()
-    assert (labels[0][batch["valid"][0] == 0] == IGNORE).all() and net.training
-
-
 def test_the_other_scales_leave_the_running_statistics_of_batch_norm_alone():
     net = SegNet(build_backbone("small"), 2, freeze_bn=False).train()
     before = {name: value.clone() for name, value in net.state_dict().items() if "running" in name}
