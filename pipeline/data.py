@@ -30,7 +30,7 @@ from torch.utils.data import Dataset, default_collate
 from pipeline.errors import InputError
 from pipeline.io import IGNORE
 from pipeline.manifest import Item, Manifest, check_images_exist
-from pipeline.params import check_range, check_scale_range
+from pipeline.params import check_colour_jitter, check_long_range, check_range, check_scale_range
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32) * 255
 """Per-channel RGB mean of ImageNet in 0..255, as the ImageNet-trained backbones expect."""
@@ -122,16 +122,6 @@ def jitter_colours(image: np.ndarray, strengths: tuple[float, float, float, floa
     return np.asarray(picture)
 
 
-def check_colour_jitter(name: str, strengths: Sequence[float]) -> None:
-    """Raise ValueError unless ``strengths`` is (brightness, contrast, saturation, hue), the first
-    three at least 0 and hue in [0, 0.5]."""
-    if len(strengths) != 4:
-        raise ValueError(f"{name}={tuple(strengths)!r} must be [brightness, contrast, saturation, hue]")
-    for what, value in zip(("brightness", "contrast", "saturation"), strengths[:3], strict=True):
-        check_range(f"{name} {what}", value, 0)
-    check_range(f"{name} hue", strengths[3], 0, 0.5)
-
-
 def hflip(image: np.ndarray, masks: Sequence[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
     """Mirror the image and labels left to right."""
     return np.ascontiguousarray(image[:, ::-1]), [np.ascontiguousarray(mask[:, ::-1]) for mask in masks]
@@ -206,12 +196,6 @@ class Augmentation:
         if self.color_jitter is not None:
             image = jitter_colours(image, self.color_jitter, rng)
         return random_crop(image, masks, self.crop_size, rng)
-
-
-def check_long_range(name: str, values: Sequence[int]) -> None:
-    """Raise ValueError unless ``values`` is a (low, high) pair of lengths in pixels with 1 <= low <= high."""
-    if len(values) != 2 or any(int(value) != value for value in values) or not 1 <= values[0] <= values[1]:
-        raise ValueError(f"{name}={tuple(values)!r} must be (low, high) pixels with 1 <= low <= high")
 
 
 class _WorkerInputError(InputError):

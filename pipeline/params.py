@@ -12,6 +12,7 @@ import dataclasses
 import math
 import types
 import typing
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -147,6 +148,22 @@ def check_scale_range(name: str, values: tuple[float, ...]) -> None:
     """Raise ValueError unless ``values`` is a (low, high) pair of factors with 0 < low <= high."""
     if len(values) != 2 or not 0 < values[0] <= values[1]:
         raise ValueError(f"{name}={tuple(values)!r} must be (low, high) with 0 < low <= high")
+
+
+def check_long_range(name: str, values: Sequence[int]) -> None:
+    """Raise ValueError unless ``values`` is a (low, high) pair of lengths in pixels with 1 <= low <= high."""
+    if len(values) != 2 or any(int(value) != value for value in values) or not 1 <= values[0] <= values[1]:
+        raise ValueError(f"{name}={tuple(values)!r} must be (low, high) pixels with 1 <= low <= high")
+
+
+def check_colour_jitter(name: str, strengths: Sequence[float]) -> None:
+    """Raise ValueError unless ``strengths`` is (brightness, contrast, saturation, hue), the first
+    three at least 0 and hue in [0, 0.5]."""
+    if len(strengths) != 4:
+        raise ValueError(f"{name}={tuple(strengths)!r} must be [brightness, contrast, saturation, hue]")
+    for what, value in zip(("brightness", "contrast", "saturation"), strengths[:3], strict=True):
+        check_range(f"{name} {what}", value, 0)
+    check_range(f"{name} hue", strengths[3], 0, 0.5)
 
 
 def check_range(name: str, value: float, low: float | None = None, high: float | None = None) -> None:
