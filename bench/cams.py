@@ -42,12 +42,13 @@ from common import load_average, peak_rss_in_fresh_process
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from pipeline.cams import CamFn, CamParams, extract_cams, select_and_normalise
-from pipeline.data import ImageDataset
-from pipeline.io import write_image
-from pipeline.manifest import Item, Manifest, load_manifest
+from pipeline.core.io import write_image
+from pipeline.core.run import DEFAULT_RUN, RunParams
+from pipeline.core.store import ImageStore
+from pipeline.data.datasets import ImageDataset
+from pipeline.data.manifest import Item, Manifest, load_manifest
+from pipeline.method.cams import CamFn, CamParams, extract_cams, select_and_normalise
 from pipeline.models import CAMNet, build_backbone, fold_batch_norms
-from pipeline.store import ImageStore
 
 NUM_CLASSES = 20
 SIZE_SETS = {
@@ -85,13 +86,13 @@ def make_dataset(root: Path, sizes: Sequence[tuple[int, int]], count: int) -> Pa
 
 
 def plain_loop(
-    cam_fn: CamFn, manifest: Manifest, store: ImageStore, params: CamParams, device: torch.device
+    cam_fn: CamFn, manifest: Manifest, store: ImageStore, params: CamParams, run: RunParams, device: torch.device
 ) -> None:
     """PSA's and RRM's way (their ``infer_cls.py``): one image at a time, read by DataLoader
     workers; each scale, and each mirror image, its own forward pass, whose maps of every class
     are upsampled to the image size, copied to the host, masked by the image's labels and
     flipped back there; the present classes of their sum kept and normalised."""
-    loader = DataLoader(ImageDataset(manifest, "all"), num_workers=params.num_workers, pin_memory=device.type == "cuda")
+    loader = DataLoader(ImageDataset(manifest, "all"), num_workers=run.loader_workers, pin_memory=device.type == "cuda")
     with torch.inference_mode(), torch.autocast(device.type, enabled=device.type == "cuda" and params.amp):
         for sample in loader:
             image = sample["image"].to(device)
@@ -133,6 +134,7 @@ def compare(
     sizes: Sequence[tuple[int, int]],
     count: int,
     params: CamParams,
+    run: RunParams,
     backbone: str,
     device: torch.device,
     repeats: int,
@@ -146,25 +148,28 @@ def compare(
         net.cams(torch.zeros(1, 3, 64, 64, device=device))
         folded.cams(torch.zeros(1, 3, 64, 64, device=device))
     ways: dict[str, Callable[[ImageStore], None]] = {
-        "batched": lambda store: extract_cams(folded.cams, manifest, "all", store, params, device, progress=False),
-        "per-image loop": lambda store: plain_loop(net.cams, manifest, store, params, device),
+        "batched": lambda store: extract_cams(folded.cams, manifest, "all", store, params, device, run=run,
+                                              progress=False),
+        "per-image loop": lambda store: plain_loop(net.cams, manifest, store, params, run, device),
     }
     times: dict[str, list[tuple[float, float]]] = {way: [] for way in ways}
     for round_ in range(repeats):
-        for index, (way, run) in enumerate(ways.items()):
+        for index, (way, extract) in enumerate(ways.items()):
             store = ImageStore(root / f"round{round_}-way{index}.zarr")
-            times[way].append(timed(partial(run, store), device))
+            times[way].append(timed(partial(extract, store), device))
     return {way: (min(wall for wall, _ in runs), min(cpu for _, cpu in runs)) for way, runs in times.items()}
 
 
 def _extract(
-    manifest_path: Path, store_path: Path, params: CamParams, backbone: str, device: str, threads: int
+    manifest_path: Path, store_path: Path, params: CamParams, run: RunParams, backbone: str, device: str,
+    threads: int,
 ) -> None:
     """Run the batched extractor over a manifest's images, as the memory runs do in a fresh process."""
     torch.set_num_threads(threads)
     net = fold_batch_norms(build_net(backbone, torch.device(device)))
     manifest = load_manifest(manifest_path)
-    extract_cams(net.cams, manifest, "all", ImageStore(store_path), params, torch.device(device), progress=False)
+    extract_cams(net.cams, manifest, "all", ImageStore(store_path), params, torch.device(device), run=run,
+                 progress=False)
 
 
 def peak_memory(
@@ -172,13 +177,15 @@ def peak_memory(
     sizes: Sequence[tuple[int, int]],
     count: int,
     params: CamParams,
+    run: RunParams,
     backbone: str,
     device: str,
     threads: int,
 ) -> tuple[float, float]:
     """Peak resident MB (main process, largest worker) of a fresh extraction of ``count`` images of ``sizes``."""
     manifest_path = make_dataset(root, sizes, count)
-    return peak_rss_in_fresh_process(_extract, manifest_path, root / "cams.zarr", params, backbone, device, threads)
+    return peak_rss_in_fresh_process(_extract, manifest_path, root / "cams.zarr", params, run, backbone, device,
+                                     threads)
 
 
 def main() -> None:
@@ -196,25 +203,26 @@ def main() -> None:
                         help="the images of the memory runs")
     parser.add_argument("--memory-scales", default="1.0", help="the CAM scales of the memory runs")
     parser.add_argument("--backbone", default="small", help="a backbone of pipeline.models")
-    parser.add_argument("--batch-size", type=int, default=CamParams.batch_size)
-    parser.add_argument("--batch-pixels", type=int, default=CamParams.batch_pixels)
-    parser.add_argument("--workers", type=int, default=CamParams.num_workers)
+    parser.add_argument("--batch-size", type=int, default=DEFAULT_RUN.inference_batch)
+    parser.add_argument("--batch-pixels", type=int, default=DEFAULT_RUN.batch_pixels)
+    parser.add_argument("--workers", type=int, default=DEFAULT_RUN.loader_workers)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch intra-op threads")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    params = CamParams(batch_size=args.batch_size, batch_pixels=args.batch_pixels, num_workers=args.workers)
+    params = CamParams()
+    run = RunParams(loader_workers=args.workers, inference_batch=args.batch_size, batch_pixels=args.batch_pixels)
 
     print(f"machine: {os.cpu_count()} cores, load average {load_average()} before the run")
     print(
         f"device {device}, backbone {args.backbone}, scales {params.scales}, flip {params.flip}, "
-        f"batch {params.batch_size} (at most {params.batch_pixels} pixels), workers {params.num_workers}, "
+        f"batch {run.inference_batch} (at most {run.batch_pixels} pixels), workers {run.loader_workers}, "
         f"torch threads {args.threads}"
     )
     for name, sizes in SIZE_SETS.items() if args.speed else ():
         with tempfile.TemporaryDirectory() as tmp:
             count = args.images or SPEED_IMAGES[name]
-            results = compare(Path(tmp), sizes, count, params, args.backbone, device, args.repeats)
+            results = compare(Path(tmp), sizes, count, params, run, args.backbone, device, args.repeats)
         for way, (wall, cpu) in results.items():
             print(f"{name}, {count} images, {way}, best of {args.repeats}: {count / wall:.2f} img/s, "
                   f"{cpu / count:.3f} CPU s/img")
@@ -228,7 +236,8 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             sizes = SIZE_SETS[args.memory_set]
             start = time.perf_counter()
-            peaks = peak_memory(Path(tmp), sizes, count, memory_params, args.backbone, args.device, args.threads)
+            peaks = peak_memory(Path(tmp), sizes, count, memory_params, run, args.backbone, args.device,
+                                args.threads)
         print(
             f"peak host memory (RSS), batched extractor, {args.memory_set}, scales {memory_params.scales}, "
             f"{count} images: {peaks[0]:.0f} MB main process, {peaks[1]:.0f} MB largest worker "

@@ -4,7 +4,7 @@ Batch 4, crop 321, 21 classes, sigma_rgb 15, sigma_xy 100, half resolution (160 
 forward and backward pass of the loss with the lattice (CPU), the exact blockwise filter (CPU),
 the exact filter on a GPU when there is one, and a brute-force filter that writes W out (at a
 smaller size where W would not fit; the paper-size figure is then scaled by the squared pixel
-count, W's size). Images are the project's synthetic ones (:mod:`pipeline.synth`). Times are
+count, W's size). Images are the project's synthetic ones (:mod:`pipeline.data.synth`). Times are
 compared with 0.28 s per batch, the reference's compiled lattice on a 2-core CPU; the machine's
 load average is printed with each, since a shared CPU slows them all.
 
@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from pipeline.losses import DenseEnergyLoss, bilateral_filter, bilateral_filter_lattice
-from pipeline.synth import SynthParams, render, sample_rng
+from pipeline.data.synth import SynthParams, render, sample_rng
+from pipeline.method.losses import DenseEnergyLoss, bilateral_filter, bilateral_filter_lattice
 
 BATCH, CROP, CLASSES = 4, 321, 21
 SIGMA_RGB, SIGMA_XY, SCALE = 15.0, 100.0, 0.5

@@ -39,11 +39,12 @@ import numpy as np
 from common import load_average, peak_rss_in_fresh_process
 from scipy.ndimage import gaussian_filter
 
-from pipeline.manifest import Manifest
-from pipeline.mining import ClusterParams, connect, mine_split
-from pipeline.prune import PruneParams, prune_image
-from pipeline.store import ImageStore
-from pipeline.synth import SynthParams, generate
+from pipeline.core.run import DEFAULT_RUN, RunParams
+from pipeline.core.store import ImageStore
+from pipeline.data.manifest import Manifest
+from pipeline.data.synth import SynthParams, generate
+from pipeline.method.mining import connect, mine_split
+from pipeline.method.prune import PruneParams, prune_image
 
 SPLIT = "train"
 PARAMS = PruneParams()
@@ -85,9 +86,9 @@ def on_cluster(
 ) -> tuple[float, float]:
     """(start-up seconds, seconds of ``mine_split``) on a local cluster of ``workers`` warmed-up processes."""
     start = time.perf_counter()
-    with connect(ClusterParams(workers=workers)) as client:
+    with connect(RunParams(workers=workers)) as client:
         started = time.perf_counter() - start
-        cluster = ClusterParams(scheduler=client.scheduler.address, chunk_size=chunk_size)
+        cluster = RunParams(scheduler=client.scheduler.address, chunk_size=chunk_size)
         warm = replace(manifest, splits={"warm": manifest.split(SPLIT)[: 2 * workers]})
         scratch = ImageStore(masks.path.with_suffix(".warm"))
         mine_split(warm, "warm", cams, scratch, PARAMS, replace(cluster, chunk_size=1), progress=False)
@@ -127,7 +128,7 @@ def peak_memory(root: Path, count: int, workers: int, chunk_size: int) -> None:
     """Print the peak memory of mining ``count`` fresh 96x96 images in a fresh process."""
     manifest, cams = make_dataset(root, 96, count)
     start = time.perf_counter()
-    cluster = ClusterParams(workers=workers, chunk_size=chunk_size)
+    cluster = RunParams(workers=workers, chunk_size=chunk_size)
     masks = ImageStore(root / "masks.zarr")
     driver, worker = peak_rss_in_fresh_process(partial(mine_split, progress=False), manifest, SPLIT, cams, masks,
                                                PARAMS, cluster)
@@ -142,7 +143,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=64)
     parser.add_argument("--size", type=int, action="append", help="image side in pixels (repeatable; default 96)")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="workers of the all-cores run")
-    parser.add_argument("--chunk-size", type=int, default=ClusterParams.chunk_size)
+    parser.add_argument("--chunk-size", type=int, default=DEFAULT_RUN.chunk_size)
     parser.add_argument("--speed", action=argparse.BooleanOptionalAction, default=True,
                         help="compare with the serial loop and 1 worker (--no-speed: memory only)")
     parser.add_argument("--memory", default="200,2000",

@@ -7,18 +7,18 @@ Heavy modules are imported inside each command so that ``rrm --help`` answers at
 from __future__ import annotations
 
 import importlib
+import inspect
 from pathlib import Path
 
 import click
 
-from pipeline.errors import as_one_line
-
-STAGES = ("data", "classifier", "cams", "prune", "segment", "deeplab", "supervised")
+from pipeline.core.errors import as_one_line
+from pipeline.core.registry import STAGES
 
 
 class _Group(click.Group):
     """A click group whose commands end in one line on stderr, not a traceback, on bad input, a
-    refused permission or Ctrl-C (see :func:`pipeline.errors.as_one_line`)."""
+    refused permission or Ctrl-C (see :func:`pipeline.core.errors.as_one_line`)."""
 
     def invoke(self, ctx: click.Context):  # type: ignore[override]
         return as_one_line(lambda: super(_Group, self).invoke(ctx))
@@ -54,8 +54,7 @@ def synth(root: Path | None, manifest_path: Path | None, params_path: Path, **ov
     some classes, and sharp colour boundaries: the effects RRM was designed for, small enough
     to run the whole pipeline on a laptop CPU.
     """
-    from pipeline.synth import generate
-    from stages.data import read_data_params
+    from pipeline.data.synth import generate, read_data_params
 
     params, default_root, default_manifest = read_data_params(params_path, overrides)
     root = root or default_root
@@ -80,8 +79,8 @@ def textures(out: Path, **settings: int) -> None:
     scenes co-occur with classes; images are rectangular JPEGs of several sizes. Written in the
     layout of `rrm manifest folder`, which the printed command then reads.
     """
-    from pipeline.params import build_params
-    from pipeline.textures import TextureParams, generate
+    from pipeline.core.params import build_params
+    from pipeline.data.textures import TextureParams, generate
 
     stats = generate(build_params(TextureParams, settings, "rrm textures"), out)
     click.echo(f"wrote {sum(stats['images'].values())} images to {out}; its manifest:")
@@ -117,8 +116,8 @@ def voc12(voc_root: Path, sbd_root: Path | None, out: Path, skip_bad: bool) -> N
     train_aug = (SBD train + SBD val + VOC train) - VOC val (10,582 images). Image-level labels
     come from the XML annotations, falling back to the masks.
     """
-    from pipeline.screen import rejects_beside
-    from pipeline.voc import build_voc12
+    from pipeline.data.screen import rejects_beside
+    from pipeline.data.voc import build_voc12
 
     rejects = rejects_beside(out) if skip_bad else None
     built = build_voc12(voc_root, sbd_root, rejects)
@@ -143,8 +142,8 @@ def voc12(voc_root: Path, sbd_root: Path | None, out: Path, skip_bad: bool) -> N
 def folder(images: Path, labels_csv: Path, masks: Path | None, classes: str | None, name: str,
            out: Path | None, skip_bad: bool) -> None:
     """Any folder of images with a CSV of image-level labels."""
-    from pipeline.folder import build_folder
-    from pipeline.screen import rejects_beside
+    from pipeline.data.folder import build_folder
+    from pipeline.data.screen import rejects_beside
 
     class_list = [c.strip() for c in classes.split(",") if c.strip()] if classes else None
     out = out or Path("manifests") / f"{name}.json"
@@ -169,18 +168,19 @@ def _report_manifest(built, out: Path, rejects: Path | None) -> None:
 @click.argument("name", type=click.Choice(STAGES))
 @click.option("--params", "params_path", type=click.Path(path_type=Path), default=Path("params.yaml"),
               show_default=True, help="Parameters file.")
-@click.option("--scheduler", help="prune only: address of a running dask scheduler (overrides prune.scheduler).")
+@click.option("--scheduler", help="prune only: address of a running dask scheduler (overrides run.scheduler).")
 @click.option("--skip-bad", is_flag=True, help="Leave out the images (or masks) that do not decode and list them in "
               "rejects/NAME.json, instead of stopping at the first (overrides dataset.skip_bad).")
 def stage(name: str, params_path: Path, scheduler: str | None, skip_bad: bool) -> None:
     """Run one pipeline stage directly, as `dvc repro` would (without DVC's bookkeeping)."""
-    if scheduler is not None and name != "prune":
+    main = importlib.import_module(STAGES[name].module).main
+    takes = inspect.signature(main).parameters
+    if scheduler is not None and "scheduler" not in takes:
         raise click.UsageError("--scheduler is for the prune stage")
-    if skip_bad and name == "data":
+    if skip_bad and "skip_bad" not in takes:
         raise click.UsageError("--skip-bad is for the stages that read the dataset's images")
     options = {"scheduler": scheduler, "skip_bad": skip_bad or None}
-    given = {option: value for option, value in options.items() if value is not None}
-    importlib.import_module(f"stages.{name}").main(params_path, **given)
+    main(params_path, **{option: value for option, value in options.items() if value is not None})
 
 
 @main.command()
@@ -200,14 +200,15 @@ def report(params_path: Path, metrics_dir: Path | None, as_json: bool) -> None:
     """
     import json
 
-    from pipeline.params import load_params
-    from pipeline.report import format_rows, read_metrics, report_rows, rows_as_json
-    from pipeline.store import StorageParams
+    from pipeline.core.params import load_params
+    from pipeline.core.registry import METRICS
+    from pipeline.core.store import StorageParams
+    from pipeline.inspection.report import format_rows, read_metrics, report_rows, rows_as_json
 
     if metrics_dir is None:
         storage = load_params(StorageParams, "storage", params_path) if params_path.is_file() else StorageParams()
-        metrics_dir = storage.file("metrics")
-    rows = report_rows(read_metrics(metrics_dir, STAGES))
+        metrics_dir = storage.file(METRICS)
+    rows = report_rows(read_metrics(metrics_dir))
     click.echo(json.dumps(rows_as_json(rows), indent=1) if as_json else format_rows(rows))
 
 
@@ -240,7 +241,8 @@ def show(image_id: str, params_path: Path, artifacts: Path | None, out: Path | N
     where those stages have run; the ground truth where it exists. A legend names the classes
     in the dataset's palette.
     """
-    from pipeline.inspect import image_figure, open_project
+    from pipeline.inspection.figures import image_figure
+    from pipeline.inspection.project import open_project
 
     figure, notes = image_figure(open_project(params_path, artifacts), image_id, scale)
     out = out or INSPECTION / f"{image_id}.png"
@@ -270,8 +272,9 @@ def gallery(params_path: Path, artifacts: Path | None, role: str, count: int, or
     precision and coverage of the reliable mask and the IoU of the prediction (the figures of
     `rrm stats` for that one image). Click a column header to sort by it.
     """
-    from pipeline.inspect import gallery_html, image_rows, open_project, sort_rows
-    from pipeline.io import atomic_open
+    from pipeline.core.io import atomic_open
+    from pipeline.inspection.gallery import gallery_html, image_rows, sort_rows
+    from pipeline.inspection.project import open_project
 
     project = open_project(params_path, artifacts)
     rows = sort_rows(list(image_rows(project, role, class_name)), order, seed)
@@ -297,7 +300,8 @@ def stats(params_path: Path, artifacts: Path | None, as_json: bool) -> None:
     """
     import json
 
-    from pipeline.inspect import all_stats, format_stats, open_project
+    from pipeline.inspection.project import open_project
+    from pipeline.inspection.stats import all_stats, format_stats
 
     report = all_stats(open_project(params_path, artifacts))
     click.echo(json.dumps(report, indent=1) if as_json else format_stats(report))
@@ -322,14 +326,14 @@ def diff(params_path: Path, artifacts: Path | None, against: str, count: int, ou
     import json
     import tempfile
 
-    from pipeline.inspect import (
+    from pipeline.inspection.diff import (
         against_artifacts,
         compare,
         format_comparison,
-        open_project,
         version_label,
         write_comparison_figures,
     )
+    from pipeline.inspection.project import open_project
 
     project = open_project(params_path, artifacts)
     label = version_label(against)

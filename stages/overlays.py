@@ -11,11 +11,14 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from pipeline.inspect import ROLES, OverlayParams, Project, all_stats, image_figure, per_class_rows
-from pipeline.io import write_json
-from pipeline.params import load_params
-from pipeline.stage import load_dataset, run
-from pipeline.store import StorageParams
+from pipeline.core.io import write_json
+from pipeline.core.params import load_params
+from pipeline.core.registry import ROLES
+from pipeline.core.stage import load_dataset, run
+from pipeline.core.store import StorageParams
+from pipeline.inspection.figures import OverlayParams, image_figure
+from pipeline.inspection.project import Project
+from pipeline.inspection.stats import all_stats, per_class_rows
 
 OVERLAYS = Path("plots/overlays")
 PER_CLASS = Path("plots/stats_per_class.json")

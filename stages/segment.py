@@ -11,29 +11,28 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.classifier import ClassifierParams, classifier_made_from
-from pipeline.crf import INFERENCE_CRF
-from pipeline.io import file_digest
-from pipeline.metrics import write_metrics
-from pipeline.mining import load_prune_params, masks_made_from
-from pipeline.params import load_params
-from pipeline.provenance import MadeFrom, check, check_checkpoint, forget, settings, start, write_record
-from pipeline.segment import (
+from pipeline.core.io import file_digest
+from pipeline.core.params import load_params
+from pipeline.core.provenance import MadeFrom, check, check_checkpoint, forget, settings, start, write_record
+from pipeline.core.registry import CAMS, CLASSIFIER_WEIGHTS, MASKS, PSEUDO, SEGMENT, STAGES
+from pipeline.core.run import load_run
+from pipeline.core.stage import run, screened_dataset, stopwatch
+from pipeline.core.store import StorageParams
+from pipeline.method.crf import INFERENCE_CRF
+from pipeline.method.metrics import write_metrics
+from pipeline.method.mining import masks_made_from
+from pipeline.method.prune import PruneParams
+from pipeline.train.classifier import ClassifierParams, classifier_made_from
+from pipeline.train.loop import default_device, init_distributed
+from pipeline.train.segment import (
     SegmentParams,
     infer_split,
     predictions_made_from,
     segnet_probabilities,
     train_segmentation,
 )
-from pipeline.stage import run, screened_dataset, stopwatch
-from pipeline.store import CAMS, MASKS, PSEUDO, SEGMENT, StorageParams
-from pipeline.store import CLASSIFIER_WEIGHTS as INIT
-from pipeline.store import SEGMENT_WEIGHTS as WEIGHTS
-from pipeline.training import default_device, init_distributed
 
-STATE = Path("checkpoints/state/segment.pt")
-METRICS = Path("metrics/segment.json")
-"""Under ``storage.root``, as every file a stage writes."""
+STAGE = STAGES["segment"]
 
 
 def main(params_path: Path, skip_bad: bool | None = None) -> None:
@@ -41,9 +40,10 @@ def main(params_path: Path, skip_bad: bool | None = None) -> None:
     manifest, dataset, rejected = screened_dataset(params_path, "segment", skip_bad)
     classifier = load_params(ClassifierParams, "classifier", params_path)
     params = load_params(SegmentParams, "segment", params_path)
-    prune, _ = load_prune_params(params_path)
+    prune = load_params(PruneParams, "prune", params_path)
+    run_params = load_run(params_path)
     storage = load_params(StorageParams, "storage", params_path)
-    init, masks = storage.file(INIT), storage.store(MASKS, "prune")
+    init, masks = storage.file(CLASSIFIER_WEIGHTS), storage.store(MASKS)
     if params.checkpoint:
         start_from = {"checkpoint": file_digest(Path(params.checkpoint))}
     else:
@@ -53,18 +53,18 @@ def main(params_path: Path, skip_bad: bool | None = None) -> None:
     staged, mined = params.steps > 0 and params.mode == "staged", params.steps > 0 and params.mode == "end_to_end"
     if staged:
         masks.require_complete()
-        check(masks, masks_made_from(manifest, dataset.train_split, prune, storage.store(CAMS, "cams")), manifest)
+        check(masks, masks_made_from(manifest, dataset.train_split, prune, storage.store(CAMS)), manifest)
     made = MadeFrom.made(manifest, (dataset.train_split,), {**settings("segment", params),
                                                               **(settings("prune", prune) if mined else {})},
                          {**start_from, "masks.zarr": masks.fingerprint if staged else None})
     ctx = init_distributed()
     device = default_device(ctx)
-    weights = storage.file(WEIGHTS)
+    weights = storage.file(STAGE.weights)
     if ctx.is_main:
         forget(weights)
     with stopwatch() as training:
         net = train_segmentation(manifest, dataset.train_split, classifier, params, prune, init,
-                                 masks, weights, storage.file(STATE), ctx, device)
+                                 masks, weights, storage.file(STAGE.state), ctx, device, run_params)
     if not ctx.is_main:
         return
     write_record(weights, made)
@@ -74,12 +74,12 @@ def main(params_path: Path, skip_bad: bool | None = None) -> None:
         probabilities = segnet_probabilities(net)
         # The training split's tags are known: its pseudo-labels hold only background and each image's
         # own classes. Val's are not (test time): every class competes there.
-        for name, store, split, restricted in (("val", storage.store(SEGMENT, "segment"), dataset.val_split, False),
-                                               ("pseudo", storage.store(PSEUDO, "segment"), dataset.train_split, True)):
+        for name, store, split, restricted in (("val", storage.store(SEGMENT), dataset.val_split, False),
+                                               ("pseudo", storage.store(PSEUDO), dataset.train_split, True)):
             start(store, predictions_made_from(manifest, split, "segment", params, weights))
             results[name] = infer_split(probabilities, manifest, split, store, device, crf,
-                                        params.crf_workers, params.crf_scheduler, restricted)
-    write_metrics(storage.file(METRICS), {**results["val"], "mode": params.mode, "pseudo": results["pseudo"],
+                                        run_params, restricted)
+    write_metrics(storage.file(STAGE.metrics_file), {**results["val"], "mode": params.mode, "pseudo": results["pseudo"],
                                           "rejected": rejected, "train_seconds": training["seconds"],
                                           "infer_seconds": inference["seconds"],
                                           "seconds": training["seconds"] + inference["seconds"]})

@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.io import write_image, write_mask
-from pipeline.manifest import Item, Manifest, default_palette
+from pipeline.core.io import write_image, write_mask
+from pipeline.data.manifest import Item, Manifest, default_palette
 
 
 @pytest.fixture
@@ -38,6 +38,35 @@ def tiny_manifest(tmp_path: Path) -> Manifest:
     )
     path = tmp_path / "manifests" / "tiny.json"
     manifest.save(path)
-    from pipeline.manifest import load_manifest
+    from pipeline.data.manifest import load_manifest
 
     return load_manifest(path)
+
+
+TINY: dict[str, dict] = {
+    "dataset": {"manifest": "manifests/synth.json", "train_split": "train", "val_split": "val"},
+    "run": {"loader_workers": 0, "workers": 1, "chunk_size": 4, "inference_batch": 4},
+    "data": {"root": "data/synth", "manifest": "manifests/synth.json", "image_size": 48, "num_classes": 3,
+             "train_images": 16, "val_images": 6, "seed": 1},
+    "classifier": {"crop_size": 48, "batch_size": 8, "steps": 6},
+    "cams": {"scales": [1.0, 0.5]},
+    "prune": {},
+    "segment": {"crop_size": 48, "batch_size": 4, "steps": 3, "mining_scales": [1.0]},
+    "deeplab": {"backbone": "small", "crop_size": 48, "batch_size": 4, "steps": 2, "scales": [1.0], "flip": False},
+}
+"""The tiny project every stage test runs: 16 + 6 synthetic 48x48 images, a few training steps,
+one process for everything (params.yaml's sections, each over the stage's defaults)."""
+
+
+def tiny_params(**overrides: dict) -> dict[str, dict]:
+    """:data:`TINY` with some sections' keys overridden (or added): ``tiny_params(segment={"crf": False})``."""
+    return {section: {**TINY.get(section, {}), **overrides.get(section, {})} for section in {**TINY, **overrides}}
+
+
+def write_tiny_project(root: Path, **overrides: dict) -> Path:
+    """Write the params file of :func:`tiny_params` into ``root``; its path."""
+    import yaml
+
+    path = root / "params.yaml"
+    path.write_text(yaml.safe_dump(tiny_params(**overrides), sort_keys=False))
+    return path

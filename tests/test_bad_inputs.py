@@ -18,23 +18,25 @@ from click.testing import CliRunner
 from PIL import ExifTags, Image
 from torch.utils.data import DataLoader
 
-from pipeline.cams import CamParams, extract_cams
-from pipeline.classifier import CAMNet, ClassifierParams, build_classifier, classifier_made_from
 from pipeline.cli import main as rrm
-from pipeline.data import ImageDataset
-from pipeline.errors import InputError
-from pipeline.folder import build_folder
-from pipeline.io import read_image, read_mask, write_image, write_mask
-from pipeline.manifest import Manifest, default_palette, load_manifest
+from pipeline.core.errors import InputError
+from pipeline.core.io import read_image, read_mask, write_image, write_mask
+from pipeline.core.params import load_params
+from pipeline.core.provenance import write_record
+from pipeline.core.registry import CLASSIFIER_WEIGHTS as WEIGHTS
+from pipeline.core.run import RunParams
+from pipeline.core.stage import DatasetParams, run, screened_dataset
+from pipeline.core.store import ImageStore
+from pipeline.data.datasets import ImageDataset
+from pipeline.data.folder import build_folder
+from pipeline.data.manifest import Manifest, default_palette, load_manifest
+from pipeline.data.screen import Reject, screen_splits
+from pipeline.method.cams import CamParams, extract_cams
+from pipeline.method.prune import PruneParams
 from pipeline.models.backbones import build_backbone
 from pipeline.models.weights import load_checkpoint, save_checkpoint
-from pipeline.params import load_params
-from pipeline.provenance import write_record
-from pipeline.prune import PruneParams
-from pipeline.screen import Reject, screen_splits
-from pipeline.stage import DatasetParams, run, screened_dataset
-from pipeline.store import CLASSIFIER_WEIGHTS as WEIGHTS
-from pipeline.store import ImageStore
+from pipeline.train.classifier import CAMNet, ClassifierParams, build_classifier, classifier_made_from
+from tests.conftest import write_tiny_project
 
 
 def one_line(error: pytest.ExceptionInfo[InputError]) -> str:
@@ -95,7 +97,7 @@ def test_a_bad_image_is_one_line_naming_the_file(tmp_path, make, problem):
 
 
 def test_a_phone_photo_is_read_turned_as_viewers_show_it(tmp_path):
-    from pipeline.cams import image_size
+    from pipeline.method.cams import image_size
 
     stored = np.zeros((4, 6, 3), np.uint8)
     stored[0, 0] = 255  # top-left as stored
@@ -196,7 +198,7 @@ def test_a_bad_parameter_names_the_file_section_and_key(tmp_path, section, value
     [
         ("", "empty parameters file (a stage would run on defaults alone)"),
         ("# only a comment\n", "empty parameters file (a stage would run on defaults alone)"),
-        ("cam:\n  flip: false\n", "unknown section 'cam' (known: dataset, storage, data, classifier, cams, "),
+        ("cam:\n  flip: false\n", "unknown section 'cam' (known: dataset, storage, run, data, classifier, "),
         ("prune:\n  la_alpha: 4\n  la_alpha: 8\n", "key 'la_alpha' appears twice (line 3)"),
         ("prune: {}\nprune: {}\n", "key 'prune' appears twice (line 2)"),
         ("- classifier\n", "must be a mapping of stage names to parameters"),
@@ -261,14 +263,16 @@ class MeanColourCams(torch.nn.Module):
 
 def test_a_stage_stopped_by_a_bad_image_keeps_what_it_wrote(bad_manifest, tmp_path):
     store = ImageStore(tmp_path / "cams.zarr")
-    params = CamParams(scales=(1.0,), flip=False, batch_size=1, num_workers=0)
+    params, one_by_one = CamParams(scales=(1.0,), flip=False), RunParams(loader_workers=0, inference_batch=1)
     with pytest.raises(InputError, match="im1.png: cannot read image"):
-        extract_cams(MeanColourCams(), bad_manifest, "train", store, params, torch.device("cpu"), progress=False)
+        extract_cams(MeanColourCams(), bad_manifest, "train", store, params, torch.device("cpu"), run=one_by_one,
+                     progress=False)
     written = store.complete_ids()
     assert written and "im1" not in written
 
     write_image(bad_manifest.image_path("im1"), np.full((20, 24, 3), 90, np.uint8))  # the user fixes the file
-    again = extract_cams(MeanColourCams(), bad_manifest, "train", store, params, torch.device("cpu"), progress=False)
+    again = extract_cams(MeanColourCams(), bad_manifest, "train", store, params, torch.device("cpu"), run=one_by_one,
+                         progress=False)
     assert "im1" in again and not set(again) & set(written)
 
 
@@ -340,7 +344,11 @@ def test_rrm_stage_passes_skip_bad_only_to_stages_that_read_images(monkeypatch):
     from stages import cams
 
     calls = []
-    monkeypatch.setattr(cams, "main", lambda params_path, **options: calls.append(options))
+
+    def main(params_path: Path, skip_bad: bool | None = None) -> None:  # the stage's signature
+        calls.append({} if skip_bad is None else {"skip_bad": skip_bad})
+
+    monkeypatch.setattr(cams, "main", main)
     assert CliRunner().invoke(rrm, ["stage", "cams", "--skip-bad"]).exit_code == 0
     assert CliRunner().invoke(rrm, ["stage", "cams"]).exit_code == 0
     assert calls == [{"skip_bad": True}, {}]
@@ -369,7 +377,7 @@ def test_a_refused_permission_and_ctrl_c_end_a_command_in_one_line(monkeypatch, 
 
 
 def test_an_unreachable_scheduler_is_one_line_after_the_timeout(monkeypatch):
-    from pipeline import mining
+    from pipeline.method import mining
 
     monkeypatch.setattr(mining, "SCHEDULER_TIMEOUT", 1)
     with pytest.raises(InputError) as error, mining.scheduler_client("tcp://127.0.0.1:1"):
@@ -421,25 +429,16 @@ def test_rrm_manifest_folder_with_a_mask_of_another_size(tmp_path):
 
 # The stages after one another: an image the CAM stage left out is left out by every later stage.
 
-TINY = {
-    "data": {"root": "data/synth", "manifest": "manifests/synth.json", "image_size": 32, "num_classes": 3,
-             "train_images": 6, "val_images": 3, "seed": 2},
-    "dataset": {"manifest": "manifests/synth.json", "skip_bad": True},
-    "classifier": {"crop_size": 32, "batch_size": 2, "steps": 1, "num_workers": 0},
-    "cams": {"scales": [1.0], "flip": False, "num_workers": 0},
-    "prune": {"workers": 1},
-    "segment": {"crop_size": 32, "batch_size": 2, "steps": 1, "num_workers": 0, "crf": False},
-}
-
-
 def test_cams_prune_and_segment_leave_out_the_same_bad_image(tmp_path, monkeypatch):
     from distributed import LocalCluster
 
     from stages import cams, data, prune, segment
 
     monkeypatch.chdir(tmp_path)
-    params = Path("params.yaml")
-    params.write_text(yaml.safe_dump(TINY))
+    params = write_tiny_project(Path("."), dataset={"skip_bad": True},
+                                data={"image_size": 32, "train_images": 6, "val_images": 3, "seed": 2},
+                                cams={"scales": [1.0], "flip": False},
+                                segment={"crop_size": 32, "batch_size": 2, "steps": 1, "crf": False})
     data.main(params)
     manifest = load_manifest("manifests/synth.json")
     bad = manifest.split("train")[2].id

@@ -7,7 +7,14 @@ import torch.nn.functional as F
 import zarr
 from torch import nn
 
-from pipeline.cams import (
+from pipeline.core.errors import InputError
+from pipeline.core.io import IGNORE, write_image, write_mask
+from pipeline.core.params import build_params
+from pipeline.core.run import RunParams
+from pipeline.core.store import COMPLETE, ImageStore
+from pipeline.data.datasets import normalize
+from pipeline.data.manifest import Item, Manifest, default_palette
+from pipeline.method.cams import (
     CamParams,
     extract_cams,
     image_size,
@@ -17,19 +24,14 @@ from pipeline.cams import (
     select_and_normalise,
     size_grouped_batches,
 )
-from pipeline.data import normalize
-from pipeline.errors import InputError
-from pipeline.io import IGNORE, write_image, write_mask
-from pipeline.manifest import Item, Manifest, default_palette
-from pipeline.metrics import SegmentationScore
-from pipeline.params import build_params
-from pipeline.store import COMPLETE, ImageStore
+from pipeline.method.metrics import SegmentationScore
 
 NUM_CLASSES = 3
 SIZES = [(20, 24), (16, 30), (20, 24), (17, 19), (16, 30), (20, 24), (25, 25)]
 """Image (height, width)s: some shared, some seen once."""
 LABELS = [(0,), (1, 2), (2,), (0, 1), (), (1,), (0, 2)]
-PARAMS = CamParams(scales=(1.0, 0.5, 1.5), batch_size=2, num_workers=0)
+PARAMS = CamParams(scales=(1.0, 0.5, 1.5))
+RUN = RunParams(loader_workers=0, inference_batch=2)
 
 
 class TinyCamNet(nn.Module):
@@ -97,7 +99,7 @@ def test_default_params_and_range_checks():
     assert CamParams().scales == (1.0, 0.5, 1.5, 2.0)
     with pytest.raises(InputError, match=r"params.yaml \[cams\]: parameter scales=\(0.0,\) must be"):
         build_params(CamParams, {"scales": [0]}, "params.yaml [cams]")
-    with pytest.raises(InputError, match="batch_size=0 is outside"):
+    with pytest.raises(InputError, match=r"unknown parameter 'batch_size'"):  # a run setting: `run: inference_batch`
         build_params(CamParams, {"batch_size": 0}, "params.yaml [cams]")
     with pytest.raises(InputError, match="score_thresholds=1.5 is outside"):
         build_params(CamParams, {"score_thresholds": [0.5, 1.5]}, "params.yaml [cams]")
@@ -162,7 +164,7 @@ def test_chosen_channels_are_taken_before_upsampling_with_the_same_values():
 def test_extraction_matches_a_plain_per_image_loop(manifest, tmp_path):
     net = CountingCamFn(TinyCamNet())
     store = ImageStore(tmp_path / "cams.zarr", stage="cams")
-    written = extract_cams(net, manifest, "train", store, PARAMS, torch.device("cpu"), progress=False)
+    written = extract_cams(net, manifest, "train", store, PARAMS, torch.device("cpu"), run=RUN, progress=False)
 
     items = manifest.split("train")
     assert sorted(written) == store.complete_ids() == sorted(item.id for item in items)
@@ -188,20 +190,21 @@ class FailingStore(ImageStore):
 def test_a_failed_write_stops_the_extraction_and_keeps_what_was_written(manifest, tmp_path):
     store = FailingStore(tmp_path / "cams.zarr")
     with pytest.raises(OSError, match="No space left on device"):
-        extract_cams(TinyCamNet().eval(), manifest, "train", store, PARAMS, torch.device("cpu"), progress=False)
+        extract_cams(TinyCamNet().eval(), manifest, "train", store, PARAMS, torch.device("cpu"), run=RUN,
+                     progress=False)
     # Batches [[0, 2], [5], [1, 4], ...]: the writes up to im4's batch went through.
     assert {"im0", "im2", "im5"} <= set(store.complete_ids()) and "im4" not in store.complete_ids()
     rerun = extract_cams(TinyCamNet().eval(), manifest, "train", ImageStore(store.path), PARAMS,
-                         torch.device("cpu"), progress=False)
+                         torch.device("cpu"), run=RUN, progress=False)
     assert "im0" not in rerun and "im4" in rerun
 
 
 def test_workers_give_the_same_cams(manifest, tmp_path):
     net = TinyCamNet().eval()
     plain, workers = ImageStore(tmp_path / "plain.zarr"), ImageStore(tmp_path / "workers.zarr")
-    extract_cams(net, manifest, "train", plain, PARAMS, torch.device("cpu"), progress=False)
-    with_workers = CamParams(scales=PARAMS.scales, batch_size=3, num_workers=1)
-    extract_cams(net, manifest, "train", workers, with_workers, torch.device("cpu"), progress=False)
+    extract_cams(net, manifest, "train", plain, PARAMS, torch.device("cpu"), run=RUN, progress=False)
+    extract_cams(net, manifest, "train", workers, PARAMS, torch.device("cpu"),
+                 run=RunParams(loader_workers=1, inference_batch=3), progress=False)
     for image_id in plain.ids():
         np.testing.assert_allclose(plain.read(image_id)[0], workers.read(image_id)[0], rtol=0, atol=1e-3)
 
@@ -209,7 +212,7 @@ def test_workers_give_the_same_cams(manifest, tmp_path):
 def test_a_rerun_recomputes_only_what_is_missing_or_cut_short(manifest, tmp_path):
     store = ImageStore(tmp_path / "cams.zarr")
     net = CountingCamFn(TinyCamNet())
-    extract_cams(net, manifest, "train", store, PARAMS, torch.device("cpu"), progress=False)
+    extract_cams(net, manifest, "train", store, PARAMS, torch.device("cpu"), run=RUN, progress=False)
     before = store.read("im3")[0]
 
     zarr.open_array(store.path, path="im3", mode="a").attrs[COMPLETE] = False  # marker lost
@@ -219,26 +222,26 @@ def test_a_rerun_recomputes_only_what_is_missing_or_cut_short(manifest, tmp_path
     assert store.complete_ids() == ["im0", "im1", "im2", "im4", "im6"]
 
     net.batches.clear()
-    rerun = extract_cams(net, manifest, "train", store, PARAMS, torch.device("cpu"), progress=False)
+    rerun = extract_cams(net, manifest, "train", store, PARAMS, torch.device("cpu"), run=RUN, progress=False)
     assert sorted(rerun) == ["im3", "im5"]
     assert sum(net.batches) == 2 * 2 * len(PARAMS.scales)  # two images, each with its flipped copy
     assert np.array_equal(store.read("im3")[0], before)
     assert store.read("im5")[0].max() == 1.0
-    assert extract_cams(net, manifest, "train", store, PARAMS, torch.device("cpu"), progress=False) == []
+    assert extract_cams(net, manifest, "train", store, PARAMS, torch.device("cpu"), run=RUN, progress=False) == []
 
 
 def test_two_processes_share_the_ids_exactly(manifest, tmp_path):
     store = ImageStore(tmp_path / "cams.zarr")
     net = TinyCamNet().eval()
     shares = [
-        extract_cams(net, manifest, "train", store, PARAMS, torch.device("cpu"), rank, 2, progress=False)
+        extract_cams(net, manifest, "train", store, PARAMS, torch.device("cpu"), rank, 2, run=RUN, progress=False)
         for rank in (0, 1)
     ]
     ids = [item.id for item in manifest.split("train")]
     assert sorted(shares[0]) == ids[0::2] and sorted(shares[1]) == ids[1::2]
     assert store.complete_ids() == sorted(ids)
     with pytest.raises(ValueError, match="rank 2 is outside 0..1"):
-        extract_cams(net, manifest, "train", store, PARAMS, torch.device("cpu"), 2, 2)
+        extract_cams(net, manifest, "train", store, PARAMS, torch.device("cpu"), 2, 2, run=RUN)
 
 
 @pytest.fixture

@@ -4,7 +4,7 @@ import numpy as np
 import pydensecrf.densecrf as dcrf
 import pytest
 
-from pipeline.crf import INFERENCE_CRF, PRUNE_CRF, CRFParams, dense_crf
+from pipeline.method.crf import INFERENCE_CRF, PRUNE_CRF, CRFParams, dense_crf
 
 
 def two_region_image(height: int = 24, width: int = 32) -> np.ndarray:

@@ -5,7 +5,9 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from pipeline.data import (
+from pipeline.core.errors import InputError
+from pipeline.core.io import IGNORE, write_image, write_mask
+from pipeline.data.datasets import (
     MEAN_COLOUR,
     Augmentation,
     ClassificationDataset,
@@ -19,9 +21,7 @@ from pipeline.data import (
     random_rescale,
     random_resize_long,
 )
-from pipeline.errors import InputError
-from pipeline.io import IGNORE, write_image, write_mask
-from pipeline.manifest import Item, Manifest, labels_from_mask, load_manifest
+from pipeline.data.manifest import Item, Manifest, labels_from_mask, load_manifest
 
 CLASSES = ("cat", "dog", "bird")
 # The colour of label value v is COLOURS[v], so an image's colours encode its label mask.

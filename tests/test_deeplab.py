@@ -11,23 +11,20 @@ import pytest
 import torch
 import yaml
 
-from pipeline.deeplab import DeepLabParams, build_deeplab, deeplab_probabilities, pseudo_label_loss
-from pipeline.errors import InputError
-from pipeline.io import IGNORE
-from pipeline.manifest import load_manifest
-from pipeline.params import build_params, load_params
-from pipeline.segment import SegmentParams, predictions_made_from
-from pipeline.store import DEEPLAB, PSEUDO, SUPERVISED, StorageParams
+from pipeline.core.errors import InputError
+from pipeline.core.io import IGNORE
+from pipeline.core.params import build_params, load_params
+from pipeline.core.registry import DEEPLAB, PSEUDO, STAGES, SUPERVISED
+from pipeline.core.store import StorageParams
+from pipeline.data.manifest import load_manifest
+from pipeline.train.deeplab import DeepLabParams, build_deeplab, deeplab_probabilities, pseudo_label_loss
+from pipeline.train.segment import SegmentParams, predictions_made_from
 from stages import data, deeplab, supervised
+from tests.conftest import tiny_params
 
-PARAMS = {
-    "dataset": {"manifest": "manifests/synth.json", "train_split": "train", "val_split": "val"},
-    "data": {"root": "data/synth", "manifest": "manifests/synth.json", "image_size": 48, "num_classes": 3,
-             "train_images": 8, "val_images": 4, "seed": 1},
-    "deeplab": {"enabled": True, "backbone": "small", "crop_size": 48, "batch_size": 4, "steps": 3,
-                "num_workers": 0, "scales": [1.0, 0.5], "crf_workers": 1},
-    "supervised": {"enabled": True},
-}
+PARAMS = tiny_params(data={"train_images": 8, "val_images": 4},
+                     deeplab={"enabled": True, "steps": 3, "scales": [1.0, 0.5], "flip": True},
+                     supervised={"enabled": True})
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +37,7 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
         patch.chdir(root)
         data.main(Path("params.yaml"))
         manifest = load_manifest("manifests/synth.json")
-        pseudo = StorageParams().store(PSEUDO, "segment")
+        pseudo = StorageParams().store(PSEUDO)
         segment_weights = Path("checkpoints/segment.pth")
         segment_weights.parent.mkdir(parents=True, exist_ok=True)
         segment_weights.write_bytes(b"a stand-in for the segment stage's network")
@@ -58,13 +55,13 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_stage_trains_predicts_every_val_image_and_scores(project, monkeypatch):
     monkeypatch.chdir(project)
     deeplab.main(Path("params.yaml"))
-    assert deeplab.OUTPUTS.weights.is_file()
-    scores = json.loads(deeplab.OUTPUTS.metrics.read_text())
+    assert STAGES["deeplab"].weights.is_file()
+    scores = json.loads(STAGES["deeplab"].metrics_file.read_text())
     assert scores["enabled"] is True and scores["backbone"] == "small"
     assert 0 <= scores["miou"] <= 1 and 0 <= scores["miou_no_crf"] <= 1
     assert set(scores["iou"]) == {"background", "ant", "bee", "cat"}
     val_ids = [item["id"] for item in json.loads(Path("manifests/synth.json").read_text())["splits"]["val"]]
-    predictions = StorageParams().store(DEEPLAB, "deeplab")
+    predictions = StorageParams().store(DEEPLAB)
     assert predictions.is_complete() and sorted(predictions.complete_ids()) == sorted(val_ids)
     label, _ = predictions.read(val_ids[0])
     assert label.dtype == np.uint8 and label.shape == (48, 48) and label.max() <= 3
@@ -74,20 +71,20 @@ def test_disabled_stage_writes_only_its_marker_outputs(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # no data, no pseudo labels: nothing is read
     Path("params.yaml").write_text(yaml.safe_dump({"deeplab": {"enabled": False}}))
     deeplab.main(Path("params.yaml"))
-    assert json.loads(deeplab.OUTPUTS.metrics.read_text()) == {"enabled": False}
-    store = StorageParams().store(DEEPLAB, "deeplab")
+    assert json.loads(STAGES["deeplab"].metrics_file.read_text()) == {"enabled": False}
+    store = StorageParams().store(DEEPLAB)
     assert store.is_complete() and store.complete_ids() == []
-    assert deeplab.OUTPUTS.weights.parent.is_dir() and not deeplab.OUTPUTS.weights.exists()
+    assert STAGES["deeplab"].weights.parent.is_dir() and not STAGES["deeplab"].weights.exists()
 
 
 def test_supervised_reference_trains_the_deeplab_recipe_on_the_ground_truth(project, monkeypatch):
     monkeypatch.chdir(project)
     supervised.main(Path("params.yaml"))
-    scores = json.loads(supervised.OUTPUTS.metrics.read_text())
+    scores = json.loads(STAGES["supervised"].metrics_file.read_text())
     assert scores["enabled"] is True and scores["backbone"] == "small" and 0 <= scores["miou"] <= 1
-    predictions = StorageParams().store(SUPERVISED, "supervised")
+    predictions = StorageParams().store(SUPERVISED)
     assert predictions.is_complete() and len(predictions.complete_ids()) == PARAMS["data"]["val_images"]
-    state = torch.load(supervised.OUTPUTS.state, weights_only=False)
+    state = torch.load(STAGES["supervised"].state, weights_only=False)
     assert state["step"] == PARAMS["deeplab"]["steps"]  # the deeplab section's schedule
 
 
@@ -95,8 +92,8 @@ def test_supervised_reference_is_off_by_default(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     Path("params.yaml").write_text(yaml.safe_dump({"deeplab": {"enabled": True}}))
     supervised.main(Path("params.yaml"))
-    assert json.loads(supervised.OUTPUTS.metrics.read_text()) == {"enabled": False}
-    assert StorageParams().store(SUPERVISED, "supervised").is_complete()
+    assert json.loads(STAGES["supervised"].metrics_file.read_text()) == {"enabled": False}
+    assert StorageParams().store(SUPERVISED).is_complete()
 
 
 def test_supervised_reference_needs_every_training_mask(project, tmp_path, monkeypatch):

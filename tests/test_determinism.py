@@ -5,7 +5,8 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from pipeline.training import Checkpoint, Distributed, LoopSettings, TrainingParams, make_loader, train
+from pipeline.core.run import RunParams
+from pipeline.train.loop import Checkpoint, Distributed, LoopSettings, TrainingParams, make_loader, train
 
 CPU = torch.device("cpu")
 
@@ -40,4 +41,4 @@ def test_deterministic_training_gives_the_same_weights_on_the_cpu_and_restores_t
 
 def test_the_switch_is_a_training_parameter_passed_to_the_loop():
     assert not TrainingParams().deterministic
-    assert TrainingParams(deterministic=True).loop("classifier", progress=False).deterministic
+    assert TrainingParams(deterministic=True).loop("classifier", False, RunParams()).deterministic

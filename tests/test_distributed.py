@@ -25,16 +25,18 @@ import torch
 import yaml
 from distributed import Client, LocalCluster, get_task_stream
 
-from pipeline.crf import INFERENCE_CRF
-from pipeline.mining import environ_restored
-from pipeline.segment import infer_split
-from pipeline.store import ImageStore
+from pipeline.core.run import RunParams
+from pipeline.core.store import ImageStore
+from pipeline.method.crf import INFERENCE_CRF
+from pipeline.method.mining import environ_restored
+from pipeline.train.segment import infer_split
 from stages import data, prune
 from tests.test_faults import PARAMS as FAULTS_PARAMS
 from tests.test_faults import outputs, store_digest
 
 REPO = Path(__file__).resolve().parents[1]
-PARAMS = {**FAULTS_PARAMS, "classifier": {**FAULTS_PARAMS["classifier"], "freeze_bn": True}}
+PARAMS = {**FAULTS_PARAMS, "run": {**FAULTS_PARAMS["run"], "checkpoint_every": 100},
+          "classifier": {**FAULTS_PARAMS["classifier"], "freeze_bn": True}}
 """The tiny project of the fault tests, with the classifier's batch norm frozen (batch 8, 6 steps)."""
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
 
@@ -43,14 +45,14 @@ import os, runpy, sys
 from contextlib import contextmanager
 from pathlib import Path
 
-import pipeline.io
+import pipeline.core.io
 
 def record(line):
     Path("writes").mkdir(exist_ok=True)
     with open(f"writes/{os.environ.get('RANK', '0')}.txt", "a") as log:
         log.write(line + "\\n")
 
-atomic_open = pipeline.io.atomic_open
+atomic_open = pipeline.core.io.atomic_open
 
 @contextmanager
 def recorded_open(path, mode="w"):
@@ -58,10 +60,10 @@ def recorded_open(path, mode="w"):
     with atomic_open(path, mode) as handle:
         yield handle
 
-pipeline.io.atomic_open = recorded_open
+pipeline.core.io.atomic_open = recorded_open
 
 from pipeline.models import nets
-from pipeline.store import ImageStore
+from pipeline.core.store import ImageStore
 
 mark_complete = ImageStore.mark_complete
 
@@ -220,10 +222,10 @@ def test_crf_inference_on_a_cluster_given_by_address_equals_local_processes(tiny
 
     local, remote = ImageStore(tmp_path / "local.zarr"), ImageStore(tmp_path / "remote.zarr")
     expected = infer_split(probabilities, tiny_manifest, "train", local, torch.device("cpu"), INFERENCE_CRF,
-                           workers=1, progress=False)
+                           RunParams(workers=1), progress=False)
     with Client(cluster) as client, get_task_stream(client) as stream:
         scores = infer_split(probabilities, tiny_manifest, "train", remote, torch.device("cpu"), INFERENCE_CRF,
-                             workers=1, scheduler=cluster, progress=False)
+                             RunParams(scheduler=cluster), progress=False)
 
     assert scores == expected
     assert store_digest(remote.path) == store_digest(local.path)

@@ -1,11 +1,14 @@
-"""Editing a prune threshold reruns `prune` and what follows it, nothing before it.
+"""What `dvc repro` reruns: a prune threshold reruns `prune` and what follows it, nothing before
+it; a setting of the `run:` section reruns nothing and keeps every finished store.
 
 The project (dvc.yaml, params.yaml and the code its stages run) is copied into a fresh git +
-DVC repository and run at a tiny size: 12 + 4 synthetic 48x48 images, a classifier of 2 steps.
+DVC repository and run once at the tiny size of ``tests.conftest.TINY`` (12 + 4 images); the
+tests then change params.yaml and ask DVC what it would rerun.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -17,16 +20,17 @@ from pathlib import Path
 import pytest
 import yaml
 
+from pipeline.core.registry import STAGES, STORES
+from tests.conftest import tiny_params
+
 ROOT = Path(__file__).resolve().parents[1]
 PROJECT = ("dvc.yaml", "params.yaml", "pipeline", "stages")
-TINY = {
-    "data": {"image_size": 48, "num_classes": 3, "train_images": 12, "val_images": 4},
-    "classifier": {"crop_size": 48, "batch_size": 4, "steps": 2, "num_workers": 0},
-    "cams": {"scales": [1.0], "flip": False, "num_workers": 0},
-    "prune": {"workers": 1},
-    "segment": {"crop_size": 48, "batch_size": 4, "steps": 2, "num_workers": 0, "crf_workers": 1},
-}
+TINY = tiny_params(data={"train_images": 12, "val_images": 4}, classifier={"steps": 2}, cams={"scales": [1.0]},
+                   segment={"steps": 2, "crf": False})
 UPSTREAM = ("data", "classifier", "cams")
+RUN_CHANGES = {"loader_workers": 1, "workers": 2, "scheduler": "tcp://127.0.0.1:1", "chunk_size": 1,
+               "inference_batch": 1, "batch_pixels": 1000, "checkpoint_every": 1}
+"""Another value for every setting of the `run:` section."""
 
 
 def copy_project(target: Path) -> None:
@@ -59,22 +63,50 @@ def dvc(project: Path, *args: str) -> str:
     return shell(project, sys.executable, "-m", "dvc", *args)
 
 
-@pytest.fixture
-def project(tmp_path: Path) -> Path:
-    copy_project(tmp_path)
-    shell(tmp_path, "git", "init", "--quiet")
-    dvc(tmp_path, "init", "--quiet")
-    return tmp_path
+def set_param(project: Path, section: str, key: str, value: object) -> None:
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params[section][key] = value
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def store_bytes(project: Path) -> dict[str, str]:
+    """The digest of every file of every store, by path."""
+    return {str(path.relative_to(project)): hashlib.sha256(path.read_bytes()).hexdigest()
+            for store in STORES for path in sorted((project / "artifacts" / store.name).rglob("*")) if path.is_file()}
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny project after a first `dvc repro` of every stage."""
+    root = tmp_path_factory.mktemp("dvc")
+    copy_project(root)
+    shell(root, "git", "init", "--quiet")
+    dvc(root, "init", "--quiet")
+    first = dvc(root, "repro")
+    assert all(f"Running stage '{stage}'" in first for stage in (*UPSTREAM, "prune", "segment"))
+    assert json.loads((root / "metrics" / "prune.json").read_text())["images"] == 12
+    return root
+
+
+def test_a_run_setting_reruns_no_stage_and_keeps_every_finished_store(project):
+    original = (project / "params.yaml").read_text()
+    stores = store_bytes(project)
+    metrics = {path: path.read_bytes() for path in (project / "metrics").glob("*.json")}
+    for key, value in RUN_CHANGES.items():
+        set_param(project, "run", key, value)
+        assert json.loads(dvc(project, "status", "--json")) == {}, f"run.{key} changed a stage"
+    set_param(project, "run", "scheduler", None)  # none answers there; the rest stays changed
+    for stage in ("cams", "prune"):  # run by hand, as `rrm stage` would: each finds its store done
+        shell(project, sys.executable, "-m", STAGES[stage].module)
+    assert store_bytes(project) == stores
+    for path, content in metrics.items():  # their figures again, with new seconds: put back as DVC recorded them
+        path.write_bytes(content)
+    (project / "params.yaml").write_text(original)
+    assert json.loads(dvc(project, "status", "--json")) == {}
 
 
 def test_a_prune_threshold_reruns_prune_and_nothing_before_it(project):
-    first = dvc(project, "repro")
-    assert all(f"Running stage '{stage}'" in first for stage in (*UPSTREAM, "prune", "segment"))
-    assert json.loads((project / "metrics" / "prune.json").read_text())["images"] == 12
-
-    params = yaml.safe_load((project / "params.yaml").read_text())
-    params["prune"]["cam_quantile"] = 0.7
-    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    set_param(project, "prune", "cam_quantile", 0.7)
     changed = json.loads(dvc(project, "status", "--json"))
 
     assert {"prune", "segment"} <= set(changed)  # segment mines with the prune settings too

@@ -34,18 +34,14 @@ import pytest
 import torch
 import yaml
 
-from pipeline.errors import InputError
-from pipeline.store import ImageStore
+from pipeline.core.errors import InputError
+from pipeline.core.store import ImageStore
 from stages import cams, classifier, data, deeplab, prune, segment
-from tests.test_stages import TINY
+from tests.conftest import tiny_params
 
 REPO = Path(__file__).resolve().parents[1]
-PARAMS = {
-    **TINY,
-    "prune": {"workers": 1, "chunk_size": 2},
-    "segment": {**TINY["segment"], "batch_size": 2, "steps": 4, "checkpoint_every": 2, "crf": False},
-    "deeplab": {"enabled": True},
-}
+PARAMS = tiny_params(run={"chunk_size": 2, "checkpoint_every": 2},
+                     segment={"batch_size": 2, "steps": 4, "crf": False}, deeplab={"enabled": True})
 """The stages' tiny settings, with training states saved every 2 of the segment stage's 4 steps,
 the masks mined in tasks of 2 images, and the deeplab stage on (it reads the segment stage's store)."""
 
@@ -59,7 +55,7 @@ HANDED_ON = {"cams": ("cams.zarr", prune.main), "prune": ("masks.zarr", segment.
 
 KILL_BEFORE_MARKING = """
 import os, runpy, signal, sys
-from pipeline.store import ImageStore
+from pipeline.core.store import ImageStore
 stage, store = sys.argv[1:]
 mark_complete = ImageStore.mark_complete
 def kill_instead(self, expected):

@@ -7,10 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.errors import InputError
-from pipeline.folder import build_folder
-from pipeline.io import write_image, write_mask
-from pipeline.manifest import Manifest, default_palette, load_manifest
+from pipeline.core.errors import InputError
+from pipeline.core.io import write_image, write_mask
+from pipeline.data.folder import build_folder
+from pipeline.data.manifest import Manifest, default_palette, load_manifest
 
 
 @pytest.fixture

@@ -16,13 +16,16 @@ from click.testing import CliRunner
 from PIL import Image
 
 from pipeline.cli import main
-from pipeline.inspect import MaskStats, Project, all_stats, image_figure
-from pipeline.io import IGNORE, read_mask
-from pipeline.manifest import Manifest
-from pipeline.metrics import PartialLabelScore
-from pipeline.panels import GAP, UNLABELLED, mask_panel
-from pipeline.stage import DatasetParams
-from pipeline.store import CAMS, ImageStore, StorageParams
+from pipeline.core.io import IGNORE, read_mask
+from pipeline.core.registry import CAMS
+from pipeline.core.stage import DatasetParams
+from pipeline.core.store import ImageStore, StorageParams
+from pipeline.data.manifest import Manifest
+from pipeline.inspection.figures import image_figure
+from pipeline.inspection.panels import GAP, UNLABELLED, mask_panel
+from pipeline.inspection.project import Project
+from pipeline.inspection.stats import MaskStats, all_stats
+from pipeline.method.metrics import PartialLabelScore
 from stages import overlays
 
 SCALE = 10
@@ -52,7 +55,7 @@ def write_artifacts(manifest: Manifest, folder: Path) -> None:
     background, its worst image); segment predictions of val; no deeplab store."""
     truths = {item.id: manifest.read_mask(item) for items in manifest.splits.values() for item in items}
     train, val = ([item.id for item in manifest.split(name)] for name in ("train", "val"))
-    cams = ImageStore(folder / CAMS)
+    cams = ImageStore(folder / CAMS.name)
     cams.reset_unless("test")
     for items in manifest.splits.values():
         for item in items:
@@ -155,14 +158,14 @@ def test_stats_table_and_json_agree_with_the_metrics(project, artifacts, cli):
 
 
 def test_reliable_stats_equal_what_the_prune_stage_reports(tiny_manifest, tmp_path):
-    from pipeline.mining import MiningJob, mine_chunk
-    from pipeline.prune import PruneParams
+    from pipeline.method.mining import MiningJob, mine_chunk
+    from pipeline.method.prune import PruneParams
 
     write_artifacts(tiny_manifest, tmp_path / "artifacts")
     masks = ImageStore(tmp_path / "artifacts" / "masks.zarr")
     masks.reset_unless("rule")  # empty: mine_chunk prunes every image with the rule itself
     items = tiny_manifest.split("train")
-    job = MiningJob.create(tiny_manifest, ImageStore(tmp_path / "artifacts" / CAMS), masks, PruneParams())
+    job = MiningJob.create(tiny_manifest, ImageStore(tmp_path / "artifacts" / CAMS.name), masks, PruneParams())
     reported = mine_chunk(job, items).as_dict(tiny_manifest.label_names)
     masks.mark_complete(item.id for item in items)
     project = Project(tiny_manifest, DatasetParams(), StorageParams(artifacts=str(tmp_path / "artifacts")))
@@ -263,10 +266,10 @@ def test_an_unknown_image_and_a_missing_store_are_one_line_errors(project, artif
     unknown = cli("show", "nope")
     assert unknown.exit_code == 2 and unknown.output.count("\n") == 1
     assert unknown.output == f"error: {project.manifest.source}: no image id 'nope' in split 'train' or 'val'\n"
-    shutil.rmtree(artifacts / CAMS)
+    shutil.rmtree(artifacts / CAMS.name)
     missing = cli("show", "im0")
     assert missing.exit_code == 2
-    assert missing.output == f"error: {artifacts / CAMS}: store not found (has the cams stage run?)\n"
+    assert missing.output == f"error: {artifacts / CAMS.name}: store not found (has the cams stage run?)\n"
     shutil.rmtree(artifacts / "masks.zarr")
     shutil.rmtree(artifacts / "pseudo.zarr")
     gallery = cli("gallery")

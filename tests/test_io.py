@@ -2,9 +2,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.errors import InputError
-from pipeline.io import atomic_open, read_image, read_mask, write_mask
-from pipeline.manifest import default_palette
+from pipeline.core.errors import InputError
+from pipeline.core.io import atomic_open, read_image, read_mask, write_mask
+from pipeline.data.manifest import default_palette
 
 
 def test_mask_round_trip_through_a_palette_png(tmp_path):

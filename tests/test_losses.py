@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.io import IGNORE
-from pipeline.losses import (
+from pipeline.core.io import IGNORE
+from pipeline.method.losses import (
     DENSE_ENERGY_WEIGHT,
     DenseEnergyLoss,
     bilateral_filter,
@@ -136,7 +136,7 @@ def test_filters_are_differentiable_in_the_values_through_their_symmetry(bilater
 
 
 def test_lattice_approximates_the_exact_sum_on_a_smooth_image():
-    """Documented in pipeline.lattice: mean ratio near 1, 5-7% spread per pixel, none off by 35%."""
+    """Documented in pipeline.method.lattice: mean ratio near 1, 5-7% spread per pixel, none off by 35%."""
     image = smooth_image(32, 40)
     generator = torch.Generator().manual_seed(4)
     probs = torch.softmax(2 * torch.randn(1, 3, 32, 40, generator=generator), dim=1)

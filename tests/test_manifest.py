@@ -4,8 +4,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.errors import InputError
-from pipeline.manifest import (
+from pipeline.core.errors import InputError
+from pipeline.data.manifest import (
     check_images_exist,
     default_palette,
     labels_from_mask,

@@ -4,8 +4,8 @@ import math
 import numpy as np
 import pytest
 
-from pipeline.io import IGNORE
-from pipeline.metrics import (
+from pipeline.core.io import IGNORE
+from pipeline.method.metrics import (
     PartialLabelScore,
     SegmentationScore,
     average_precision,

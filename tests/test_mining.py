@@ -14,20 +14,20 @@ import zarr
 from distributed import Client, LocalCluster, get_task_stream
 from scipy.ndimage import gaussian_filter
 
-from pipeline.errors import InputError
-from pipeline.io import IGNORE, write_image, write_mask
-from pipeline.manifest import Item, Manifest
-from pipeline.mining import (
-    ClusterParams,
+from pipeline.core.errors import InputError
+from pipeline.core.io import IGNORE, write_image, write_mask
+from pipeline.core.params import load_params
+from pipeline.core.run import RunParams, load_run
+from pipeline.core.store import ImageStore
+from pipeline.data.manifest import Item, Manifest
+from pipeline.method.mining import (
     MiningJob,
-    load_prune_params,
     masks_made_from,
     mine_chunk,
     mine_split,
     per_class_rows,
 )
-from pipeline.prune import PruneParams, prune_image
-from pipeline.store import ImageStore
+from pipeline.method.prune import PruneParams, prune_image
 
 PARAMS = PruneParams()
 
@@ -67,8 +67,8 @@ def scheduler() -> Iterator[str]:
 
 def test_masks_are_the_rules_and_equal_for_one_and_two_worker_processes(tiny_manifest, cams, tmp_path):
     one, two = ImageStore(tmp_path / "one.zarr"), ImageStore(tmp_path / "two.zarr")
-    mine_split(tiny_manifest, "train", cams, one, PARAMS, ClusterParams(workers=1), progress=False)
-    mine_split(tiny_manifest, "train", cams, two, PARAMS, ClusterParams(workers=2, chunk_size=1), progress=False)
+    mine_split(tiny_manifest, "train", cams, one, PARAMS, RunParams(workers=1), progress=False)
+    mine_split(tiny_manifest, "train", cams, two, PARAMS, RunParams(workers=2, chunk_size=1), progress=False)
 
     assert stored(one) == stored(two)
     assert one.is_complete() and two.is_complete()
@@ -80,7 +80,7 @@ def test_masks_are_the_rules_and_equal_for_one_and_two_worker_processes(tiny_man
 
 
 def test_a_killed_run_resumes_with_only_the_missing_masks(tiny_manifest, cams, scheduler, tmp_path):
-    cluster = ClusterParams(scheduler=scheduler)
+    cluster = RunParams(scheduler=scheduler)
     whole = ImageStore(tmp_path / "whole.zarr")
     first = mine_split(tiny_manifest, "train", cams, whole, PARAMS, cluster, progress=False)
     assert first.computed == ["im0", "im1", "im2", "im3"]
@@ -101,7 +101,7 @@ def test_other_cluster_settings_keep_the_masks_and_other_rule_settings_redo_them
     tiny_manifest, cams, scheduler, tmp_path
 ):
     masks = ImageStore(tmp_path / "masks.zarr")
-    cluster = ClusterParams(scheduler=scheduler)
+    cluster = RunParams(scheduler=scheduler)
     mine_split(tiny_manifest, "train", cams, masks, PARAMS, cluster, progress=False)
     again = mine_split(tiny_manifest, "train", cams, masks, PARAMS, replace(cluster, chunk_size=1), progress=False)
     stricter = replace(PARAMS, cam_quantile=0.9)
@@ -117,7 +117,7 @@ def test_other_cluster_settings_keep_the_masks_and_other_rule_settings_redo_them
 
 @pytest.mark.parametrize("given_in", ["params", "dask config"])
 def test_the_tasks_run_on_the_scheduler_given_by_address(tiny_manifest, cams, scheduler, tmp_path, given_in):
-    cluster = ClusterParams(scheduler=scheduler if given_in == "params" else None, chunk_size=3)
+    cluster = RunParams(scheduler=scheduler if given_in == "params" else None, chunk_size=3)
     config = {"scheduler-address": scheduler if given_in == "dask config" else None}
     with dask.config.set(config), Client(scheduler) as client, get_task_stream(client) as stream:
         mine_split(tiny_manifest, "train", cams, ImageStore(tmp_path / "m.zarr"), PARAMS, cluster, progress=False)
@@ -132,7 +132,7 @@ def test_an_incomplete_cam_store_is_refused(tiny_manifest, tmp_path):
     masks = ImageStore(tmp_path / "masks.zarr")
 
     with pytest.raises(InputError, match=r"cams\.zarr: incomplete store \(rerun the cams stage\)"):
-        mine_split(tiny_manifest, "train", cams, masks, PARAMS, ClusterParams(workers=1), progress=False)
+        mine_split(tiny_manifest, "train", cams, masks, PARAMS, RunParams(workers=1), progress=False)
     assert not masks.exists()
 
 
@@ -190,16 +190,17 @@ def test_an_image_without_labels_is_all_unreliable(tmp_path):
     assert score.cams.miou() == 1.0  # the plain CAM argmax calls it all background
 
 
-def test_the_prune_section_holds_the_rule_and_how_to_run_it(tmp_path):
+def test_how_to_prune_is_the_run_section_s_and_the_prune_section_holds_only_the_rule(tmp_path):
     path = tmp_path / "params.yaml"
-    path.write_text("prune:\n  crf_confidence: 0.9\n  workers: 3\n  scheduler: tcp://head:8786\n")
-    assert load_prune_params(path) == (
-        PruneParams(crf_confidence=0.9),
-        ClusterParams(scheduler="tcp://head:8786", workers=3),
-    )
-    path.write_text("prune:\n  workers: 0\n")
-    with pytest.raises(InputError, match=r"\[prune\]: parameter workers=0 is outside"):
-        load_prune_params(path)
+    path.write_text("prune:\n  crf_confidence: 0.9\nrun:\n  workers: 3\n  scheduler: tcp://head:8786\n")
+    assert load_params(PruneParams, "prune", path) == PruneParams(crf_confidence=0.9)
+    assert load_run(path) == RunParams(scheduler="tcp://head:8786", workers=3)
+    path.write_text("run:\n  workers: 0\n")
+    with pytest.raises(InputError, match=r"\[run\]: parameter workers=0 is outside"):
+        load_run(path)
+    path.write_text("prune:\n  workers: 3\n")
+    with pytest.raises(InputError, match=r"\[prune\]: unknown parameter 'workers'"):
+        load_params(PruneParams, "prune", path)
 
 
 def test_cams_of_another_size_than_their_image_are_an_error_naming_the_store(tiny_manifest, tmp_path):

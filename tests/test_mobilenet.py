@@ -12,7 +12,7 @@ import torchvision
 from PIL import Image
 from skimage.data import chelsea
 
-from pipeline.data import normalize
+from pipeline.data.datasets import normalize
 from pipeline.models import CAMNet, build_backbone, fold_batch_norms, read_weights
 
 WEIGHTS = Path(__file__).resolve().parents[2] / "shared" / "weights" / "mobilenet_v2-b0353104.pth"

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from pipeline.errors import InputError
+from pipeline.core.errors import InputError
 from pipeline.models import (
     CAMNet,
     SegNet,

@@ -14,24 +14,17 @@ from click.testing import CliRunner
 from distributed import LocalCluster
 
 from pipeline.cli import main as rrm
-from pipeline.errors import InputError
-from pipeline.io import read_image, write_image
-from pipeline.manifest import load_manifest
-from pipeline.segment import SegmentParams
-from pipeline.store import ImageStore
+from pipeline.core.errors import InputError
+from pipeline.core.io import read_image, write_image
+from pipeline.core.store import ImageStore
+from pipeline.data.manifest import load_manifest
+from pipeline.train.segment import SegmentParams
 from stages import cams, classifier, data, deeplab, prune, segment, supervised
+from tests.conftest import tiny_params
 from tests.test_faults import weights_digest
-from tests.test_stages import TINY
 
-PARAMS = {
-    **TINY,
-    "dataset": {"manifest": "manifests/tagged.json"},
-    "prune": {"workers": 1},
-    "segment": {**TINY["segment"], "crf": False},
-    "deeplab": {"enabled": True, "backbone": "small", "crop_size": 48, "batch_size": 4, "steps": 2,
-                "num_workers": 0, "scales": [1.0], "flip": False, "crf": False},
-    "supervised": {"enabled": True},
-}
+PARAMS = tiny_params(dataset={"manifest": "manifests/tagged.json"}, segment={"crf": False},
+                     deeplab={"enabled": True, "crf": False}, supervised={"enabled": True})
 """The tiny project on ``manifests/tagged.json``: the synthetic images with their tags only."""
 
 
@@ -167,8 +160,8 @@ def test_pseudo_labels_of_another_segmentation_network_are_refused_by_the_deepla
 
 def test_a_run_setting_changes_no_record(project):
     fingerprints = {name: ImageStore(f"artifacts/{name}.zarr").fingerprint for name in ("cams", "masks")}
-    set_params("cams", num_workers=1)
-    set_params("prune", workers=2, chunk_size=3)
+    set_params("run", loader_workers=1, workers=2, chunk_size=3, inference_batch=2, batch_pixels=5000,
+               checkpoint_every=1)
 
     cams.main(Path("params.yaml"))
     run_prune(Path("params.yaml"))

@@ -2,8 +2,8 @@ from dataclasses import dataclass
 
 import pytest
 
-from pipeline.errors import InputError
-from pipeline.params import build_params, check_range, load_params
+from pipeline.core.errors import InputError
+from pipeline.core.params import build_params, check_range, load_params
 
 
 @dataclass(frozen=True)

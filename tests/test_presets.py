@@ -10,15 +10,15 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.cams import CamParams
-from pipeline.classifier import ClassifierParams
-from pipeline.deeplab import DeepLabParams, SupervisedParams
-from pipeline.mining import load_prune_params
-from pipeline.params import load_params
-from pipeline.prune import PruneParams
-from pipeline.segment import SegmentParams
-from pipeline.stage import DatasetParams
-from stages.data import read_data_params
+from pipeline.core.params import load_params
+from pipeline.core.run import load_run
+from pipeline.core.stage import DatasetParams
+from pipeline.data.synth import read_data_params
+from pipeline.method.cams import CamParams
+from pipeline.method.prune import PruneParams
+from pipeline.train.classifier import ClassifierParams
+from pipeline.train.deeplab import DeepLabParams, SupervisedParams
+from pipeline.train.segment import SegmentParams
 
 PRESETS = Path(__file__).resolve().parents[1] / "presets"
 SECTIONS = {
@@ -26,7 +26,8 @@ SECTIONS = {
     "data": read_data_params,
     "classifier": lambda path: load_params(ClassifierParams, "classifier", path),
     "cams": lambda path: load_params(CamParams, "cams", path),
-    "prune": load_prune_params,
+    "prune": lambda path: load_params(PruneParams, "prune", path),
+    "run": load_run,
     "segment": lambda path: load_params(SegmentParams, "segment", path),
     "deeplab": lambda path: load_params(DeepLabParams, "deeplab", path),
     "supervised": lambda path: load_params(SupervisedParams, "supervised", path),
@@ -60,7 +61,7 @@ def test_the_voc_preset_holds_the_papers_settings():
     preset = PRESETS / "voc12.yaml"
     classifier = load_params(ClassifierParams, "classifier", preset)
     segment = load_params(SegmentParams, "segment", preset)
-    prune, _ = load_prune_params(preset)
+    prune = load_params(PruneParams, "prune", preset)
     assert (classifier.backbone, classifier.crop_size, classifier.freeze_bn) == ("resnet38", 448, True)
     assert (segment.mode, segment.crop_size, segment.batch_size, segment.steps) == ("end_to_end", 321, 4, 20000)
     assert (segment.lr, segment.momentum, segment.dense_weight) == (7e-4, 1e-5, 5e-8)  # momentum = RRM's wt_dec
@@ -74,7 +75,7 @@ def test_the_voc_preset_holds_the_papers_settings():
 
 @pytest.mark.parametrize("params", [PRESETS.parent / "params.yaml", PRESETS / "msrc.yaml"], ids=["default", "msrc"])
 def test_the_synthetic_default_and_msrc_keep_the_methods_parameters(params):
-    assert load_prune_params(params)[0] == PruneParams()
+    assert load_params(PruneParams, "prune", params) == PruneParams()
     segment, default = asdict(load_params(SegmentParams, "segment", params)), asdict(SegmentParams())
     assert {key: segment[key] for key in METHOD} == {key: default[key] for key in METHOD}
 

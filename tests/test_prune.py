@@ -5,9 +5,9 @@ import math
 import numpy as np
 import pytest
 
-from pipeline.errors import InputError
-from pipeline.params import build_params
-from pipeline.prune import (
+from pipeline.core.errors import InputError
+from pipeline.core.params import build_params
+from pipeline.method.prune import (
     PruneParams,
     background_score,
     label_reliable,

@@ -8,14 +8,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.cams import select_and_normalise
-from pipeline.classifier import ClassifierParams, build_classifier, train_classifier
-from pipeline.data import MEAN_COLOUR, normalize
-from pipeline.io import IGNORE
+from pipeline.core.io import IGNORE
+from pipeline.core.run import RunParams
+from pipeline.data.datasets import MEAN_COLOUR, normalize
+from pipeline.method.cams import select_and_normalise
+from pipeline.method.prune import PruneParams, prune_image
 from pipeline.models import SegNet, build_backbone
-from pipeline.prune import PruneParams, prune_image
-from pipeline.segment import Miner, SegmentParams, build_segnet, fused_cams, train_segmentation
-from pipeline.training import Distributed
+from pipeline.train.classifier import ClassifierParams, build_classifier, train_classifier
+from pipeline.train.loop import Distributed
+from pipeline.train.segment import Miner, SegmentParams, build_segnet, fused_cams, train_segmentation
 
 
 def plain_fusion(cam_fn, images, cams, scales):
@@ -114,21 +115,21 @@ def test_end_to_end_mines_from_the_cams_of_the_training_pass_in_train_mode(tiny_
 
     monkeypatch.setattr(SegNet, "forward", recording_forward)
     monkeypatch.setattr(Miner, "__call__", recording_miner)
-    params = SegmentParams(mode="end_to_end", crop_size=16, batch_size=2, steps=2, num_workers=0, mining_workers=1)
+    params = SegmentParams(mode="end_to_end", crop_size=16, batch_size=2, steps=2)
     train_segmentation(tiny_manifest, "train", ClassifierParams(), params, PruneParams(), None, None,
                        tmp_path / "segment.pth", tmp_path / "state.pt", Distributed(), torch.device("cpu"),
-                       progress=False)
+                       RunParams(loader_workers=0, workers=1), progress=False)
     assert len(mined) == len(forwards) == 2
     for (cams, training), output in zip(mined, forwards, strict=True):
         assert cams is output.cams and training  # the very tensor of that pass, the network training
 
 
 def test_frozen_modules_do_not_train_and_take_no_weight_decay(tiny_manifest, tmp_path):
-    params = ClassifierParams(crop_size=16, batch_size=2, steps=3, num_workers=0, frozen=("layers.0",))
+    params = ClassifierParams(crop_size=16, batch_size=2, steps=3, frozen=("layers.0",))
     torch.manual_seed(params.seed)  # the initial network train_classifier builds
     before = {name: value.clone() for name, value in build_classifier(params, 3).state_dict().items()}
     net = train_classifier(tiny_manifest, "train", params, tmp_path / "c.pth", tmp_path / "state.pt", Distributed(),
-                           torch.device("cpu"), progress=False)
+                           torch.device("cpu"), RunParams(loader_workers=0), progress=False)
     after = net.state_dict()
     frozen = [name for name in after if name.startswith("backbone.layers.0.")]
     trained = [name for name in after if name.startswith("backbone.layers.1.") and name.endswith("weight")]

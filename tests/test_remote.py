@@ -17,16 +17,17 @@ import zarr
 from moto.server import ThreadedMotoServer
 from upath import UPath
 
-from pipeline.cams import image_size
-from pipeline.classifier import ClassifierParams, build_classifier, classifier_made_from
-from pipeline.errors import InputError
-from pipeline.io import read_image, read_mask
-from pipeline.manifest import Manifest, load_manifest
+from pipeline.core.errors import InputError
+from pipeline.core.io import read_image, read_mask
+from pipeline.core.params import build_params, load_params
+from pipeline.core.provenance import write_record
+from pipeline.core.registry import CAMS, MASKS, STAGES
+from pipeline.core.registry import CLASSIFIER_WEIGHTS as WEIGHTS
+from pipeline.core.store import ImageStore, StorageParams
+from pipeline.data.manifest import Manifest, load_manifest
+from pipeline.method.cams import image_size
 from pipeline.models.weights import save_checkpoint
-from pipeline.params import build_params, load_params
-from pipeline.provenance import write_record
-from pipeline.store import CAMS, ImageStore, StorageParams
-from pipeline.store import CLASSIFIER_WEIGHTS as WEIGHTS
+from pipeline.train.classifier import ClassifierParams, build_classifier, classifier_made_from
 
 BUCKET = "rrm"
 
@@ -107,11 +108,11 @@ def test_an_array_cut_short_in_a_bucket_is_absent_until_written_again(prefix):
 
 
 def test_storage_params_put_the_stores_in_a_bucket_with_their_own_options(prefix, endpoint, monkeypatch):
-    assert StorageParams().store("cams.zarr", "cams").path == Path("artifacts/cams.zarr")
+    assert StorageParams().store(CAMS).path == Path("artifacts/cams.zarr")
     params = build_params(StorageParams, {"artifacts": f"{prefix}/artifacts", "options": {"endpoint_url": endpoint}},
                           "params.yaml [storage]")
     monkeypatch.delenv("AWS_ENDPOINT_URL")  # the endpoint now comes from the options alone
-    store = params.store("masks.zarr", "prune")
+    store = params.store(MASKS)
     assert str(store.path) == f"{prefix}/artifacts/masks.zarr"
     store.reset_unless("settings")
     store.write("im0", np.eye(3, dtype=np.uint8))
@@ -165,25 +166,26 @@ def test_the_cams_stage_with_dataset_and_stores_in_a_bucket_matches_the_local_ru
     monkeypatch.chdir(tmp_path)
     for folder in ("images", "masks", "manifests"):
         upload(tmp_path / folder, f"{prefix}/{folder}")
-    settings = {"cams": {"scales": [1.0, 0.5], "flip": True, "num_workers": 0}}
+    settings = {"cams": {"scales": [1.0, 0.5], "flip": True}, "run": {"loader_workers": 0}}
     local_params, remote_params = tmp_path / "local.yaml", tmp_path / "remote.yaml"
     local_params.write_text(yaml.safe_dump({**settings, "dataset": {"manifest": "manifests/tiny.json"}}))
     remote_params.write_text(yaml.safe_dump({
         "dataset": {"manifest": f"{prefix}/manifests/tiny.json"},
         "storage": {"artifacts": f"{prefix}/artifacts"},
-        "cams": {**settings["cams"], "num_workers": 1},  # a DataLoader worker reads the bucket too
+        "cams": settings["cams"],
+        "run": {"loader_workers": 1},  # a DataLoader worker reads the bucket too
     }))
     classifier = load_params(ClassifierParams, "classifier", local_params)
     save_checkpoint(build_classifier(classifier, tiny_manifest.num_classes), WEIGHTS)
     write_record(WEIGHTS, classifier_made_from(tiny_manifest, "train", classifier))  # the same images' in the bucket
 
     cams.main(local_params)
-    local_metrics = json.loads(cams.METRICS.read_text())
+    local_metrics = json.loads(STAGES["cams"].metrics_file.read_text())
     cams.main(remote_params)
-    remote_metrics = json.loads(cams.METRICS.read_text())
+    remote_metrics = json.loads(STAGES["cams"].metrics_file.read_text())
 
     local = ImageStore(tmp_path / "artifacts" / "cams.zarr")
-    remote = load_params(StorageParams, "storage", remote_params).store(CAMS, "cams")
+    remote = load_params(StorageParams, "storage", remote_params).store(CAMS)
     assert remote.is_complete() and remote.ids() == local.ids() == [f"im{i}" for i in range(6)]
     for image_id, (array, attrs) in store_contents(local).items():
         remote_array, remote_attrs = remote.read(image_id)

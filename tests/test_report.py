@@ -8,8 +8,9 @@ from pathlib import Path
 
 from click.testing import CliRunner
 
-from pipeline.cli import STAGES, main
-from pipeline.report import format_rows, read_metrics, report_rows
+from pipeline.cli import main
+from pipeline.core.registry import STAGES
+from pipeline.inspection.report import format_rows, read_metrics, report_rows
 
 METRICS = {
     "data": {"images": {"train": 400, "val": 100}, "seconds": 5.34},
@@ -21,6 +22,9 @@ METRICS = {
     "deeplab": {"miou": 0.66349, "seconds": 120.0},
     "supervised": {"enabled": True, "miou": 0.80125, "seconds": 130.5},
 }
+
+TIMED = [name for name, stage in STAGES.items() if stage.metrics]
+"""The stages that write metrics, each with its seconds."""
 
 
 def write_metrics_dir(folder: Path, metrics: dict[str, dict]) -> Path:
@@ -37,7 +41,7 @@ def table(text: str) -> dict[str, str]:
 
 def values(folder: Path) -> dict[str, float | None]:
     """Each row's label and its rounded value."""
-    return {row.label: row.value for row in report_rows(read_metrics(folder, STAGES))}
+    return {row.label: row.value for row in report_rows(read_metrics(folder))}
 
 
 def test_the_ablation_rows_are_percentages_with_one_decimal(tmp_path):
@@ -57,17 +61,17 @@ def test_the_ablation_rows_are_percentages_with_one_decimal(tmp_path):
 
 def test_the_ratio_says_which_side_is_missing(tmp_path):
     metrics = {**METRICS, "supervised": {"enabled": False}}
-    shown = table(format_rows(report_rows(read_metrics(write_metrics_dir(tmp_path / "m", metrics), STAGES))))
+    shown = table(format_rows(report_rows(read_metrics(write_metrics_dir(tmp_path / "m", metrics)))))
     assert shown["Supervised reference mIoU (val)"] == "disabled"
     assert shown["Two-step / supervised"] == "disabled"
     del metrics["deeplab"]
-    shown = table(format_rows(report_rows(read_metrics(write_metrics_dir(tmp_path / "n", metrics), STAGES))))
+    shown = table(format_rows(report_rows(read_metrics(write_metrics_dir(tmp_path / "n", metrics)))))
     assert shown["Two-step / supervised"] == "not run"
 
 
 def test_stage_seconds_and_their_total_from_the_unrounded_times(tmp_path):
     rows = values(write_metrics_dir(tmp_path / "m", METRICS))
-    assert [rows[f"Time: {stage}"] for stage in STAGES] == [5.3, 67.1, 14.2, 8.3, 88.6, 120.0, 130.5]
+    assert [rows[f"Time: {stage}"] for stage in TIMED] == [5.3, 67.1, 14.2, 8.3, 88.6, 120.0, 130.5]
     assert rows["Time: total"] == 434.1  # the sum of the rows as shown would be 434.0
 
 
@@ -75,7 +79,7 @@ def test_a_stage_not_run_disabled_or_unscored_says_so(tmp_path):
     metrics = {stage: data for stage, data in METRICS.items() if stage != "prune"}
     metrics["deeplab"] = metrics["supervised"] = {"enabled": False}
     metrics["segment"] = {**METRICS["segment"], "pseudo": {"miou": None}}
-    shown = table(format_rows(report_rows(read_metrics(write_metrics_dir(tmp_path / "m", metrics), STAGES))))
+    shown = table(format_rows(report_rows(read_metrics(write_metrics_dir(tmp_path / "m", metrics)))))
     assert shown["Reliable-region precision (train)"] == "not run"
     assert shown["Time: prune"] == "not run"
     assert shown["Two-step mIoU, DeepLab (val)"] == "disabled"
@@ -87,7 +91,7 @@ def test_a_stage_not_run_disabled_or_unscored_says_so(tmp_path):
 
 
 def test_nothing_run_gives_a_table_of_not_run(tmp_path):
-    rows = report_rows(read_metrics(tmp_path, STAGES))
+    rows = report_rows(read_metrics(tmp_path))
     assert {row.status for row in rows} == {"not run"}
     assert all(row.value is None for row in rows)
 

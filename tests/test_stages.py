@@ -7,22 +7,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 
-from pipeline.manifest import load_manifest
-from pipeline.mining import load_prune_params, masks_made_from
-from pipeline.store import ImageStore
+from pipeline.core.params import load_params
+from pipeline.core.store import ImageStore
+from pipeline.data.manifest import load_manifest
+from pipeline.method.mining import masks_made_from
+from pipeline.method.prune import PruneParams
 from stages import cams, classifier, data, segment
-
-TINY = {
-    "dataset": {"manifest": "manifests/synth.json", "train_split": "train", "val_split": "val"},
-    "data": {"root": "data/synth", "manifest": "manifests/synth.json", "image_size": 48, "num_classes": 3,
-             "train_images": 16, "val_images": 6, "seed": 1},
-    "classifier": {"crop_size": 48, "batch_size": 8, "steps": 6, "num_workers": 0},
-    "cams": {"scales": [1.0, 0.5], "batch_size": 4, "num_workers": 0},
-    "segment": {"crop_size": 48, "batch_size": 4, "steps": 3, "num_workers": 0, "crf_workers": 1,
-                "mining_scales": [1.0], "mining_workers": 1},
-}
+from tests.conftest import write_tiny_project
 
 
 def _metrics(name: str) -> dict:
@@ -33,7 +25,7 @@ def _metrics(name: str) -> dict:
 def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A project folder after the data, classifier and cams stages."""
     root = tmp_path_factory.mktemp("project")
-    (root / "params.yaml").write_text(yaml.safe_dump(TINY))
+    write_tiny_project(root)
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(root)
         data.main(Path("params.yaml"))
@@ -82,8 +74,7 @@ def test_rerunning_cams_skips_finished_images(project, monkeypatch):
 def test_segment_trains_predicts_and_scores(project, monkeypatch, mode):
     monkeypatch.chdir(project)
     _write_masks_from_cams()
-    params = {**TINY, "segment": {**TINY["segment"], "mode": mode}}
-    Path("params.yaml").write_text(yaml.safe_dump(params))
+    write_tiny_project(Path("."), segment={"mode": mode})
     segment.main(Path("params.yaml"))
     scores = _metrics("segment")
     assert scores["mode"] == mode and 0 <= scores["miou"] <= 1 and 0 <= scores["miou_no_crf"] <= 1
@@ -99,7 +90,7 @@ def _write_masks_from_cams() -> None:
     made by the prune stage's current settings (which the segment stage checks)."""
     cams_store, masks = ImageStore("artifacts/cams.zarr"), ImageStore("artifacts/masks.zarr")
     made = masks_made_from(load_manifest("manifests/synth.json"), "train",
-                           load_prune_params(Path("params.yaml"))[0], cams_store)
+                           load_params(PruneParams, "prune", Path("params.yaml")), cams_store)
     masks.reset_unless(made.fingerprint, made.as_json())
     manifest = json.loads(Path("manifests/synth.json").read_text())
     ids = [item["id"] for item in manifest["splits"]["train"]]

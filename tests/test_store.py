@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import zarr
 
-from pipeline.errors import InputError
-from pipeline.store import COMPLETE, ImageStore
+from pipeline.core.errors import InputError
+from pipeline.core.store import COMPLETE, ImageStore
 
 
 @pytest.fixture

@@ -4,11 +4,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.errors import InputError
-from pipeline.io import read_image, read_mask
-from pipeline.manifest import check_images_exist, labels_from_mask, load_manifest
-from pipeline.params import build_params
-from pipeline.synth import (
+from pipeline.core.errors import InputError
+from pipeline.core.io import read_image, read_mask
+from pipeline.core.params import build_params
+from pipeline.data.manifest import check_images_exist, labels_from_mask, load_manifest
+from pipeline.data.synth import (
     BACKGROUND_NAMES,
     CLASS_LOOKS,
     CLASS_NAMES,

@@ -8,14 +8,18 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.crf import INFERENCE_CRF
-from pipeline.io import IGNORE
-from pipeline.losses import dense_energy
-from pipeline.segment import infer_split, predict, restrict, tag_mask, tag_values
-from pipeline.store import ImageStore
+from pipeline.core.io import IGNORE
+from pipeline.core.run import RunParams
+from pipeline.core.store import ImageStore
+from pipeline.method.crf import INFERENCE_CRF
+from pipeline.method.losses import dense_energy
+from pipeline.train.segment import infer_split, predict, restrict, tag_mask, tag_values
 
 FAVOURITE = 1
 """The label the stand-in network below likes best everywhere: class 0, which no val image is tagged with."""
+
+ONE = RunParams(workers=1)
+"""One CRF process."""
 
 
 def _favouring(label: int, classes: int):
@@ -34,7 +38,7 @@ def _favouring(label: int, classes: int):
 def test_a_training_split_prediction_never_holds_an_untagged_class(tiny_manifest, crf):
     probabilities = _favouring(FAVOURITE, tiny_manifest.num_classes)
     predictions = list(predict(probabilities, tiny_manifest, "train", torch.device("cpu"), crf, restricted=True,
-                               workers=1, progress=False))
+                               run=ONE, progress=False))
     assert [p.item.id for p in predictions] == [item.id for item in tiny_manifest.split("train")]
     for prediction in predictions:
         allowed = {0, *(c + 1 for c in prediction.item.labels)}
@@ -45,7 +49,7 @@ def test_a_training_split_prediction_never_holds_an_untagged_class(tiny_manifest
 def test_val_predictions_are_unrestricted_with_the_tagged_argmax_beside(tiny_manifest):
     probabilities = _favouring(FAVOURITE, tiny_manifest.num_classes)
     for prediction in predict(probabilities, tiny_manifest, "val", torch.device("cpu"), INFERENCE_CRF,
-                              workers=1, progress=False):
+                              run=ONE, progress=False):
         assert (prediction.plain == FAVOURITE).all() and (prediction.refined == FAVOURITE).all()
         assert FAVOURITE not in prediction.tagged
 
@@ -62,7 +66,7 @@ def test_infer_split_scores_the_tag_restricted_argmax_as_a_diagnostic(tiny_manif
     store = ImageStore(tmp_path / "segment.zarr")
     store.reset_unless("test")
     scores = infer_split(_favouring(FAVOURITE, tiny_manifest.num_classes), tiny_manifest, "val", store,
-                         torch.device("cpu"), None, workers=1, progress=False)
+                         torch.device("cpu"), None, ONE, progress=False)
     assert scores["miou_no_crf"] == scores["miou"] < scores["miou_tagged_no_crf"]
     assert store.is_complete()
 

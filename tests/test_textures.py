@@ -10,9 +10,9 @@ import pytest
 from click.testing import CliRunner
 
 from pipeline.cli import main
-from pipeline.folder import build_folder
-from pipeline.io import read_image, read_mask
-from pipeline.textures import CLASS_NAMES, SIZES, TextureParams, render, sample_rng
+from pipeline.core.io import read_image, read_mask
+from pipeline.data.folder import build_folder
+from pipeline.data.textures import CLASS_NAMES, SIZES, TextureParams, render, sample_rng
 
 SMALL = {"num_classes": 5, "train_images": 12, "val_images": 4, "seed": 3}
 

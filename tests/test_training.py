@@ -5,7 +5,7 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from pipeline.training import (
+from pipeline.train.loop import (
     Checkpoint,
     Distributed,
     EpochSampler,
@@ -91,7 +91,7 @@ def test_poly_decay_and_per_group_multipliers(tmp_path):
 
 @pytest.mark.parametrize("momentum", [0.9, 5e-4, 0.0])
 def test_every_group_takes_the_section_s_momentum_and_only_weights_decay(momentum):
-    from pipeline.classifier import ClassifierParams, build_classifier
+    from pipeline.train.classifier import ClassifierParams, build_classifier
 
     params = ClassifierParams(momentum=momentum, weight_decay=5e-4, lr=0.01)
     optimizer = params.optimizer(build_classifier(params, num_classes=3))

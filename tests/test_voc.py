@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from scipy.io import savemat
 
-from pipeline.errors import InputError
-from pipeline.io import write_image, write_mask
-from pipeline.manifest import Item, default_palette, load_manifest
-from pipeline.voc import VOC_CLASSES, build_voc12
+from pipeline.core.errors import InputError
+from pipeline.core.io import write_image, write_mask
+from pipeline.data.manifest import Item, default_palette, load_manifest
+from pipeline.data.voc import VOC_CLASSES, build_voc12
 
 CAT, CHAIR, DOG, PERSON = (VOC_CLASSES.index(name) for name in ("cat", "chair", "dog", "person"))
 PALETTE = default_palette(len(VOC_CLASSES) + 1)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from torch import Tensor, nn
 
-from pipeline.errors import InputError
+from pipeline.core.errors import InputError
 from pipeline.models.mobilenet import DilatedMobileNetV2
 from pipeline.models.resnet import DilatedResNet
 from pipeline.models.resnet38 import ResNet38, mxnet_to_psa

@@ -28,7 +28,7 @@ from typing import BinaryIO
 
 import numpy as np
 
-from pipeline.errors import InputError
+from pipeline.core.errors import InputError
 
 LIST_MAGIC = 0x112
 V1_MAGIC = 0xF993FAC8

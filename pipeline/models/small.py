@@ -2,13 +2,10 @@
 
 Three stride-2 3x3 convolutions bring it to output stride 8 (96x96 images give 12x12 features),
 with a residual block after the first two, then two residual blocks at 1/8 resolution. Its
-receptive field is 103 pixels. A wider one makes worse CAMs here: with the last two blocks
-dilated by 2 and 4 (231 pixels, every feature of a 96x96 image seeing the whole image) the
-classifier reached a higher mAP (96.3% against 88.6%), but its CAMs spread over the background
-(0.2% of background pixels at zero against 18.5%), so that the reliable regions covered 20% of
-the training pixels instead of 40% and the CAM mIoU fell from 56.5% to 51.5% (the synthetic
-default). About 440k parameters; batch norm, trained (never frozen: there are no pretrained
-statistics to keep).
+receptive field is 103 pixels: a wider one (every feature of a 96x96 image seeing the whole
+image) classifies better but spreads its CAMs over the background, which the reliable regions
+then lose (README, "Measurements behind the design"). About 440k parameters; batch norm,
+trained (never frozen: there are no pretrained statistics to keep).
 """
 
 from __future__ import annotations

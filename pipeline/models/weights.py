@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from pipeline.errors import InputError
-from pipeline.io import atomic_open
+from pipeline.core.errors import InputError
+from pipeline.core.io import atomic_open
 from pipeline.models.mxnet import read_ndarray_file
 
 BACKBONE = "backbone"

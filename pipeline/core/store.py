@@ -1,0 +1,284 @@
+"""Per-image artifact stores: one zarr v3 group, one array per image named by its image id.
+
+CAMs are float16 ``(k, H, W)`` with the present class indices in ``attrs["classes"]``; masks are
+uint8 ``(H, W)``. Every stage reads and writes them through :class:`ImageStore`.
+
+Safe against a kill at any moment: zarr's local store writes each file through a temporary file
+and a rename, and an array's data is written before its ``complete`` attribute, which is set
+last. An array without it (a write that was cut short) counts as absent and is replaced by the
+next write of that id. Every array keeps its one chunk file, even one all zeros (zarr would
+leave that out and read the fill value back), so an array whose chunk file is gone (deleted,
+lost in a copy) counts as absent too: a rerun of its stage writes it again, and reading it is
+an error, never an all-background mask.
+
+Safe for several processes writing their own ids into one store at once: in zarr v3 an array
+lives in its own folder with its own ``zarr.json``; creating it only adds the parent group's
+``zarr.json`` if that is missing (an exclusive create, never a rewrite), and listing the members
+reads the folder, so no metadata file is shared between writers. Consolidated metadata is never
+used.
+
+A store may live at an fsspec URL (``s3://bucket/project/artifacts/cams.zarr``; install the
+``s3`` extra), opened through zarr's ``FsspecStore``. The same guarantees hold there: every
+object PUT to S3 is atomic (a reader sees the old object or the new one, never part of one) and
+reads after a write see it, so an array's ``complete`` attribute, written last in its own PUT of
+``zarr.json``, still means the array is whole; there are no temporary files to clean up. A
+``file://`` URL is a local path.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+from upath import UPath
+from zarr.codecs import BloscCodec
+from zarr.errors import ArrayNotFoundError, ContainsGroupError
+from zarr.storage import FsspecStore
+
+from pipeline.core.errors import InputError
+from pipeline.core.io import detached, location
+from pipeline.core.registry import DVC_ARTIFACTS, Store
+
+COMPLETE = "complete"
+"""Attribute set last on every array: its presence means the array was written in full. On the
+store's group it means every image the stage had to write is there."""
+
+FINGERPRINT = "fingerprint"
+"""Group attribute: digest of the settings and inputs the store's arrays were made from."""
+
+MADE_FROM = "made_from"
+"""Group attribute: the record of what the arrays were made from (see :mod:`pipeline.core.provenance`)."""
+
+COMPRESSOR = BloscCodec(cname="zstd", clevel=1, shuffle="shuffle")
+"""Fast, and byte shuffling suits smooth float16 maps."""
+
+
+class ImageStore:
+    """A zarr v3 store of one array per image id, in a local folder or at an fsspec URL.
+
+    ``stage`` names the stage that writes the store, for the hint in error messages;
+    ``storage_options`` are the fsspec options of a URL (see :func:`pipeline.core.io.location`).
+    """
+
+    def __init__(
+        self, path: str | Path | UPath, stage: str | None = None, storage_options: Mapping[str, Any] | None = None
+    ) -> None:
+        self._location = location(path, storage_options)
+        self.stage = stage
+
+    @property
+    def path(self) -> Path | UPath:
+        """The store's folder or URL, detached (see :func:`pipeline.core.io.detached`): a store is
+        read from forked DataLoader workers."""
+        return detached(self._location)
+
+    def __repr__(self) -> str:
+        return f"ImageStore({str(self.path)!r})"
+
+    def write(self, image_id: str, array: np.ndarray, **attrs: Any) -> None:
+        """Write ``array`` (kept in its dtype, one chunk) under ``image_id`` with ``attrs``.
+
+        Replaces an existing array of that id. The array counts as present only once this returns.
+        """
+        _check_id(self.path, image_id)
+        array = np.asarray(array)
+        node = self._group_for_writing().create_array(
+            image_id,
+            shape=array.shape,
+            dtype=array.dtype,
+            chunks=tuple(max(1, n) for n in array.shape),
+            compressors=COMPRESSOR,
+            attributes=attrs,
+            overwrite=True,
+            config={"write_empty_chunks": True},
+        )
+        node[...] = array
+        node.update_attributes({COMPLETE: True})
+
+    def read(self, image_id: str) -> tuple[np.ndarray, dict[str, Any]]:
+        """The array of ``image_id`` and the attributes it was written with."""
+        if not self.exists():
+            raise InputError(self.path, f"store not found{self._hint('has the {} stage run?')}")
+        node = self._open(image_id)
+        if node is None:
+            raise InputError(self.path, f"no image {image_id!r}{self._hint('has the {} stage run?')}")
+        attrs = node.attrs.asdict()
+        if not attrs.pop(COMPLETE, False):
+            raise InputError(
+                self.path, f"image {image_id!r} was not written in full{self._hint('rerun the {} stage')}"
+            )
+        if not self._has_data(image_id, node):
+            raise InputError(self.path, f"image {image_id!r} has lost its data (chunk file gone)"
+                                        f"{self._hint('rerun the {} stage to write it again')}")
+        return node[...], attrs
+
+    def exists(self) -> bool:
+        return (self.path / "zarr.json").is_file()
+
+    def ids(self) -> list[str]:
+        """Ids of every array in the store, complete or not, sorted; none if the store does not exist."""
+        if not self.exists():
+            return []
+        return sorted(self._group("r").array_keys())
+
+    def complete_ids(self) -> list[str]:
+        """Ids of the arrays written in full and whole (data present), sorted."""
+        if not self.exists():
+            return []
+        return sorted(name for name, node in self._group("r").arrays() if self._is_whole(name, node))
+
+    def is_empty(self) -> bool:
+        """Whether the store holds no array (without listing them all)."""
+        return not self.exists() or next(iter(self._group("r").array_keys()), None) is None
+
+    def __contains__(self, image_id: object) -> bool:
+        """Whether ``image_id`` was written in full and its data is still there."""
+        node = self._open(image_id) if isinstance(image_id, str) else None
+        return node is not None and self._is_whole(image_id, node)
+
+    @property
+    def fingerprint(self) -> str | None:
+        """The fingerprint the store was started with (None without a store)."""
+        return self._group("r").attrs.get(FINGERPRINT) if self.exists() else None
+
+    @property
+    def made_from(self) -> dict[str, Any] | None:
+        """The record of what the store was made from (None without a store or a record)."""
+        return self._group("r").attrs.get(MADE_FROM) if self.exists() else None
+
+    def reset_unless(self, fingerprint: str, made_from: Mapping[str, Any] | None = None) -> bool:
+        """Keep the store only if it was started with ``fingerprint``; else start it anew, empty,
+        with ``made_from`` recorded (see :mod:`pipeline.core.provenance`).
+
+        A stage calls this once, from one process, before writing: arrays made with other
+        settings are never mixed with new ones, while a rerun with the same settings keeps what
+        an interrupted run finished, less the debris of the write it was killed in (see
+        :meth:`_remove_debris`). Returns whether the existing arrays were kept.
+        """
+        if self.fingerprint == fingerprint:
+            self._remove_debris()
+            return True
+        if self.path.exists():
+            _remove_tree(self.path)
+        attributes = {FINGERPRINT: fingerprint, **({} if made_from is None else {MADE_FROM: dict(made_from)})}
+        zarr.open_group(self._root(), mode="w", attributes=attributes, zarr_format=3)
+        return False
+
+    def mark_complete(self, expected: Iterable[str]) -> None:
+        """Record that the store holds every id in ``expected`` in full (checked; set last, once)."""
+        missing = sorted(set(expected) - set(self.complete_ids()))
+        if missing:
+            raise InputError(self.path, f"{len(missing)} image(s) missing, e.g. {missing[0]!r}; not marked complete")
+        self._group("r+").attrs.update({COMPLETE: True})
+
+    def is_complete(self) -> bool:
+        return self.exists() and bool(self._group("r").attrs.get(COMPLETE, False))
+
+    def require_complete(self) -> None:
+        """Raise naming the store unless its stage finished writing it."""
+        if not self.is_complete():
+            raise InputError(self.path, f"incomplete store{self._hint('rerun the {} stage')}")
+
+    def _remove_debris(self) -> None:
+        """Delete what a kill leaves beside the arrays: zarr's temporary ``*.partial`` files (a
+        metadata write cut short) and folders without a ``zarr.json`` (an array whose creation was
+        cut short). zarr would list both, with a warning, every time, and they would stay in the
+        store's files for good. Debris inside an array's folder goes when the array, incomplete,
+        is written again. In a bucket the first kind does not occur and the second is what a
+        delete cut short leaves; the check costs one request per array there.
+        """
+        for entry in self.path.iterdir():
+            if entry.is_dir() and not (entry / "zarr.json").is_file():
+                _remove_tree(entry)
+            elif entry.name.endswith(".partial"):
+                entry.unlink()
+
+    def _root(self) -> Path | FsspecStore:
+        """What zarr opens: the local folder, or an fsspec store over the URL."""
+        if isinstance(self._location, Path):
+            return self._location
+        return FsspecStore.from_url(str(self._location), storage_options=dict(self._location.storage_options))
+
+    def _group(self, mode: str) -> zarr.Group:
+        """The store's group; zarr v3 only, which spares the probes for v2 metadata files."""
+        return zarr.open_group(self._root(), mode=mode, zarr_format=3)
+
+    def _group_for_writing(self) -> zarr.Group:
+        try:
+            return self._group("a")
+        except ContainsGroupError:  # another process created the store between the check and the create
+            return self._group("r+")
+
+    def _open(self, image_id: str) -> zarr.Array | None:
+        try:
+            return zarr.open_array(self._root(), path=image_id, mode="r", zarr_format=3)
+        except (ArrayNotFoundError, FileNotFoundError):
+            return None
+
+    def _has_data(self, image_id: str, node: zarr.Array) -> bool:
+        """Whether the array's one chunk file is there (one file check; an empty array has none)."""
+        return node.nchunks == 0 or (self.path / image_id / node.metadata.encode_chunk_key((0,) * node.ndim)).is_file()
+
+    def _is_whole(self, image_id: str, node: zarr.Array) -> bool:
+        """Written in full (its ``complete`` attribute) and its data still there."""
+        return bool(node.attrs.get(COMPLETE, False)) and self._has_data(image_id, node)
+
+    def _hint(self, template: str) -> str:
+        """`` (template with the stage name)``, or nothing for a store of no named stage."""
+        return "" if self.stage is None else f" ({template.format(self.stage)})"
+
+
+def _remove_tree(path: Path | UPath) -> None:
+    """Delete a folder and everything in it (on an object store: every object under the prefix)."""
+    if isinstance(path, Path):
+        shutil.rmtree(path)
+    else:
+        path.fs.rm(path.path, recursive=True)
+
+
+@dataclass(frozen=True)
+class StorageParams:
+    """The `storage:` section: where a run writes.
+
+    ``root`` is the one folder of everything a run writes: its checkpoints (``checkpoints/``),
+    metrics (``metrics/``), plots (``plots/``), rejects files (``rejects/``) and, unless
+    ``artifacts`` is an absolute path or a URL, its stores. The default, the project folder, is
+    where dvc.yaml expects them; a trial params file with a root of its own (``trials/a``) never
+    touches the default run's files.
+
+    ``artifacts`` is the folder of the stores (``cams.zarr``, ``masks.zarr``, ...): a local
+    path, relative to ``root``, or an fsspec URL such as ``s3://bucket/project/artifacts``.
+    ``options`` are fsspec storage options for that URL, e.g. ``{endpoint_url: ...}`` for an
+    S3-compatible server; secrets belong in the environment (``AWS_ACCESS_KEY_ID``, ...) or
+    ``~/.aws``, not in the committed params file.
+    """
+
+    root: str = "."
+    artifacts: str = str(DVC_ARTIFACTS)
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.options, dict):
+            raise ValueError(f"options={self.options!r} must be a mapping of fsspec storage options")
+
+    def file(self, relative: str | Path) -> Path:
+        """Where the run keeps ``relative`` (e.g. ``checkpoints/classifier.pth``): under ``root``."""
+        return Path(self.root) / relative
+
+    def store(self, store: Store) -> ImageStore:
+        """The ``store`` of the registry (e.g. :data:`~pipeline.core.registry.CAMS`) in the artifacts folder."""
+        folder = location(self.artifacts, self.options)
+        if isinstance(folder, Path) and not folder.is_absolute():
+            folder = self.file(folder)
+        return ImageStore(folder / store.name, store.stage)
+
+
+def _check_id(path: Path | UPath, image_id: str) -> None:
+    """Ids become zarr node names: no '/', not empty, no leading '__' (reserved by zarr), not '.'/'..'."""
+    if not image_id or "/" in image_id or image_id.startswith("__") or image_id in (".", ".."):
+        raise InputError(path, f"image id {image_id!r} cannot name an array")

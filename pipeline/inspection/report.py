@@ -1,0 +1,137 @@
+"""One table of what the stages measured, in the rows of the paper's ablation, and what they cost.
+
+Every stage writes ``metrics/<stage>.json`` with its scores (ratios in 0..1) and the wall time it
+took (``seconds``). The report reads them back: the scores as percentages with one decimal, as
+the paper prints them, then the seconds of each stage and their total. A stage without a file
+reads "not run"; a stage switched off (``{"enabled": false}``) reads "disabled"; a score its stage
+could not compute reads "no ground truth" where no image it scores has a mask (``scored_images``
+0 beside the score), else "n/a".
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline.core.errors import InputError
+from pipeline.core.registry import STAGES
+
+Metrics = Mapping[str, Mapping[str, Any] | None]
+"""The metrics file of each stage by stage name; None for a stage that has not run."""
+
+
+@dataclass(frozen=True)
+class Score:
+    """A report row: the value at ``key`` (a path of nested keys) in the metrics file of ``stage``."""
+
+    label: str
+    stage: str
+    key: tuple[str, ...]
+
+
+SCORES = (
+    Score("Classifier mAP (val)", "classifier", ("map",)),
+    Score("CAM mIoU (val)", "cams", ("miou",)),
+    Score("CAM mIoU (train)", "cams", ("train", "miou")),
+    Score("Reliable-region precision (train)", "prune", ("precision",)),
+    Score("Reliable-region coverage (train)", "prune", ("coverage",)),
+    Score("One-step mIoU without CRF (val)", "segment", ("miou_no_crf",)),
+    Score("One-step mIoU (val)", "segment", ("miou",)),
+    Score("Pseudo-label mIoU (train)", "segment", ("pseudo", "miou")),
+    Score("Two-step mIoU, DeepLab (val)", "deeplab", ("miou",)),
+    Score("Supervised reference mIoU (val)", "supervised", ("miou",)),
+)
+
+RATIO = ("Two-step / supervised", "deeplab", "supervised")
+"""The figure WSSS papers quote: the two-step mIoU as a share of the fully supervised one."""
+
+
+@dataclass(frozen=True)
+class Row:
+    """One line of the report: ``value`` rounded for display, or None and ``status`` says why."""
+
+    label: str
+    stage: str
+    value: float | None
+    unit: str
+    status: str
+
+
+def read_metrics(metrics_dir: Path) -> dict[str, dict[str, Any] | None]:
+    """``metrics_dir/<stage>.json`` of each stage that writes metrics, in pipeline order; None where
+    the file does not exist."""
+    return {stage.name: _read_json(metrics_dir / stage.metrics_file.name) for stage in STAGES.values()
+            if stage.metrics_file is not None}
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise InputError(path, f"not a valid JSON metrics file ({error})") from None
+    if not isinstance(data, dict):
+        raise InputError(path, "a metrics file must hold a JSON object")
+    return data
+
+
+def _lookup(metrics: Mapping[str, Any], key: tuple[str, ...]) -> Any:
+    value: Any = metrics
+    for part in key:
+        value = value.get(part) if isinstance(value, Mapping) else None
+    return value
+
+
+def _measured(metrics: Mapping[str, Any] | None, key: tuple[str, ...]) -> tuple[float | None, str]:
+    """The number at ``key`` in a stage's metrics and "ok", or None and why there is none."""
+    if metrics is None:
+        return None, "not run"
+    if metrics.get("enabled") is False:
+        return None, "disabled"
+    value = _lookup(metrics, key)
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return None, "no ground truth" if _lookup(metrics, (*key[:-1], "scored_images")) == 0 else "n/a"
+    return float(value), "ok"
+
+
+def _row(label: str, stage: str, value: float | None, status: str, unit: str, scale: float = 1.0) -> Row:
+    return Row(label, stage, None if value is None else round(value * scale, 1), unit, status)
+
+
+def _ratio(metrics: Metrics) -> Row:
+    """The :data:`RATIO` row: the first stage's mIoU over the second's, or why there is none."""
+    label, numerator, denominator = RATIO
+    (top, top_status), (bottom, bottom_status) = (_measured(metrics.get(stage), ("miou",))
+                                                  for stage in (numerator, denominator))
+    if top is None or bottom is None:
+        return _row(label, numerator, None, top_status if top is None else bottom_status, "%")
+    return _row(label, numerator, top / bottom if bottom else None, "ok" if bottom else "n/a", "%", 100.0)
+
+
+def report_rows(metrics: Metrics) -> list[Row]:
+    """The score rows (percent) with the two-step / supervised ratio, the seconds of every stage in
+    ``metrics``' order and their total."""
+    scores = [_row(s.label, s.stage, *_measured(metrics.get(s.stage), s.key), "%", 100.0) for s in SCORES]
+    scores.append(_ratio(metrics))
+    seconds = {stage: _measured(data, ("seconds",)) for stage, data in metrics.items()}
+    times = [_row(f"Time: {stage}", stage, *measured, "s") for stage, measured in seconds.items()]
+    spent = [value for value, _ in seconds.values() if value is not None]
+    total = _row("Time: total", "", sum(spent), "ok", "s") if spent else _row("Time: total", "", None, "not run", "s")
+    return scores + times + [total]
+
+
+def format_rows(rows: Sequence[Row]) -> str:
+    """The rows as an aligned two-column text table."""
+    cells = [(row.label, row.status if row.value is None else f"{row.value:.1f} {row.unit}") for row in rows]
+    width = max(len(label) for label, _ in cells)
+    value_width = max(len(value) for _, value in cells)
+    return "\n".join(f"{label:<{width}}  {value:>{value_width}}" for label, value in cells)
+
+
+def rows_as_json(rows: Sequence[Row]) -> list[dict[str, Any]]:
+    """The rows as JSON-ready dicts with the same rounded values as the table."""
+    return [asdict(row) for row in rows]

@@ -1,0 +1,188 @@
+"""Per-class statistics of every stage's masks, overall and per image.
+
+Scores follow :class:`~pipeline.method.metrics.PartialLabelScore` for every stage's masks, against the
+ground truth where it exists:
+
+- ``precision``: labelled pixels that are right / labelled pixels;
+- ``coverage``: pixels of the ground truth that got a label (1 for the dense predictions);
+- ``iou``: ``TP / (TP + FP + FN)`` per label, an unlabelled (255) pixel counting as a miss, so for
+  the dense predictions it is the usual IoU and for the reliable masks it is bounded by coverage;
+- ``unreliable``: share of 255 pixels in the images that hold the label by their tags (every
+  image for background): how much of a class's images the rule left unlabelled, with or without
+  ground truth.
+
+The numbers of one image are the numbers of :func:`source_stats` over that image alone, which
+is how the gallery's figures are made.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from pipeline.core.io import IGNORE
+from pipeline.data.manifest import Item
+from pipeline.inspection.project import SOURCES, Project, Source
+from pipeline.method.metrics import DIGITS, PartialLabelScore, iou_from_confusion, nanmean
+
+
+def _finite(value: float) -> float | None:
+    """``value`` rounded for JSON, None for NaN."""
+    return None if math.isnan(value) else round(float(value), DIGITS)
+
+
+@dataclass
+class MaskStats:
+    """Counts of one stage's masks over some images, added image by image.
+
+    ``score``: the masks against the ground truth (images that have one); ``labelled``: pixels
+    given each label; ``tagged``: pixels of the images that hold each label by their tags (every
+    image for background), ``tagged_unlabelled`` those of them left 255.
+    """
+
+    num_labels: int
+    images: int = 0
+    scored: int = 0
+    score: PartialLabelScore = field(init=False)
+    labelled: np.ndarray = field(init=False)
+    tagged: np.ndarray = field(init=False)
+    tagged_unlabelled: np.ndarray = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.score = PartialLabelScore(self.num_labels)
+        self.labelled = np.zeros(self.num_labels, dtype=np.int64)
+        self.tagged = np.zeros(self.num_labels, dtype=np.int64)
+        self.tagged_unlabelled = np.zeros(self.num_labels, dtype=np.int64)
+
+    def update(self, mask: np.ndarray, tags: Sequence[int], gt: np.ndarray | None) -> None:
+        """Add one image: its mask, its tags (0-based classes) and its ground truth (None: none)."""
+        counts = np.bincount(mask.ravel(), minlength=256)
+        self.labelled += counts[: self.num_labels]
+        present = [0, *(c + 1 for c in tags)]
+        self.tagged[present] += mask.size
+        self.tagged_unlabelled[present] += counts[IGNORE]
+        self.images += 1
+        if gt is not None:
+            self.score.update(gt, mask)
+            self.scored += 1
+
+    def iou(self) -> np.ndarray:
+        """Per-label IoU with unlabelled pixels as misses: the partial counts as a square confusion
+        matrix whose extra label, "unlabelled", occurs in no ground truth."""
+        square = np.vstack([self.score.counts, np.zeros((1, self.num_labels + 1), dtype=np.int64)])
+        return iou_from_confusion(square)[: self.num_labels]
+
+    def unreliable(self) -> np.ndarray:
+        """Per label, the share of 255 pixels in the images tagged with it (NaN: no such image)."""
+        return self.tagged_unlabelled / np.where(self.tagged > 0, self.tagged, np.nan)
+
+    def as_dict(self, label_names: Sequence[str]) -> dict[str, Any]:
+        """The figures of :mod:`pipeline.inspection.project`'s docstring, overall and per label, for JSON."""
+        iou, unreliable = self.iou(), self.unreliable()
+        precision, coverage = self.score.class_precision(), self.score.class_coverage()
+        return {
+            "images": self.images,
+            "scored_images": self.scored,
+            "labelled_pixels": int(self.labelled.sum()),
+            "unreliable": _finite(unreliable[0]),
+            "precision": _finite(self.score.precision()),
+            "coverage": _finite(self.score.coverage()),
+            "miou": _finite(nanmean(iou)),
+            "per_class": {
+                name: {
+                    "labelled_pixels": int(self.labelled[label]),
+                    "unreliable": _finite(unreliable[label]),
+                    "precision": _finite(precision[label]),
+                    "coverage": _finite(coverage[label]),
+                    "iou": _finite(iou[label]),
+                }
+                for label, name in enumerate(label_names)
+            },
+        }
+
+
+def split_items(project: Project, role: str, ids: Sequence[str] | None) -> tuple[Item, ...]:
+    items = project.manifest.split(project.split(role))
+    if ids is None:
+        return items
+    wanted = set(ids)
+    return tuple(item for item in items if item.id in wanted)
+
+
+def source_stats(project: Project, src: Source, ids: Sequence[str] | None = None) -> MaskStats:
+    """The counts of one stage's masks over its split (or the images ``ids`` of it), read one at a time."""
+    store = project.store(src)
+    stats = MaskStats(project.manifest.num_classes + 1)
+    for item in split_items(project, src.store.role, ids):
+        stats.update(store.read(item.id)[0], item.labels, project.manifest.read_mask(item))
+    return stats
+
+
+def all_stats(project: Project, ids: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
+    """Per stage: where its masks are and, if they can be read, their figures (else why not)."""
+    report = {}
+    for src in SOURCES:
+        store = project.store(src)
+        entry: dict[str, Any] = {"stage": src.store.stage, "store": str(store.path),
+                                 "split": project.split(src.store.role)}
+        problem = project.problem(store)
+        if problem is None:
+            entry.update(status="ok", **source_stats(project, src, ids).as_dict(project.manifest.label_names))
+        else:
+            entry["status"] = problem
+        report[src.name] = entry
+    return report
+
+
+def percent(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f}%"
+
+
+STAT_COLUMNS = ("labelled px", "unreliable", "precision", "coverage", "IoU")
+
+
+def _stat_cells(figures: dict[str, Any], iou_key: str) -> tuple[str, ...]:
+    return (str(figures["labelled_pixels"]), percent(figures["unreliable"]), percent(figures["precision"]),
+            percent(figures["coverage"]), percent(figures[iou_key]))
+
+
+def text_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    """Aligned text rows: the first column left-aligned, the others right-aligned."""
+    widths = [max(len(row[i]) for row in (header, *rows)) for i in range(len(header))]
+
+    def line(row: Sequence[str]) -> str:
+        return "  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
+
+    return [line(header), *(line(row) for row in rows)]
+
+
+def format_stats(report: dict[str, dict[str, Any]]) -> str:
+    """:func:`all_stats` as one table per stage (the overall figures as the row "all", mIoU as its IoU)."""
+    blocks = []
+    for name, entry in report.items():
+        title = f"{name}: {entry['stage']} stage, {entry['store']}, split {entry['split']}"
+        if entry["status"] != "ok":
+            blocks.append(f"{title}: {entry['status']}")
+            continue
+        rows = [(label, *_stat_cells(figures, "iou")) for label, figures in entry["per_class"].items()]
+        rows.append(("all", *_stat_cells(entry, "miou")))
+        counts = f"{entry['images']} images, {entry['scored_images']} with ground truth"
+        blocks.append("\n".join([f"{title} ({counts})", *text_table(("class", *STAT_COLUMNS), rows)]))
+    return "\n\n".join(blocks)
+
+
+def per_class_rows(report: dict[str, dict[str, Any]], label_names: Sequence[str]) -> list[dict[str, Any]]:
+    """:func:`all_stats`' per-class figures as one row per label and stage that ran, for DVC's bar
+    plots (which take one value field): ``{"class", "stage", "bar": "<class> / <stage>", "precision",
+    "coverage", "iou"}``, class by class."""
+    return [
+        {"class": label, "stage": name, "bar": f"{label} / {name}",
+         **{key: entry["per_class"][label][key] for key in ("precision", "coverage", "iou")}}
+        for label in label_names
+        for name, entry in report.items()
+        if entry["status"] == "ok"
+    ]

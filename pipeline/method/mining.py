@@ -1,0 +1,315 @@
+"""Reliable-region mining of a whole split over a dask cluster, scored as it goes.
+
+The rule (:func:`pipeline.method.prune.prune_image`) costs two dense CRFs per image and every image is
+independent, so the images are spread over the processes of a ``dask.distributed`` cluster: a
+``LocalCluster`` of one single-threaded process per core by default (pydensecrf holds the GIL,
+so threads would not run in parallel), or a running scheduler given by its address, so the
+same command runs on a cluster.
+
+- Tasks take a chunk of :class:`~pipeline.data.manifest.Item` (ids and labels), never arrays: each
+  worker reads the CAMs and the image, writes the mask into the mask store itself and returns
+  only small counts, so no process ever holds all masks.
+- The driver keeps a bounded number of tasks in flight and submits the next one as each
+  finishes, so its memory does not grow with the number of images.
+- A mask already complete in the store is read back instead of recomputed: a run killed
+  part-way redoes only what it had not written. The store's fingerprint depends on
+  :class:`~pipeline.method.prune.PruneParams` and the CAM store's fingerprint only, never on
+  the `run:` section (:class:`~pipeline.core.run.RunParams`): another worker count or
+  scheduler keeps the finished masks.
+- Each image's mask depends only on its own inputs and the counts are integer sums, so masks
+  and scores do not depend on the number of workers or the order tasks finish in.
+
+Scoring reads each image's ground truth once, in the task that prunes it: the precision and
+coverage of the reliable pixels (:class:`~pipeline.method.metrics.PartialLabelScore`) and, for
+comparison, the IoU of the plain CAM argmax with the rule's own background score
+``(1 - max_c cam_c) ** ha_alpha`` (the dense labelling that pruning starts from; the best
+fixed threshold is what ``metrics/cams.json`` reports).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from functools import partial
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+import dask.config
+import numpy as np
+from distributed import Client, LocalCluster, as_completed
+from tqdm import tqdm
+
+from pipeline.core.errors import InputError, ignore_interrupt
+from pipeline.core.io import IGNORE
+from pipeline.core.provenance import MadeFrom, settings, start
+from pipeline.core.run import RunParams
+from pipeline.core.store import ImageStore
+from pipeline.data.manifest import Item, Manifest
+from pipeline.method.metrics import PartialLabelScore, SegmentationScore
+from pipeline.method.prune import PruneParams, prune_image, stack_scores
+
+PRE_SPAWN_ENVIRON = "distributed.nanny.pre-spawn-environ"
+"""Dask's setting of the environment its worker processes start with (None unsets a variable)."""
+
+TASKS_PER_WORKER = 2
+"""Tasks in flight per worker thread: one running and one queued, so no worker waits for the driver."""
+
+
+def masks_made_from(manifest: Manifest, split: str, params: PruneParams, cams: ImageStore) -> MadeFrom:
+    """What a mask store is made from: the images and tags of ``split``, the rule's settings and
+    the CAMs (by their store's fingerprint)."""
+    return MadeFrom.made(manifest, (split,), settings("prune", params), {"cams.zarr": cams.fingerprint})
+
+
+@dataclass(frozen=True)
+class MiningJob:
+    """What every task needs besides its items; small, so it travels with each task.
+
+    ``manifest`` locates images and ground truth (its splits are not needed); store paths are
+    absolute, so workers started elsewhere find them (they must see the same file system).
+    """
+
+    manifest: Manifest
+    cams: ImageStore
+    masks: ImageStore
+    params: PruneParams
+
+    @classmethod
+    def create(cls, manifest: Manifest, cams: ImageStore, masks: ImageStore, params: PruneParams) -> MiningJob:
+        return cls(
+            replace(manifest, splits={}),
+            ImageStore(cams.path.resolve(), cams.stage),
+            ImageStore(masks.path.resolve(), masks.stage),
+            params,
+        )
+
+
+@dataclass
+class MiningScore:
+    """Counts over a set of images, summed from the tasks' own.
+
+    ``computed``: ids whose masks were pruned (the others were read back from the store);
+    ``images``: images seen; ``scored``: those with a ground-truth mask; ``masks``: the
+    reliable pixels against the ground truth; ``cams``: the plain CAM argmax against it.
+    """
+
+    num_labels: int
+    computed: list[str] = field(default_factory=list)
+    images: int = 0
+    scored: int = 0
+    masks: PartialLabelScore = field(init=False)
+    cams: SegmentationScore = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.masks = PartialLabelScore(self.num_labels)
+        self.cams = SegmentationScore(self.num_labels)
+
+    def add(self, other: MiningScore) -> None:
+        self.computed += other.computed
+        self.images += other.images
+        self.scored += other.scored
+        self.masks.counts += other.masks.counts
+        self.cams.confusion += other.cams.confusion
+
+    def as_dict(self, label_names: Sequence[str]) -> dict[str, Any]:
+        """``{"precision", "coverage", "per_class", "cam_argmax": {"miou", ...}, "images", "scored_images"}``
+        for JSON (None for a ratio with nothing to count, e.g. without ground truth)."""
+        return {
+            **self.masks.as_dict(label_names),
+            "cam_argmax": self.cams.as_dict(label_names),
+            "images": self.images,
+            "scored_images": self.scored,
+        }
+
+
+def per_class_rows(metrics: dict[str, Any]) -> list[dict[str, Any]]:
+    """``[{"class", "precision", "coverage"}, ...]`` from :meth:`MiningScore.as_dict`, for a DVC bar plot."""
+    return [
+        {"class": name, "precision": scores["precision"], "coverage": scores["coverage"]}
+        for name, scores in metrics["per_class"].items()
+    ]
+
+
+def cam_argmax(cams: np.ndarray, classes: Sequence[int], alpha: float) -> np.ndarray:
+    """uint8 (H, W) labels of ``argmax([(1 - max cam) ** alpha, cams])``: 0 or class index + 1.
+
+    All background for an image without classes (k = 0).
+    """
+    if cams.shape[0] == 0:
+        return np.zeros(cams.shape[1:], dtype=np.uint8)
+    values = np.concatenate([[0], np.asarray(classes) + 1]).astype(np.uint8)
+    return values[stack_scores(cams, alpha).argmax(axis=0)]
+
+
+def _check_size(where: Path, what: str, shape: tuple[int, ...], image: tuple[int, ...], hint: str) -> None:
+    """Raise naming ``where`` unless an array of ``shape`` (H, W) matches its ``image`` (H, W)."""
+    if shape != image:
+        raise InputError(where, f"{what} is {shape[0]}x{shape[1]}, its image {image[0]}x{image[1]} ({hint})")
+
+
+def _mask(job: MiningJob, item: Item, cams: np.ndarray, classes: Sequence[int]) -> tuple[np.ndarray, bool]:
+    """The image's mask and whether it was computed now (False: read back from the store).
+
+    An image without classes (k = 0) gets all 255: without its tags nothing is known about
+    it, and calling it all background would teach that any untagged object is background.
+    """
+    if item.id in job.masks:
+        return job.masks.read(item.id)[0], False
+    if cams.shape[0] == 0:
+        mask = np.full(cams.shape[1:], IGNORE, dtype=np.uint8)
+    else:
+        image = job.manifest.read_image(item.id)
+        what = f"the CAM array of {item.id!r}"
+        _check_size(job.cams.path, what, cams.shape[1:], image.shape[:2], "rerun the cams stage")
+        mask = prune_image(image, cams, np.asarray(classes), job.params)
+    job.masks.write(item.id, mask)
+    return mask, True
+
+
+def mine_chunk(job: MiningJob, items: Sequence[Item]) -> MiningScore:
+    """Prune (or read back) and score each of ``items``: the task that runs on the workers."""
+    score = MiningScore(job.manifest.num_classes + 1)
+    for item in items:
+        cams, attrs = job.cams.read(item.id)
+        cams = cams.astype(np.float32)
+        mask, computed = _mask(job, item, cams, attrs["classes"])
+        score.images += 1
+        if computed:
+            score.computed.append(item.id)
+        gt = job.manifest.read_mask(item)
+        if gt is None:
+            continue
+        what = f"the ground-truth mask of {item.id!r}"
+        _check_size(job.manifest.mask_path(item.id), what, gt.shape, mask.shape, "a mask must match its image")
+        score.scored += 1
+        score.masks.update(gt, mask)
+        score.cams.update(gt, cam_argmax(cams, attrs["classes"], job.params.ha_alpha))
+    return score
+
+
+@contextmanager
+def environ_restored() -> Iterator[None]:
+    """Put this process's environment back as it was on entry.
+
+    Before spawning each worker, dask's nanny writes its pre-spawn variables (``OMP_NUM_THREADS=1``,
+    ``MKL_NUM_THREADS=1``, ``PYTHONHASHSEED``...) into the environment of the process that starts
+    the cluster, and leaves them there: every process started from it later would run its
+    numerical libraries on one thread, slower and with other rounding (a CPU convolution's sums
+    depend on how many threads share them), so a stage run afterwards would no longer give the
+    same results as one started from a clean shell.
+    """
+    saved = dict(os.environ)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+SCHEDULER_TIMEOUT = 10
+"""Seconds to wait for a dask scheduler to answer before giving up with one line."""
+
+
+@contextmanager
+def scheduler_client(address: str) -> Iterator[Client]:
+    """A client of the running dask scheduler at ``address``; one that does not answer as a
+    scheduler within :data:`SCHEDULER_TIMEOUT` seconds is an error naming it. Whatever the
+    connection fails with (refused, timed out, or garbage from another kind of server, which
+    dask reads as an absurd frame size) is reported the same way, in one line."""
+    try:
+        client = Client(address, timeout=SCHEDULER_TIMEOUT)
+    except Exception as error:  # noqa: BLE001 (see above)
+        raise InputError(address, f"no dask scheduler answered within {SCHEDULER_TIMEOUT} s "
+                                  f"({type(error).__name__})") from None
+    with client:
+        yield client
+
+
+@contextmanager
+def connect(run: RunParams) -> Iterator[Client]:
+    """A client of the scheduler at ``run.scheduler``, or of a new local cluster of
+    ``run.local_workers()`` processes closed on exit.
+
+    Without an address in the params, dask's own setting (``DASK_SCHEDULER_ADDRESS``) is used
+    if present. The local cluster has no dashboard, so that several runs never compete for its
+    port, and its workers keep glibc's default memory trimming: dask sets
+    ``MALLOC_TRIM_THRESHOLD_``, which turns off glibc's adaptive mmap threshold, so each CRF's
+    large buffers would be mapped and faulted in afresh, slower per image.
+    This process's environment is put back on exit (see :func:`environ_restored`). Its workers
+    leave Ctrl-C to this process (see :func:`dask_setup`).
+    """
+    address = run.scheduler or dask.config.get("scheduler-address", None)
+    if address:
+        with scheduler_client(address) as client:
+            yield client
+        return
+    with (
+        environ_restored(),
+        dask.config.set({f"{PRE_SPAWN_ENVIRON}.MALLOC_TRIM_THRESHOLD_": None}),
+        LocalCluster(n_workers=run.local_workers(), threads_per_worker=1, processes=True, dashboard_address=None,
+                     preload=[__name__]) as local,
+        Client(local) as client,
+    ):
+        yield client
+
+
+def dask_setup(worker: Any) -> None:
+    """dask's preload hook, run in each worker of the local cluster as it starts: Ctrl-C is left
+    to the stage's process, which closes the cluster (see :func:`ignore_interrupt`), and the
+    tasks that closing cancels are not each reported as a warning."""
+    ignore_interrupt()
+    logging.getLogger("distributed.worker.state_machine").setLevel(logging.ERROR)
+
+
+def _chunks(items: Sequence[Item], size: int) -> Iterator[Sequence[Item]]:
+    return (items[start : start + size] for start in range(0, len(items), size))
+
+
+def _bounded_map(
+    client: Client, job: MiningJob, chunks: Iterable[Sequence[Item]], in_flight: int
+) -> Iterator[MiningScore]:
+    """:func:`mine_chunk` of each of ``chunks``, in the order they finish, at most ``in_flight`` at once."""
+    pending = iter(chunks)
+    submit = partial(client.submit, mine_chunk, job, pure=False)
+    running = as_completed([submit(chunk) for chunk in islice(pending, in_flight)])
+    for future in running:
+        yield future.result()
+        for chunk in islice(pending, 1):
+            running.add(submit(chunk))
+
+
+def mine_split(
+    manifest: Manifest,
+    split: str,
+    cams: ImageStore,
+    masks: ImageStore,
+    params: PruneParams,
+    run: RunParams,
+    progress: bool = True,
+) -> MiningScore:
+    """Write the reliable-region mask of every image of ``split`` into ``masks``, and score them.
+
+    Refuses to start unless the CAM store is complete. Keeps the masks already in the store if
+    it was started from the same settings and CAMs, else starts it anew; marks it complete once
+    every image is in. Returns the summed counts (``computed`` sorted).
+    """
+    cams.require_complete()
+    items = manifest.split(split)
+    start(masks, masks_made_from(manifest, split, params, cams))
+    job = MiningJob.create(manifest, cams, masks, params)
+    total = MiningScore(manifest.num_classes + 1)
+    with (
+        connect(run) as client,
+        tqdm(total=len(items), desc=f"prune {split}", unit="img", disable=not progress) as bar,
+    ):
+        in_flight = TASKS_PER_WORKER * max(1, sum(client.nthreads().values()))
+        for score in _bounded_map(client, job, _chunks(items, run.chunk_size), in_flight):
+            total.add(score)
+            bar.update(score.images)
+    masks.mark_complete(item.id for item in items)
+    total.computed.sort()
+    return total

@@ -1,0 +1,174 @@
+"""Reliable-region pruning (SPEC section 3): which pixels of an image's CAMs to trust as labels.
+
+For one image with present classes c1..ck and max-normalised CAMs:
+
+- ``bg = (1 - max_c cam_c) ** alpha``; the stack ``[bg, cam_c1, ..., cam_ck]`` goes through a
+  dense CRF twice, with a low alpha ("la", more background) and a high alpha ("ha", less).
+- Start from ``la_label``; where la says background the label is unknown (255), then where ha
+  says background it is background (0).
+- CAM-sure: with ``cam_label = argmax([bg(ha alpha), cams])``, for each foreground label in
+  ``la_label`` the pixels of its ``cam_label`` region whose CAM is strictly above the value at
+  index ``floor(0.6 * n)`` of the region's n CAM values above 0.1, sorted ascending (about the
+  top 40%); if background is in ``la_label``, the pixels of the background ``cam_label`` region
+  whose ha background score exceeds 0.8.
+- CRF-sure: ``max([ha background probability, la foreground probabilities]) >= 0.8``.
+- A pixel keeps its start label only if it is both CAM-sure and CRF-sure; otherwise 255.
+
+The CRF step (:func:`prune_image`) and the rule on its outputs (:func:`label_reliable`) are
+separate, so the rule can be checked on given probabilities.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from pipeline.core.io import IGNORE
+from pipeline.core.params import check_range
+from pipeline.method.crf import PRUNE_CRF, CRFParams, dense_crf
+
+MAX_CLASS_INDEX = IGNORE - 2
+"""The largest 0-based class index whose label value (index + 1) stays below IGNORE."""
+
+
+@dataclass(frozen=True)
+class PruneParams:
+    """The thresholds, alphas and CRF settings of pruning; the defaults are the paper's."""
+
+    la_alpha: float = 4.0
+    ha_alpha: float = 32.0
+    cam_floor: float = 0.1
+    cam_quantile: float = 0.6
+    bg_threshold: float = 0.8
+    crf_confidence: float = 0.8
+    crf_iterations: int = PRUNE_CRF.iterations
+    crf_gaussian_sxy: float = PRUNE_CRF.gaussian_sxy
+    crf_gaussian_compat: float = PRUNE_CRF.gaussian_compat
+    crf_bilateral_sxy: float = PRUNE_CRF.bilateral_sxy
+    crf_bilateral_srgb: float = PRUNE_CRF.bilateral_srgb
+    crf_bilateral_compat: float = PRUNE_CRF.bilateral_compat
+
+    def __post_init__(self) -> None:
+        check_range("la_alpha", self.la_alpha, 0)
+        check_range("ha_alpha", self.ha_alpha, 0)
+        check_range("cam_floor", self.cam_floor, 0, 1)
+        check_range("cam_quantile", self.cam_quantile, 0, 1)
+        check_range("bg_threshold", self.bg_threshold, 0, 1)
+        check_range("crf_confidence", self.crf_confidence, 0, 1)
+        try:
+            _ = self.crf  # CRFParams checks the CRF settings, naming them without the "crf_" prefix
+        except ValueError as error:
+            raise ValueError(f"crf_{error}") from None
+
+    @property
+    def crf(self) -> CRFParams:
+        return CRFParams(
+            iterations=self.crf_iterations,
+            gaussian_sxy=self.crf_gaussian_sxy,
+            gaussian_compat=self.crf_gaussian_compat,
+            bilateral_sxy=self.crf_bilateral_sxy,
+            bilateral_srgb=self.crf_bilateral_srgb,
+            bilateral_compat=self.crf_bilateral_compat,
+        )
+
+
+def background_score(cams: np.ndarray, alpha: float) -> np.ndarray:
+    """``(1 - max_c cam_c) ** alpha``, (H, W): high where no class is active."""
+    return (1.0 - cams.max(axis=0)) ** alpha
+
+
+def stack_scores(cams: np.ndarray, alpha: float) -> np.ndarray:
+    """``[bg, cam_c1, ..., cam_ck]``, (k + 1, H, W): index 0 is background, i > 0 is ``cams[i - 1]``."""
+    return np.concatenate([background_score(cams, alpha)[None], cams])
+
+
+def cam_confident(cams: np.ndarray, la_label: np.ndarray, params: PruneParams) -> np.ndarray:
+    """The CAM-sure pixels, bool (H, W), for the stacked labels that occur in ``la_label``.
+
+    A foreground label's quantile threshold is taken over its own ``cam_label`` region; the
+    index is capped at the last value so that a quantile of 1 keeps nothing instead of failing.
+    """
+    ha_background = background_score(cams, params.ha_alpha)
+    cam_label = np.concatenate([ha_background[None], cams]).argmax(axis=0)
+    sure = np.zeros(cam_label.shape, dtype=bool)
+    for label in np.unique(la_label):
+        region = cam_label == label
+        if label == 0:
+            sure |= region & (ha_background > params.bg_threshold)
+            continue
+        cam = cams[label - 1]
+        values = np.sort(cam[region & (cam > params.cam_floor)])
+        if values.size:
+            threshold = values[min(math.floor(params.cam_quantile * values.size), values.size - 1)]
+            sure |= region & (cam > threshold)
+    return sure
+
+
+def crf_confident(la_probs: np.ndarray, ha_probs: np.ndarray, threshold: float) -> np.ndarray:
+    """The CRF-sure pixels, bool (H, W): ``max([ha background, la foregrounds]) >= threshold``."""
+    return np.maximum(ha_probs[0], la_probs[1:].max(axis=0)) >= threshold
+
+
+def label_reliable(
+    cams: np.ndarray,
+    classes: np.ndarray,
+    la_probs: np.ndarray,
+    ha_probs: np.ndarray,
+    params: PruneParams,
+) -> np.ndarray:
+    """The rule on given CRF marginals: uint8 (H, W) labels (0, class index + 1) or 255.
+
+    ``la_probs`` and ``ha_probs`` are the (k + 1, H, W) marginals of the stack with the low and
+    high alpha; ``cams`` (k, H, W) and ``classes`` (k,) as for :func:`reliable_regions`.
+    """
+    la_label = la_probs.argmax(axis=0)
+    ha_label = ha_probs.argmax(axis=0)
+    values = np.concatenate([[0], np.asarray(classes) + 1]).astype(np.uint8)
+    labels = values[la_label]
+    labels[la_label == 0] = IGNORE
+    labels[ha_label == 0] = 0
+    sure = cam_confident(cams, la_label, params) & crf_confident(la_probs, ha_probs, params.crf_confidence)
+    labels[~sure] = IGNORE
+    return labels
+
+
+def _check_inputs(image: np.ndarray, cams: np.ndarray, classes: np.ndarray) -> None:
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3 or 0 in image.shape:
+        raise ValueError(f"image must be uint8 (H, W, 3) with H, W >= 1, got {image.dtype} {image.shape}")
+    if cams.ndim != 3 or cams.shape[1:] != image.shape[:2]:
+        raise ValueError(f"cams must be (k, H, W) with H, W of the image {image.shape[:2]}, got {cams.shape}")
+    if not np.issubdtype(cams.dtype, np.floating):
+        raise ValueError(f"cams must be floating point, got {cams.dtype}")
+    if cams.shape[0] < 1:
+        raise ValueError("cams must hold at least one class (k >= 1)")
+    if not (np.all(cams >= 0) and np.all(cams <= 1)):
+        raise ValueError("cams must be max-normalised: every value in [0, 1] (no NaN)")
+    if classes.ndim != 1 or classes.shape[0] != cams.shape[0]:
+        raise ValueError(f"classes must list one class index per CAM ({cams.shape[0]}), got {classes.shape}")
+    if not np.issubdtype(classes.dtype, np.integer):
+        raise ValueError(f"classes must be integer class indices, got {classes.dtype}")
+    if classes.min() < 0 or classes.max() > MAX_CLASS_INDEX or np.unique(classes).size != classes.size:
+        raise ValueError(f"classes must be distinct indices in 0..{MAX_CLASS_INDEX}, got {classes.tolist()}")
+
+
+def prune_image(image: np.ndarray, cams: np.ndarray, classes: np.ndarray, params: PruneParams) -> np.ndarray:
+    """The reliable labels of one image, uint8 (H, W): both CRFs, then :func:`label_reliable`."""
+    classes = np.asarray(classes)
+    _check_inputs(image, cams, classes)
+    cams = cams.astype(np.float32, copy=False)
+    la_probs = dense_crf(image, stack_scores(cams, params.la_alpha), params.crf)
+    ha_probs = dense_crf(image, stack_scores(cams, params.ha_alpha), params.crf)
+    return label_reliable(cams, classes, la_probs, ha_probs, params)
+
+
+def reliable_regions(image: np.ndarray, cams: np.ndarray, classes: np.ndarray, **params: Any) -> np.ndarray:
+    """Reliable labels of one image: uint8 (H, W), 0 background, class index + 1, 255 unreliable.
+
+    ``image`` uint8 (H, W, 3) RGB; ``cams`` float (k, H, W), each max-normalised; ``classes`` the
+    k 0-based class indices. ``params`` override :class:`PruneParams` fields by name; an unknown
+    name is a TypeError.
+    """
+    return prune_image(image, cams, classes, PruneParams(**params))

@@ -1,0 +1,240 @@
+"""Stage 6, the optional two-step: DeepLabV3 retrained on the one-step predictions; and the same
+network trained on the ground-truth masks, the fully supervised reference.
+
+torchvision's DeepLabV3 head (ASPP with image pooling) on one of our dilated backbones, trained
+with plain cross-entropy on the segment stage's pseudo labels for the training images (255
+ignored), through the shared loop of :mod:`pipeline.train.loop` (polynomial decay, AMP on CUDA,
+torchrun data parallel, resume). Inference averages the softmax over several scales and their
+mirror images, then runs the optional dense CRF, through :func:`pipeline.train.segment.infer_split`.
+
+The defaults follow the usual DeepLab recipe on VOC (ResNet-101 from ImageNet weights, 321
+crops, batches of 10, 20k steps, scale jitter 0.5-1.5), with the new head at 10x the base rate as
+in every trained stage here; the synthetic benchmark's ``params.yaml`` picks the small backbone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.models.segmentation.deeplabv3 import DeepLabHead
+
+from pipeline.core.errors import InputError
+from pipeline.core.io import IGNORE, file_digest, fingerprint
+from pipeline.core.params import check_scales, load_params
+from pipeline.core.provenance import MadeFrom, forget, settings, start, write_record
+from pipeline.core.registry import Stage
+from pipeline.core.run import DEFAULT_RUN, RunParams, load_run
+from pipeline.core.stage import screened_dataset, stopwatch
+from pipeline.core.store import ImageStore, StorageParams
+from pipeline.data.datasets import SegmentationDataset
+from pipeline.data.manifest import Manifest
+from pipeline.method.cams import multiscale_cams
+from pipeline.method.crf import INFERENCE_CRF
+from pipeline.method.metrics import write_metrics
+from pipeline.models import OnBackbone, build_backbone, fold_batch_norms, save_checkpoint
+from pipeline.train.loop import (
+    Checkpoint,
+    Distributed,
+    TrainingParams,
+    data_parallel,
+    default_device,
+    init_distributed,
+    train,
+    unwrap,
+)
+from pipeline.train.segment import ProbabilityFn, infer_split, predictions_made_from, upsample
+
+ASPP_RATES_AT_STRIDE_8 = (12, 24, 36)
+"""torchvision's ASPP dilations, for output stride 8; other strides scale them to the same field of view."""
+
+
+@dataclass(frozen=True)
+class DeepLabParams(TrainingParams):
+    enabled: bool = False
+    """Off by default: a plain ``dvc repro`` then only records ``{"enabled": false}``."""
+    backbone: str = "resnet101"
+    """small | resnet50 | resnet101 | mobilenet_v2 (a dilated backbone of :func:`pipeline.models.build_backbone`)."""
+    weights: str | None = None
+    """Backbone initialisation file (torchvision's ImageNet .pth); None: from scratch."""
+    output_stride: int = 8
+    crop_size: int = 321
+    scale_range: tuple[float, ...] = (0.5, 1.5)
+    batch_size: int = 10
+    steps: int = 20000
+    lr: float = 0.001
+    weight_decay: float = 1e-4
+    scales: tuple[float, ...] = (1.0, 0.75, 1.25)
+    """Inference scales whose softmax is averaged."""
+    flip: bool = True
+    """Training: random mirror crops; inference: the mirror images join the average."""
+    crf: bool = True
+    """Refine the val predictions with the dense CRF of the spec's inference settings."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_scales("scales", self.scales)
+        if self.output_stride not in (8, 16, 32):
+            raise ValueError(f"output_stride={self.output_stride} is not one of 8, 16, 32")
+        if self.batch_size < 2:
+            raise ValueError("batch_size must be at least 2: the ASPP image-pooling branch normalises over the batch")
+
+
+@dataclass(frozen=True)
+class SupervisedParams:
+    """The `supervised:` section: whether to train the fully supervised reference, the `deeplab:`
+    recipe on the ground-truth masks (off by default: it needs every training image's mask)."""
+
+    enabled: bool = False
+
+
+class DeepLab(OnBackbone):
+    """A backbone (its layers learn at the base rate) and DeepLabV3's head, whose batch norm
+    always trains; ``freeze_bn`` keeps the backbone's at the statistics of its weights file."""
+
+    def __init__(self, backbone: nn.Module, num_labels: int, output_stride: int, *, freeze_bn: bool) -> None:
+        super().__init__(backbone, freeze_bn=freeze_bn)
+        rates = [rate * 8 // output_stride for rate in ASPP_RATES_AT_STRIDE_8]
+        self.head = DeepLabHead(backbone.out_channels, num_labels, rates)
+
+    def forward(self, images: Tensor) -> Tensor:
+        """Logits (N, C + 1, h, w) of normalised images, at the output stride."""
+        return self.head(self.backbone(images))
+
+
+def build_deeplab(params: DeepLabParams, num_classes: int) -> DeepLab:
+    """The network for ``num_classes`` foreground classes, its backbone from ``params.weights``
+    (batch norm then frozen) or from PyTorch's default initialisation."""
+    weights = Path(params.weights) if params.weights else None
+    backbone = build_backbone(params.backbone, weights, params.output_stride)
+    return DeepLab(backbone, num_classes + 1, params.output_stride, freeze_bn=weights is not None)
+
+
+def pseudo_label_loss(logits: Tensor, labels: Tensor) -> Tensor:
+    """Cross-entropy averaged over the labelled pixels (not ``IGNORE``); 0 when there are none."""
+    losses = F.cross_entropy(logits, labels.long(), ignore_index=IGNORE, reduction="none")
+    return losses.sum() / (labels != IGNORE).sum().clamp(min=1)
+
+
+LabelReader = Callable[[str], np.ndarray]
+"""Image id -> its uint8 (H, W) training mask (0 background, class index + 1, 255 ignored)."""
+
+
+def pseudo_labels(store: ImageStore) -> tuple[LabelReader, str]:
+    """The two-step's targets: the segment stage's pseudo-labels, and what identifies them (the
+    store's fingerprint). The store must be complete."""
+    store.require_complete()
+    return (lambda image_id: store.read(image_id)[0]), str(store.fingerprint)
+
+
+def ground_truth(manifest: Manifest, split: str) -> tuple[LabelReader, str]:
+    """The supervised reference's targets: the ground-truth masks of ``split``, and what
+    identifies them (the manifest's digest). Every image of the split must have one."""
+    items = {item.id: item for item in manifest.split(split)}
+    lacking = [image_id for image_id, item in items.items()
+               if manifest.mask_path(image_id) is None or not item.has_mask]
+    if lacking:
+        raise InputError(manifest.source or manifest.name,
+                         f"{len(lacking)} image(s) of split {split!r} have no ground-truth mask to train the "
+                         f"supervised reference on, e.g. {lacking[0]!r}")
+    identity = file_digest(manifest.source) if manifest.source else manifest.name
+    return (lambda image_id: manifest.read_mask(items[image_id])), identity
+
+
+def train_deeplab(manifest: Manifest, split: str, params: DeepLabParams, targets: tuple[LabelReader, str], out: Path,
+                  state: Path, ctx: Distributed, device: torch.device, run: RunParams = DEFAULT_RUN,
+                  progress: bool = True, description: str = "deeplab") -> DeepLab:
+    """Train (or resume training) on ``targets`` (:func:`pseudo_labels` or :func:`ground_truth`) of
+    ``split``; write the weights to ``out`` (rank 0)."""
+    read_label, labels_key = targets
+    torch.manual_seed(params.seed)
+    net = build_deeplab(params, manifest.num_classes).to(device)
+    dataset = SegmentationDataset(manifest, split, read_label, params.augmentation(), params.seed)
+    loader = params.loader(dataset, ctx, device, run)
+    model = data_parallel(net, ctx, device)
+    optimizer = params.optimizer(net)
+
+    def step(batch: dict[str, Any]) -> dict[str, Tensor]:
+        labels = batch["label"].to(device)
+        logits = upsample(model(batch["image"].to(device, non_blocking=True)), tuple(labels.shape[-2:]))
+        return {"loss": pseudo_label_loss(logits, labels)}
+
+    key = fingerprint(asdict(params), labels_key, manifest.name, split, len(dataset))
+    train(model, loader, step, optimizer, params.loop(description, progress, run), Checkpoint(state, key), ctx, device)
+    if ctx.is_main:
+        save_checkpoint(unwrap(net), out)
+    return net
+
+
+def deeplab_probabilities(net: DeepLab, scales: Sequence[float], flip: bool) -> ProbabilityFn:
+    """The softmax averaged over ``scales`` (and mirror images), each upsampled to its input first,
+    by a copy of ``net`` with its batch norms folded (see :func:`fold_batch_norms`); ``net`` stays
+    as it is."""
+    folded = fold_batch_norms(net)
+    passes = len(scales) * (2 if flip else 1)
+
+    def softmax(images: Tensor) -> Tensor:
+        return upsample(folded(images), tuple(images.shape[-2:])).softmax(1)
+
+    return lambda images: multiscale_cams(softmax, images, scales, flip) / passes
+
+
+# The stage body that the deeplab and supervised stages share.
+
+DISABLED = "disabled"
+"""The fingerprint of the empty predictions store of a disabled run."""
+
+Targets = Callable[[Manifest, str, StorageParams], tuple[LabelReader, str]]
+"""(manifest, training split, storage) -> what to train on (see :func:`train_deeplab`)."""
+
+
+def write_disabled(stage: Stage, storage: StorageParams) -> None:
+    """What DVC expects of a switched-off stage, at once: an empty predictions store marked
+    complete, an empty weights folder and ``{"enabled": false}`` as its metrics. (A stage frozen
+    in ``dvc.yaml`` would not do: ``dvc repro`` fails on a frozen stage whose outputs are missing.)"""
+    store = storage.store(stage.stores[0])
+    store.reset_unless(DISABLED)
+    store.mark_complete([])
+    storage.file(stage.weights).parent.mkdir(parents=True, exist_ok=True)
+    write_metrics(storage.file(stage.metrics_file), {"enabled": False})
+
+
+def run_deeplab(params_path: Path, stage: Stage, enabled: bool, targets: Targets, skip_bad: bool | None) -> None:
+    """Run ``stage``: train the `deeplab:` recipe on ``targets`` of the training split, predict
+    and score val; switched off, only :func:`write_disabled`."""
+    params = load_params(DeepLabParams, "deeplab", params_path)
+    storage = load_params(StorageParams, "storage", params_path)
+    if not enabled:
+        write_disabled(stage, storage)
+        return
+    manifest, dataset, rejected = screened_dataset(params_path, stage.name, skip_bad)
+    labels = targets(manifest, dataset.train_split, storage)
+    made = MadeFrom.made(manifest, (dataset.train_split,), settings("deeplab", params),
+                         {"targets": labels[1], "init": file_digest(params.weights) if params.weights else None})
+    run = load_run(params_path)
+    ctx = init_distributed()
+    device = default_device(ctx)
+    weights = storage.file(stage.weights)
+    if ctx.is_main:
+        forget(weights)
+    with stopwatch() as training:
+        net = train_deeplab(manifest, dataset.train_split, params, labels, weights, storage.file(stage.state), ctx,
+                            device, run, description=stage.name)
+    if not ctx.is_main:
+        return
+    write_record(weights, made)
+    store = storage.store(stage.stores[0])
+    start(store, predictions_made_from(manifest, dataset.val_split, "deeplab", params, weights))
+    with stopwatch() as inference:
+        val = infer_split(deeplab_probabilities(net, params.scales, params.flip), manifest, dataset.val_split, store,
+                          device, INFERENCE_CRF if params.crf else None, run)
+    write_metrics(storage.file(stage.metrics_file), {"enabled": True, **val, "backbone": params.backbone,
+                                                     "rejected": rejected, "train_seconds": training["seconds"],
+                                                     "infer_seconds": inference["seconds"],
+                                                     "seconds": training["seconds"] + inference["seconds"]})
