@@ -35,8 +35,7 @@ from tests.test_faults import PARAMS as FAULTS_PARAMS
 from tests.test_faults import outputs, store_digest
 
 REPO = Path(__file__).resolve().parents[1]
-PARAMS = {**FAULTS_PARAMS, "run": {**FAULTS_PARAMS["run"], "checkpoint_every": 100},
-          "classifier": {**FAULTS_PARAMS["classifier"], "freeze_bn": True}}
+PARAMS = {**FAULTS_PARAMS, "classifier": {**FAULTS_PARAMS["classifier"], "freeze_bn": True}}
 """The tiny project of the fault tests, with the classifier's batch norm frozen (batch 8, 6 steps)."""
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
 
@@ -164,7 +163,8 @@ def test_two_processes_with_half_batches_and_frozen_batch_norm_learn_the_single_
 
 
 def test_only_rank_0_writes_files_and_shows_progress(reference, tmp_path):
-    project = fresh(reference / "data", tmp_path / "project", classifier={"batch_size": 4, "freeze_bn": False})
+    project = fresh(reference / "data", tmp_path / "project", classifier={"batch_size": 4, "freeze_bn": False},
+                    run={"checkpoint_every": 100})  # the training state written once, at the end
     launch(project, "classifier", processes=2)  # trained batch norm and dropout: runs, but equality is not expected
 
     assert writes(project, 0) == ["checkpoints/state/classifier.pt", "checkpoints/classifier.pth",
