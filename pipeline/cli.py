@@ -125,6 +125,35 @@ def voc12(voc_root: Path, sbd_root: Path | None, out: Path, skip_bad: bool) -> N
     _report_manifest(built, out, rejects)
 
 
+@manifest.command("coco")
+@click.option("--coco-root", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
+              help="The COCO folder (with annotations/instances_{train,val}YEAR.json and {train,val}YEAR/).")
+@click.option("--year", type=click.Choice(["2014", "2017"]), default="2014", show_default=True)
+@click.option("--name", default="coco", show_default=True, help="Dataset name.")
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="Manifest file to write [default: manifests/<name>.json].")
+@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Where the class maps (masks/) and image links (images/) are written [default: data/<name>].")
+@click.option("--keep-empty", is_flag=True, help="Keep the images without annotations, as background only.")
+@click.option("--workers", type=int, help="Processes rasterising the masks [default: one per CPU core].")
+@_skip_bad_images
+def coco(coco_root: Path, year: str, name: str, out: Path | None, data_dir: Path | None, keep_empty: bool,
+         workers: int | None, skip_bad: bool) -> None:
+    """MS COCO 2014 or 2017: splits train and val, whichever annotation files are there.
+
+    Tags are the categories of each image's instance annotations; the ground-truth class maps are
+    rasterised once (resumable: a rerun writes only the missing ones), for scoring.
+    """
+    from pipeline.data.coco import build_coco
+    from pipeline.data.screen import rejects_beside
+
+    out = out or Path("manifests") / f"{name}.json"
+    rejects = rejects_beside(out) if skip_bad else None
+    built = build_coco(coco_root, data_dir or Path("data") / name, year, name, keep_empty, rejects, workers)
+    built.save(out)
+    _report_manifest(built, out, rejects)
+
+
 @manifest.command("folder")
 @click.option("--images", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
               help="Folder of images.")

@@ -86,3 +86,13 @@ def test_the_msrc_preset_starts_from_imagenet_and_runs_both_references():
     assert (classifier.backbone, classifier.weights) == ("mobilenet_v2", "weights/mobilenet_v2-b0353104.pth")
     assert load_params(DeepLabParams, "deeplab", preset).enabled
     assert load_params(SupervisedParams, "supervised", preset).enabled
+
+
+def test_the_coco_preset_is_the_voc_recipe_with_the_coco_classifier_schedule():
+    voc, coco = PRESETS / "voc12.yaml", PRESETS / "coco14.yaml"
+    for section, cls in (("prune", PruneParams), ("segment", SegmentParams), ("deeplab", DeepLabParams)):
+        assert load_params(cls, section, coco) == load_params(cls, section, voc), section
+    classifier = load_params(ClassifierParams, "classifier", coco)
+    eps = (classifier.crop_size, classifier.resize_long, classifier.batch_size, classifier.steps)
+    assert eps == (321, (256, 448), 16, 256500)  # EPS script/coco_cls.sh
+    assert load_params(DatasetParams, "dataset", coco).manifest == "manifests/coco.json"
