@@ -89,7 +89,7 @@ def on_cluster(
     with connect(RunParams(workers=workers)) as client:
         started = time.perf_counter() - start
         cluster = RunParams(scheduler=client.scheduler.address, chunk_size=chunk_size)
-        warm = replace(manifest, splits={"warm": manifest.split(SPLIT)[: 2 * workers]})
+        warm = replace(manifest, splits={"warm": manifest.split(SPLIT)[: 2 * workers]}, source=None)  # not its file's
         scratch = ImageStore(masks.path.with_suffix(".warm"))
         mine_split(warm, "warm", cams, scratch, PARAMS, replace(cluster, chunk_size=1), progress=False)
         start = time.perf_counter()

@@ -1,5 +1,6 @@
 """The benchmark scripts run (their figures are for people to read, not for tests to check)."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -16,3 +17,13 @@ def test_cams_benchmark_prints_its_ratios_and_memory():
     lines = result.stdout.splitlines()
     assert [line.split(":")[0] for line in lines if "speed ratio" in line] == ["synthetic 96x96", "VOC-like mix"]
     assert any(line.startswith("peak host memory (RSS), batched extractor") and "3 images" in line for line in lines)
+
+
+def test_the_gpu_benchmark_runs_in_its_cpu_smoke_mode_and_prints_one_json():
+    result = subprocess.run([sys.executable, str(BENCH / "gpu.py"), "--smoke", "--device", "cpu"],
+                            capture_output=True, text=True, timeout=300, check=True)
+    report = json.loads(result.stdout)
+    assert report["smoke"] and report["cams"]["speed_ratio"] > 0 and report["dense_energy"]["forward_backward_ms"] > 0
+    assert set(report["training"]) == {f"{net}_amp_{amp}" for net in ("classifier", "segment") for amp in ("on", "off")}
+    assert report["prune"]["img_per_s"] > 0
+    assert all(entry["peak_gpu_mb"] is None for entry in (report["cams"], report["dense_energy"], report["prune"]))
