@@ -1,0 +1,120 @@
+"""Benchmark: how the CAM and pruning stages scale with the number of images.
+
+For each count (default 400, 2,500 and 10,000 synthetic 96x96 training images, the benchmark's
+default size), in a fresh folder: the synthetic images are generated, their CAMs extracted into
+a store (the small backbone, untrained: speed does not depend on the weights; the stage's four
+scales with flips) and their reliable regions mined over a local dask cluster of every core
+(started and warmed up before the clock starts, as in ``bench/prune.py``); then ``rrm stats``'
+figures are computed over the mask store. Each step runs in a fresh process, whose peak
+resident memory is reported with that of its largest child (a DataLoader or dask worker); the
+files of each store are counted. The last column compares the per-image cost with the first
+count's.
+
+    python bench/scale.py                       # 400, 2,500, 10,000 images: about 40 minutes on 2 cores
+    python bench/scale.py --counts 400,2500
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import os
+import resource
+import tempfile
+import time
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import torch
+from common import load_average
+from prune import on_cluster
+
+from pipeline.core.run import RunParams
+from pipeline.core.stage import DatasetParams
+from pipeline.core.store import ImageStore, StorageParams
+from pipeline.data.manifest import load_manifest
+from pipeline.data.synth import SynthParams, generate
+from pipeline.inspection.project import Project
+from pipeline.inspection.stats import all_stats
+from pipeline.method.cams import CamParams, extract_cams
+from pipeline.models import CAMNet, build_backbone, fold_batch_norms
+
+SPLIT = "train"
+
+
+def _timed_with_peaks(run: Callable[..., Any], *args: Any) -> tuple[float, float, float]:
+    start = time.perf_counter()
+    run(*args)
+    seconds = time.perf_counter() - start
+    kilobytes = [resource.getrusage(who).ru_maxrss for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
+    return seconds, kilobytes[0] / 1024, kilobytes[1] / 1024
+
+
+def in_fresh_process(run: Callable[..., Any], *args: Any) -> tuple[float, float, float]:
+    """(seconds, peak MB of the process, peak MB of its largest child) of ``run(*args)`` in a new
+    process ('spawn': none of this one's memory comes along)."""
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as fresh:
+        return fresh.submit(_timed_with_peaks, run, *args).result()
+
+
+def make_images(root: Path, count: int) -> None:
+    generate(SynthParams(train_images=count, val_images=0), root / "synth", root / "synth.json")
+
+
+def make_cams(root: Path) -> None:
+    torch.manual_seed(0)
+    manifest = load_manifest(root / "synth.json")
+    net = fold_batch_norms(CAMNet(build_backbone("small"), manifest.num_classes, freeze_bn=False).eval())
+    store = ImageStore(root / "cams.zarr", stage="cams")
+    store.reset_unless("bench")
+    extract_cams(net.cams, manifest, SPLIT, store, CamParams(), torch.device("cpu"), run=RunParams(), progress=False)
+    store.mark_complete(item.id for item in manifest.split(SPLIT))
+
+
+def mine(root: Path) -> None:
+    manifest = load_manifest(root / "synth.json")
+    _, seconds = on_cluster(manifest, ImageStore(root / "cams.zarr"), ImageStore(root / "masks.zarr", "prune"),
+                            os.cpu_count() or 1, RunParams().chunk_size)
+    (root / "mine_seconds").write_text(f"{seconds}")
+
+
+def stats(root: Path) -> None:
+    manifest = load_manifest(root / "synth.json")
+    project = Project(manifest, DatasetParams(str(root / "synth.json"), SPLIT, SPLIT),
+                      StorageParams(artifacts=str(root)))
+    all_stats(project)
+
+
+def files(store: Path) -> int:
+    return sum(1 for path in store.rglob("*") if path.is_file())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--counts", default="400,2500,10000", help="image counts, comma-separated")
+    args = parser.parse_args()
+    print(f"machine: {os.cpu_count()} cores, load average {load_average()} before the run")
+    print(f"{'images':>7} {'step':<6} {'seconds':>8} {'ms/img':>8} {'main MB':>8} {'child MB':>8} "
+          f"{'files':>7} {'ms/img vs first':>16}")
+    first: dict[str, float] = {}
+    for count in (int(text) for text in args.counts.split(",")):
+        with tempfile.TemporaryDirectory() as tmp:
+            root = Path(tmp)
+            steps = {"data": (make_images, (root, count), None), "cams": (make_cams, (root,), "cams.zarr"),
+                     "prune": (mine, (root,), "masks.zarr"), "stats": (stats, (root,), None)}
+            for step, (run, run_args, store) in steps.items():
+                seconds, main_mb, child_mb = in_fresh_process(run, *run_args)
+                if step == "prune":  # the cluster's start and warm-up left out, as bench/prune.py does
+                    seconds = float((root / "mine_seconds").read_text())
+                per_image = 1000 * seconds / count
+                first.setdefault(step, per_image)
+                stored = files(root / store) if store else ""
+                print(f"{count:>7} {step:<6} {seconds:>8.1f} {per_image:>8.2f} {main_mb:>8.0f} {child_mb:>8.0f} "
+                      f"{stored:>7} {per_image / first[step]:>15.2f}x", flush=True)
+    print(f"load average {load_average()} after the run")
+
+
+if __name__ == "__main__":
+    main()
