@@ -112,6 +112,18 @@ def file_digest(path: str | Path | UPath) -> str:
     return digest.hexdigest()[:16]
 
 
+def read_json_object(path: str | Path | UPath, what: str) -> dict[str, Any]:
+    """The JSON object in the file ``path``, which holds a ``what`` (e.g. "metrics file"): text
+    that is not JSON, or JSON that is not an object, is one line naming the file."""
+    try:
+        data = json.loads(location(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise InputError(path, f"not a valid JSON {what} ({error})") from None
+    if not isinstance(data, dict):
+        raise InputError(path, f"a {what} must hold a JSON object")
+    return data
+
+
 def write_json(path: str | Path, data: Any) -> None:
     """Write ``data`` as indented JSON, atomically."""
     with atomic_open(path) as handle:

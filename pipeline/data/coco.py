@@ -27,7 +27,6 @@ COCO folder:
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -40,7 +39,7 @@ from pycocotools import mask as coco_mask
 from tqdm import tqdm
 
 from pipeline.core.errors import InputError, ignore_interrupt
-from pipeline.core.io import IGNORE, write_mask
+from pipeline.core.io import IGNORE, read_json_object, write_mask
 from pipeline.data.manifest import Item, Manifest, default_palette, make_split
 from pipeline.data.screen import screen_splits
 
@@ -80,13 +79,8 @@ def annotation_file(coco_root: Path, split: str, year: str) -> Path:
     return coco_root / "annotations" / f"instances_{split}{year}.json"
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise InputError(path, f"not valid JSON ({error})") from None
-    if not isinstance(data, dict):
-        raise InputError(path, "not a COCO instances file: not a JSON object")
+def _read_instances(path: Path) -> dict[str, Any]:
+    data = read_json_object(path, "COCO instances file")
     for key in ("images", "annotations", "categories"):
         if not isinstance(data.get(key), list):
             raise InputError(path, f"not a COCO instances file: no {key!r} list")
@@ -102,10 +96,12 @@ def category_names(categories: Sequence[Mapping[str, Any]], path: Path) -> tuple
     return tuple(cid for cid, _ in ordered), tuple(name for _, name in ordered)
 
 
-def read_split(path: Path, image_dir: Path, category_ids: Sequence[int]) -> list[CocoImage]:
-    """The images of one annotation file with their annotations, in image-id order; an annotation
-    naming an unknown image or category is an error naming the file."""
-    data = _read_json(path)
+def read_split(path: Path, image_dir: Path) -> tuple[tuple[str, ...], list[CocoImage]]:
+    """The class names of one annotation file (in category-id order) and its images with their
+    annotations (in image-id order); an annotation naming an unknown image or category is an
+    error naming the file. The file, large for COCO's train split, is parsed once."""
+    data = _read_instances(path)
+    category_ids, classes = category_names(data["categories"], path)
     label_of = {cid: index for index, cid in enumerate(category_ids)}
     images: dict[int, dict[str, Any]] = {}
     for image in data["images"]:
@@ -123,8 +119,8 @@ def read_split(path: Path, image_dir: Path, category_ids: Sequence[int]) -> list
         images[image_id]["annotations"].append(Annotation(label_of[category], bool(annotation.get("iscrowd", 0)),
                                                           float(annotation.get("area", 0.0)),
                                                           annotation.get("segmentation")))
-    return [CocoImage(Path(entry["file"]).stem, image_dir / entry["file"], entry["height"], entry["width"],
-                      tuple(entry["annotations"])) for _, entry in sorted(images.items())]
+    return classes, [CocoImage(Path(entry["file"]).stem, image_dir / entry["file"], entry["height"], entry["width"],
+                               tuple(entry["annotations"])) for _, entry in sorted(images.items())]
 
 
 def _decode(segmentation: Any, height: int, width: int) -> np.ndarray:
@@ -205,20 +201,19 @@ def build_coco(coco_root: Path, data_dir: Path, year: str = "2014", name: str = 
     classes: tuple[str, ...] | None = None
     images: dict[str, list[CocoImage]] = {}
     for split, path in found.items():
-        category_ids, names = category_names(_read_json(path)["categories"], path)
+        names, kept = read_split(path, coco_root / f"{split}{year}")
         if classes is not None and names != classes:
             raise InputError(path, "its categories differ from those of the other split's annotation file")
         classes = names
-        kept = read_split(path, coco_root / f"{split}{year}", category_ids)
         images[split] = [image for image in kept if image.annotations or keep_empty]
     assert classes is not None
     every = [image for split_images in images.values() for image in split_images]
-    link_images(every, data_dir / "images")
-    palette = default_palette(len(classes) + 1)
-    write_class_maps(every, data_dir / "masks", palette, workers, progress)
     suffixes = {image.file.suffix for image in every} or {".jpg"}
     if len(suffixes) > 1:
         raise InputError(coco_root, f"images of several suffixes ({', '.join(sorted(suffixes))}): one is expected")
+    link_images(every, data_dir / "images")
+    palette = default_palette(len(classes) + 1)
+    write_class_maps(every, data_dir / "masks", palette, workers, progress)
     manifest = Manifest(
         name=name,
         classes=classes,

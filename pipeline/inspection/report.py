@@ -10,13 +10,12 @@ could not compute reads "no ground truth" where no image it scores has a mask (`
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.core.errors import InputError
+from pipeline.core.io import read_json_object
 from pipeline.core.registry import STAGES
 
 Metrics = Mapping[str, Mapping[str, Any] | None]
@@ -68,15 +67,7 @@ def read_metrics(metrics_dir: Path) -> dict[str, dict[str, Any] | None]:
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
-    if not path.is_file():
-        return None
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise InputError(path, f"not a valid JSON metrics file ({error})") from None
-    if not isinstance(data, dict):
-        raise InputError(path, "a metrics file must hold a JSON object")
-    return data
+    return read_json_object(path, "metrics file") if path.is_file() else None
 
 
 def _lookup(metrics: Mapping[str, Any], key: tuple[str, ...]) -> Any:
