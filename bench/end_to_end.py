@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
 from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from common import load_average
-from dense_energy import make_batch
+from dense_energy import make_batch, timed
 
 from pipeline.method.losses import DenseEnergyLoss, crop_weight, segmentation_ce
 from pipeline.method.prune import PruneParams
@@ -38,13 +37,7 @@ CLASSES = 20
 
 def best_seconds(run: Callable[[], Any], steps: int) -> float:
     """The least wall seconds of ``steps`` runs of ``run`` after a warm-up run."""
-    run()
-    seconds = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        run()
-        seconds.append(time.perf_counter() - start)
-    return min(seconds)
+    return min(wall for wall, _ in timed(run, steps)[0])
 
 
 def main() -> None:

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from cams import SIZE_SETS, compare
 from common import load_average
-from dense_energy import loss_step, make_batch
+from dense_energy import loss_step, make_batch, timed
 from prune import make_dataset, on_cluster
 
 from pipeline.core.run import RunParams
@@ -100,17 +100,9 @@ def bench_dense_energy(sizes: Sizes, device: torch.device, repeats: int = 5) -> 
     images, probs, valid, labels = (tensor.to(device) for tensor in make_batch(sizes.energy_crop))
     step = loss_step(DenseEnergyLoss(method="exact"), (images, probs, valid, labels))
     result: dict[str, Any] = {"crop": sizes.energy_crop, "batch": len(images), "classes": probs.shape[1]}
-    wait = synchronised(device)
     with gpu_memory(device, result):
-        step()
-        wait()
-        seconds = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            step()
-            wait()
-            seconds.append(time.perf_counter() - start)
-    return {**result, "forward_backward_ms": round(1000 * min(seconds), 2)}
+        seconds, _ = timed(step, repeats, cuda=device.type == "cuda")
+    return {**result, "forward_backward_ms": round(1000 * min(wall for wall, _ in seconds), 2)}
 
 
 def _training_step(net: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, amp: bool,

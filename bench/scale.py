@@ -17,18 +17,12 @@ count's.
 from __future__ import annotations
 
 import argparse
-import multiprocessing
 import os
-import resource
 import tempfile
-import time
-from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import Any
 
 import torch
-from common import load_average
+from common import in_fresh_process, load_average
 from prune import on_cluster
 
 from pipeline.core.run import RunParams
@@ -42,21 +36,6 @@ from pipeline.method.cams import CamParams, extract_cams
 from pipeline.models import CAMNet, build_backbone, fold_batch_norms
 
 SPLIT = "train"
-
-
-def _timed_with_peaks(run: Callable[..., Any], *args: Any) -> tuple[float, float, float]:
-    start = time.perf_counter()
-    run(*args)
-    seconds = time.perf_counter() - start
-    kilobytes = [resource.getrusage(who).ru_maxrss for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
-    return seconds, kilobytes[0] / 1024, kilobytes[1] / 1024
-
-
-def in_fresh_process(run: Callable[..., Any], *args: Any) -> tuple[float, float, float]:
-    """(seconds, peak MB of the process, peak MB of its largest child) of ``run(*args)`` in a new
-    process ('spawn': none of this one's memory comes along)."""
-    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as fresh:
-        return fresh.submit(_timed_with_peaks, run, *args).result()
 
 
 def make_images(root: Path, count: int) -> None:
@@ -73,11 +52,12 @@ def make_cams(root: Path) -> None:
     store.mark_complete(item.id for item in manifest.split(SPLIT))
 
 
-def mine(root: Path) -> None:
+def mine(root: Path) -> float:
+    """Seconds of mining on a warm cluster (its start and warm-up left out, as bench/prune.py does)."""
     manifest = load_manifest(root / "synth.json")
     _, seconds = on_cluster(manifest, ImageStore(root / "cams.zarr"), ImageStore(root / "masks.zarr", "prune"),
                             os.cpu_count() or 1, RunParams().chunk_size)
-    (root / "mine_seconds").write_text(f"{seconds}")
+    return seconds
 
 
 def stats(root: Path) -> None:
@@ -105,9 +85,9 @@ def main() -> None:
             steps = {"data": (make_images, (root, count), None), "cams": (make_cams, (root,), "cams.zarr"),
                      "prune": (mine, (root,), "masks.zarr"), "stats": (stats, (root,), None)}
             for step, (run, run_args, store) in steps.items():
-                seconds, main_mb, child_mb = in_fresh_process(run, *run_args)
-                if step == "prune":  # the cluster's start and warm-up left out, as bench/prune.py does
-                    seconds = float((root / "mine_seconds").read_text())
+                result, seconds, main_mb, child_mb = in_fresh_process(run, *run_args)
+                if step == "prune":
+                    seconds = result
                 per_image = 1000 * seconds / count
                 first.setdefault(step, per_image)
                 stored = files(root / store) if store else ""
