@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 from pipeline.core.io import write_image, write_mask
 from pipeline.data.manifest import Item, Manifest, default_palette
@@ -65,8 +66,6 @@ def tiny_params(**overrides: dict) -> dict[str, dict]:
 
 def write_tiny_project(root: Path, **overrides: dict) -> Path:
     """Write the params file of :func:`tiny_params` into ``root``; its path."""
-    import yaml
-
     path = root / "params.yaml"
     path.write_text(yaml.safe_dump(tiny_params(**overrides), sort_keys=False))
     return path

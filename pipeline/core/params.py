@@ -2,8 +2,8 @@
 
 Each stage's parameters are one frozen dataclass in the module that uses them; its field
 defaults are the single source of the defaults. A key ``params.yaml`` lacks takes the dataclass
-default, and a key the dataclass lacks, a value of the
-wrong type or a value out of range is an error naming ``params.yaml`` and the key.
+default, and a key the dataclass lacks, a value of the wrong type or a value out of range is an
+error naming ``params.yaml`` and the key.
 """
 
 from __future__ import annotations

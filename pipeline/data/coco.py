@@ -31,6 +31,7 @@ import os
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -164,7 +165,7 @@ def write_class_maps(images: Sequence[CocoImage], mask_dir: Path, palette: np.nd
     with (tqdm(total=len(todo), desc="coco masks", unit="img", disable=not progress) as bar,
           ProcessPoolExecutor(workers, initializer=ignore_interrupt) as pool):
         paths = [mask_dir / f"{image.id}{MASK_SUFFIX}" for image in todo]
-        for _ in pool.map(_write_class_map, todo, paths, [palette] * len(todo), chunksize=32):
+        for _ in pool.map(partial(_write_class_map, palette=palette), todo, paths, chunksize=32):
             bar.update(1)
     return len(todo)
 
