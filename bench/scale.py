@@ -5,12 +5,16 @@ default size), in a fresh folder: the synthetic images are generated, their CAMs
 a store (the small backbone, untrained: speed does not depend on the weights; the stage's four
 scales with flips) and their reliable regions mined over a local dask cluster of every core
 (started and warmed up before the clock starts, as in ``bench/prune.py``); then ``rrm stats``'
-figures are computed over the mask store. Each step runs in a fresh process, whose peak
-resident memory is reported with that of its largest child (a DataLoader or dask worker); the
-files of each store are counted. The last column compares the per-image cost with the first
-count's.
+figures are computed over the mask store, and ``rrm gallery``'s page of the training split (every
+image scored and sorted, 48 rows drawn). ``dvc`` is DVC's own part of a ``dvc repro`` of cams and
+prune: the two stages as dvc.yaml declares them (their outs' options read from it), with
+commands that do nothing over the stores just written, so what is timed is DVC checking, hashing
+and caching; the line after it gives that as a share of cams, prune and itself. Each step runs in
+a fresh process, whose peak resident memory is reported with that of its largest child (a
+DataLoader, dask worker or DVC); the files of each store are counted. The last column compares
+the per-image cost with the first count's.
 
-    python bench/scale.py                       # 400, 2,500, 10,000 images: about 40 minutes on 2 cores
+    python bench/scale.py                       # 400, 2,500, 10,000 images: about 45 minutes on 2 cores
     python bench/scale.py --counts 400,2500
 """
 
@@ -18,24 +22,31 @@ from __future__ import annotations
 
 import argparse
 import os
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
 import torch
+import yaml
 from common import in_fresh_process, load_average
 from prune import on_cluster
 
+from pipeline.core.registry import CAMS, MASKS
 from pipeline.core.run import RunParams
 from pipeline.core.stage import DatasetParams
 from pipeline.core.store import ImageStore, StorageParams
 from pipeline.data.manifest import load_manifest
 from pipeline.data.synth import SynthParams, generate
+from pipeline.inspection.gallery import gallery_html, image_rows, sort_rows
 from pipeline.inspection.project import Project
 from pipeline.inspection.stats import all_stats
 from pipeline.method.cams import CamParams, extract_cams
 from pipeline.models import CAMNet, build_backbone, fold_batch_norms
 
 SPLIT = "train"
+PROJECT = Path(__file__).resolve().parent.parent
+GALLERY_ROWS = 48
 
 
 def make_images(root: Path, count: int) -> None:
@@ -60,11 +71,38 @@ def mine(root: Path) -> float:
     return seconds
 
 
+def project(root: Path) -> Project:
+    return Project(load_manifest(root / "synth.json"), DatasetParams(str(root / "synth.json"), SPLIT, SPLIT),
+                   StorageParams(artifacts=str(root)))
+
+
 def stats(root: Path) -> None:
-    manifest = load_manifest(root / "synth.json")
-    project = Project(manifest, DatasetParams(str(root / "synth.json"), SPLIT, SPLIT),
-                      StorageParams(artifacts=str(root)))
-    all_stats(project)
+    all_stats(project(root))
+
+
+def gallery(root: Path) -> None:
+    scored = project(root)
+    rows = sort_rows(list(image_rows(scored, "train")), "worst")
+    (root / "gallery.html").write_text(gallery_html(scored, "train", rows[:GALLERY_ROWS], "scale"))
+
+
+def store_outs(stage: str, store: str) -> dict:
+    """The options (persist, cache) the project's dvc.yaml gives ``store`` as an out of ``stage``."""
+    stages = yaml.safe_load((PROJECT / "dvc.yaml").read_text())["stages"]
+    wanted = f"artifacts/{store}"
+    return next(out[wanted] for out in stages[stage]["outs"] if isinstance(out, dict) and wanted in out)
+
+
+def dvc_repro(root: Path) -> None:
+    """DVC's own time for the cams and prune stages over the finished stores (commands that do nothing)."""
+    stages = {
+        CAMS.stage: {"cmd": "true", "deps": ["synth.json"], "outs": [{CAMS.name: store_outs(CAMS.stage, CAMS.name)}]},
+        MASKS.stage: {"cmd": "true", "deps": [CAMS.name], "outs": [{MASKS.name: store_outs(MASKS.stage, MASKS.name)}]},
+    }
+    (root / "dvc.yaml").write_text(yaml.safe_dump({"stages": stages}))
+    dvc = [sys.executable, "-m", "dvc"]
+    subprocess.run([*dvc, "init", "--no-scm", "-q"], cwd=root, check=True)
+    subprocess.run([*dvc, "repro", "-q"], cwd=root, check=True)
 
 
 def files(store: Path) -> int:
@@ -82,17 +120,24 @@ def main() -> None:
     for count in (int(text) for text in args.counts.split(",")):
         with tempfile.TemporaryDirectory() as tmp:
             root = Path(tmp)
-            steps = {"data": (make_images, (root, count), None), "cams": (make_cams, (root,), "cams.zarr"),
-                     "prune": (mine, (root,), "masks.zarr"), "stats": (stats, (root,), None)}
+            steps = {"data": (make_images, (root, count), None), "cams": (make_cams, (root,), CAMS.name),
+                     "prune": (mine, (root,), MASKS.name), "dvc": (dvc_repro, (root,), None),
+                     "stats": (stats, (root,), None), "gallery": (gallery, (root,), None)}
+            timed: dict[str, float] = {}
             for step, (run, run_args, store) in steps.items():
                 result, seconds, main_mb, child_mb = in_fresh_process(run, *run_args)
                 if step == "prune":
                     seconds = result
+                timed[step] = seconds
                 per_image = 1000 * seconds / count
                 first.setdefault(step, per_image)
                 stored = files(root / store) if store else ""
                 print(f"{count:>7} {step:<6} {seconds:>8.1f} {per_image:>8.2f} {main_mb:>8.0f} {child_mb:>8.0f} "
                       f"{stored:>7} {per_image / first[step]:>15.2f}x", flush=True)
+                if step == "dvc":
+                    share = timed["dvc"] / (timed["cams"] + timed["prune"] + timed["dvc"])
+                    print(f"{count:>7} DVC's own time: {100 * share:.1f} % of a dvc repro of cams and prune",
+                          flush=True)
     print(f"load average {load_average()} after the run")
 
 
