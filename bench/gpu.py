@@ -11,6 +11,8 @@ On one GPU, in under 8 minutes:
   the network and optimiser alone, no data loading or mining);
 - ``prune``: images per second of the reliable-region rule (two dense CRFs each, pydensecrf on
   the CPU cores) on VOC-sized synthetic images over a local cluster of every core;
+- ``prune_torch``: the same rule with the torch CRF backend on the device, batches of 16
+  500x375 images (target: at least 50 images per second on a GPU; see ``bench/crf.py``);
 
 each with the peak GPU memory it took (null on a CPU). ``--smoke`` runs the same code at toy
 sizes with the small backbone, on whatever device is given, in seconds: the test of this script.
@@ -37,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from cams import SIZE_SETS, compare
 from common import load_average
+from crf import VOC_SIZE, cases
 from dense_energy import loss_step, make_batch, timed
 from prune import make_dataset, on_cluster
 
@@ -44,6 +47,7 @@ from pipeline.core.run import RunParams
 from pipeline.core.store import ImageStore
 from pipeline.method.cams import CamParams
 from pipeline.method.losses import DenseEnergyLoss
+from pipeline.method.prune import PruneParams, prune_images
 from pipeline.models import CAMNet, SegNet, build_backbone, param_groups
 
 
@@ -64,10 +68,12 @@ class Sizes:
     prune_images: int
     prune_workers: int | None
     """None: one per CPU core."""
+    crf_size: tuple[int, int]
+    crf_batch: int
 
 
-FULL = Sizes("resnet38", "VOC-like mix", 32, 321, 448, 8, 321, 4, 20, 400, 64, None)
-SMOKE = Sizes("small", "synthetic 96x96", 2, 64, 64, 2, 64, 2, 2, 48, 2, 1)
+FULL = Sizes("resnet38", "VOC-like mix", 32, 321, 448, 8, 321, 4, 20, 400, 64, None, VOC_SIZE, 16)
+SMOKE = Sizes("small", "synthetic 96x96", 2, 64, 64, 2, 64, 2, 2, 48, 2, 1, (48, 64), 2)
 
 
 @contextmanager
@@ -156,6 +162,23 @@ def bench_prune(sizes: Sizes) -> dict[str, Any]:
             "peak_gpu_mb": None}
 
 
+def bench_prune_torch(sizes: Sizes, device: torch.device) -> dict[str, Any]:
+    work = cases(sizes.prune_images, sizes.crf_size)
+    params = PruneParams(crf_backend="torch")
+    batches = [work[first : first + sizes.crf_batch] for first in range(0, len(work), sizes.crf_batch)]
+    prune_images(*zip(*batches[0]), params, device)
+    wait = synchronised(device)
+    result: dict[str, Any] = {"size": list(sizes.crf_size), "images": len(work), "batch": sizes.crf_batch}
+    with gpu_memory(device, result):
+        wait()
+        start = time.perf_counter()
+        for batch in batches:
+            prune_images(*zip(*batch), params, device)
+        wait()
+        seconds = time.perf_counter() - start
+    return {**result, "img_per_s": round(len(work) / seconds, 2)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -171,6 +194,7 @@ def main() -> None:
         "dense_energy": bench_dense_energy(sizes, device),
         "training": bench_training(sizes, device),
         "prune": bench_prune(sizes),
+        "prune_torch": bench_prune_torch(sizes, device),
     }
     report["seconds"] = round(time.perf_counter() - start, 1)
     json.dump(report, sys.stdout, indent=1)

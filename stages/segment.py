@@ -18,7 +18,7 @@ from pipeline.core.registry import CAMS, CLASSIFIER_WEIGHTS, MASKS, PSEUDO, SEGM
 from pipeline.core.run import load_run
 from pipeline.core.stage import run, screened_dataset, stopwatch
 from pipeline.core.store import StorageParams
-from pipeline.method.crf import INFERENCE_CRF
+from pipeline.method.crf import inference_crf
 from pipeline.method.metrics import write_metrics
 from pipeline.method.mining import masks_made_from
 from pipeline.method.prune import PruneParams
@@ -68,7 +68,7 @@ def main(params_path: Path, skip_bad: bool | None = None) -> None:
     if not ctx.is_main:
         return
     write_record(weights, made)
-    crf = INFERENCE_CRF if params.crf else None
+    crf = inference_crf(params.crf, params.crf_backend)
     results = {}
     with stopwatch() as inference:
         probabilities = segnet_probabilities(net)

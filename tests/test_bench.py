@@ -25,5 +25,14 @@ def test_the_gpu_benchmark_runs_in_its_cpu_smoke_mode_and_prints_one_json():
     report = json.loads(result.stdout)
     assert report["smoke"] and report["cams"]["speed_ratio"] > 0 and report["dense_energy"]["forward_backward_ms"] > 0
     assert set(report["training"]) == {f"{net}_amp_{amp}" for net in ("classifier", "segment") for amp in ("on", "off")}
-    assert report["prune"]["img_per_s"] > 0
-    assert all(entry["peak_gpu_mb"] is None for entry in (report["cams"], report["dense_energy"], report["prune"]))
+    assert report["prune"]["img_per_s"] > 0 and report["prune_torch"]["img_per_s"] > 0
+    assert all(report[name]["peak_gpu_mb"] is None for name in ("cams", "dense_energy", "prune", "prune_torch"))
+
+
+def test_the_crf_benchmark_compares_the_backends_and_their_agreement():
+    result = subprocess.run([sys.executable, str(BENCH / "crf.py"), "--small-images", "2", "--voc-images", "1",
+                             "--processes", "1"], capture_output=True, text=True, timeout=300, check=True)
+    lines = result.stdout.splitlines()
+    assert sum("backends agree on" in line for line in lines) == 2
+    assert [line.split(":")[0] for line in lines if "torch / pydensecrf" in line] == ["96x96, 1 process(es)",
+                                                                                      "500x375, 1 process(es)"]

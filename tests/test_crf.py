@@ -1,10 +1,16 @@
-"""The dense CRF wrapper: marginals of pydensecrf with the un-renormalised ``-log`` unary."""
+"""The dense CRF: marginals of pydensecrf with the un-renormalised ``-log`` unary, and the torch
+backend computing the same model in batches."""
+
+from dataclasses import replace
 
 import numpy as np
 import pydensecrf.densecrf as dcrf
 import pytest
+import torch
+from scipy.ndimage import gaussian_filter
 
-from pipeline.method.crf import INFERENCE_CRF, PRUNE_CRF, CRFParams, dense_crf
+from pipeline.data.synth import SynthParams, render, sample_rng
+from pipeline.method.crf import BACKENDS, INFERENCE_CRF, PRUNE_CRF, CRFParams, batch_crf, dense_crf
 
 
 def two_region_image(height: int = 24, width: int = 32) -> np.ndarray:
@@ -101,3 +107,51 @@ def test_bad_settings_and_shapes_are_errors():
         dense_crf(two_region_image(), random_scores(2, 24, 30), PRUNE_CRF)
     with pytest.raises(ValueError, match="image"):
         dense_crf(two_region_image().astype(np.float32), random_scores(2), PRUNE_CRF)
+
+
+def synthetic_case(index: int) -> tuple[np.ndarray, np.ndarray]:
+    """A default `rrm synth` training image and CAM-like scores of it: background and each
+    object's blurred mask, max-normalised, as pruning feeds them (they do not sum to one)."""
+    sample = render(SynthParams(), sample_rng(0, "train", index))
+    classes = [label for label in np.unique(sample.mask) if label]
+    cams = np.stack([gaussian_filter((sample.mask == label).astype(np.float32), 4.0) for label in classes])
+    cams /= cams.max(axis=(1, 2), keepdims=True)
+    return sample.image, np.concatenate([(1 - cams.max(axis=0, keepdims=True)) ** 4, cams])
+
+
+@pytest.mark.parametrize("params", [PRUNE_CRF, INFERENCE_CRF], ids=["prune", "inference"])
+@pytest.mark.parametrize("case", ["two regions", "synthetic"])
+def test_the_torch_backend_computes_pydensecrf_s_model(params, case):
+    image, scores = (two_region_image(), random_scores(3)) if case == "two regions" else synthetic_case(3)
+    expected = dense_crf(image, scores, params)
+    marginals = dense_crf(image, scores, replace(params, backend="torch"))
+
+    assert marginals.dtype == np.float32 and marginals.shape == expected.shape
+    assert np.abs(marginals - expected).mean() < 1e-5
+    assert (marginals.argmax(axis=0) == expected.argmax(axis=0)).mean() >= 0.999
+
+
+def test_a_batch_holds_each_image_s_crfs_as_if_run_alone():
+    cases = [synthetic_case(index) for index in range(3)]
+    assert len({scores.shape[0] for _, scores in cases}) > 1, "padding is tested"
+    labels = max(scores.shape[0] for _, scores in cases)
+    images = torch.from_numpy(np.stack([image for image, _ in cases]))
+    scores = torch.zeros(3, 2, labels, *images.shape[1:3])
+    valid = torch.zeros(3, labels, dtype=torch.bool)
+    for row, (_, own) in enumerate(cases):
+        scores[row, 0, : len(own)] = torch.from_numpy(own)
+        scores[row, 1, : len(own)] = torch.from_numpy(own[::-1].copy())
+        valid[row, : len(own)] = True
+
+    batched = batch_crf(images, scores, PRUNE_CRF, valid)
+
+    for row, (_, own) in enumerate(cases):
+        alone = batch_crf(images[row : row + 1], scores[row : row + 1, :, : len(own)], PRUNE_CRF)[0]
+        torch.testing.assert_close(batched[row, :, : len(own)], alone, atol=1e-6, rtol=0)
+        assert not batched[row, :, len(own) :].any()
+
+
+def test_backends_are_named_and_checked():
+    assert BACKENDS == ("pydensecrf", "torch")
+    with pytest.raises(ValueError, match="backend='cuda' must be one of pydensecrf, torch"):
+        replace(PRUNE_CRF, backend="cuda")

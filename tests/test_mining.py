@@ -211,3 +211,15 @@ def test_cams_of_another_size_than_their_image_are_an_error_naming_the_store(tin
 
     with pytest.raises(InputError, match=r"cams\.zarr: the CAM array of 'im0' is 10x12, its image 20x24"):
         mine_chunk(job, [item])
+
+
+def test_the_torch_backend_mines_on_the_cluster_as_it_prunes_alone(tiny_manifest, cams, tmp_path):
+    params = PruneParams(crf_backend="torch")
+    masks = ImageStore(tmp_path / "torch.zarr")
+    mine_split(tiny_manifest, "train", cams, masks, params, RunParams(workers=1, chunk_size=4), progress=False)
+
+    for item in tiny_manifest.split("train"):
+        image_cams, attrs = cams.read(item.id)
+        image = tiny_manifest.read_image(item.id)
+        expected = prune_image(image, image_cams.astype(np.float32), np.array(attrs["classes"]), params)
+        assert stored(masks)[item.id] == expected.tobytes()

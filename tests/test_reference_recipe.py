@@ -65,17 +65,19 @@ class NoOtherPass(SegNet):
         raise AssertionError("with scale 1.0 alone the miner needs no other pass")
 
 
-def test_the_miner_labels_from_the_cams_of_the_training_pass_and_mines_the_padding():
+@pytest.mark.parametrize("backend", ["pydensecrf", "torch"])
+def test_the_miner_labels_from_the_cams_of_the_training_pass_and_mines_the_padding(backend):
     rgb, batch = crop_with_padding()
     cams = torch.zeros(1, 2, 6, 6)
     cams[0, 1, 1:5, 0:3] = 1.0  # class 1 fires on the object, at stride 4
-    miner = Miner(PruneParams(), (1.0,), workers=1)
+    params = PruneParams(crf_backend=backend)
+    miner = Miner(params, (1.0,), workers=1, device=torch.device("cpu"))
     try:
         labels = miner(NoOtherPass(build_backbone("small"), 2, freeze_bn=False), batch, cams)
     finally:
         miner.close()
     upsampled = F.interpolate(cams, size=(24, 24), mode="bilinear", align_corners=False)[0]
-    expected = prune_image(rgb, select_and_normalise(upsampled, [1]).numpy(), np.array([1]), PruneParams())
+    expected = prune_image(rgb, select_and_normalise(upsampled, [1]).numpy(), np.array([1]), params)
     np.testing.assert_array_equal(labels[0].numpy(), expected)
     padding = batch["valid"][0].numpy() == 0
     assert (labels[0].numpy()[padding] == 0).any()  # padded pixels can be reliable background
@@ -86,7 +88,7 @@ def test_the_other_scales_leave_the_running_statistics_of_batch_norm_alone():
     net = SegNet(build_backbone("small"), 2, freeze_bn=False).train()
     before = {name: value.clone() for name, value in net.state_dict().items() if "running" in name}
     _, batch = crop_with_padding()
-    miner = Miner(PruneParams(), (1.0, 0.5, 2.0), workers=1)
+    miner = Miner(PruneParams(), (1.0, 0.5, 2.0), workers=1, device=torch.device("cpu"))
     try:
         miner(net, batch, net(batch["image"]).cams)
     finally:

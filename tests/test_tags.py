@@ -4,6 +4,8 @@ every class competes."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -13,7 +15,15 @@ from pipeline.core.run import RunParams
 from pipeline.core.store import ImageStore
 from pipeline.method.crf import INFERENCE_CRF
 from pipeline.method.losses import dense_energy
-from pipeline.train.segment import infer_split, predict, restrict, tag_mask, tag_values
+from pipeline.train.segment import (
+    _batch_crf_labels,
+    _crf_labels,
+    infer_split,
+    predict,
+    restrict,
+    tag_mask,
+    tag_values,
+)
 
 FAVOURITE = 1
 """The label the stand-in network below likes best everywhere: class 0, which no val image is tagged with."""
@@ -34,7 +44,10 @@ def _favouring(label: int, classes: int):
     return probabilities
 
 
-@pytest.mark.parametrize("crf", [None, INFERENCE_CRF])
+TORCH_CRF = replace(INFERENCE_CRF, backend="torch")
+
+
+@pytest.mark.parametrize("crf", [None, INFERENCE_CRF, TORCH_CRF], ids=["no-crf", "pydensecrf", "torch"])
 def test_a_training_split_prediction_never_holds_an_untagged_class(tiny_manifest, crf):
     probabilities = _favouring(FAVOURITE, tiny_manifest.num_classes)
     predictions = list(predict(probabilities, tiny_manifest, "train", torch.device("cpu"), crf, restricted=True,
@@ -91,3 +104,22 @@ def test_the_energy_on_tagged_labels_pushes_an_untagged_guess_down(masked):
     energy.backward()
     untagged = logits.grad[:, 3].mean().item()
     assert (untagged > 0) if masked else (untagged < 0)  # descent lowers the untagged logit only when masked
+
+
+@pytest.mark.parametrize("restricted", [False, True], ids=["val", "train"])
+def test_crfs_batched_on_the_network_s_device_label_as_the_pool_does(tiny_manifest, restricted):
+    items = tiny_manifest.split("train")[:3]
+    rgb = torch.from_numpy(np.stack([tiny_manifest.read_image(item.id) for item in items]))
+    labels = torch.zeros(len(items), tiny_manifest.num_classes)
+    for row, item in enumerate(items):
+        labels[row, list(item.labels)] = 1
+    seeded = torch.Generator().manual_seed(0)
+    probs = torch.rand(len(items), tiny_manifest.num_classes + 1, *rgb.shape[1:3], generator=seeded).softmax(1)
+
+    batched = _batch_crf_labels({"rgb": rgb, "labels": labels}, probs, TORCH_CRF, restricted)
+
+    every = np.arange(tiny_manifest.num_classes + 1, dtype=np.uint8)
+    for row in range(len(items)):
+        values = tag_values(labels[row]) if restricted else every
+        scores = restrict(probs[row].numpy(), values) if restricted else probs[row].numpy()
+        np.testing.assert_array_equal(batched[row], _crf_labels(rgb[row].numpy(), scores, TORCH_CRF, values))

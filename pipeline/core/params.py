@@ -166,6 +166,12 @@ def check_colour_jitter(name: str, strengths: Sequence[float]) -> None:
     check_range(f"{name} hue", strengths[3], 0, 0.5)
 
 
+def check_choice(name: str, value: str, choices: Sequence[str]) -> None:
+    """Raise ValueError unless ``value`` is one of ``choices``."""
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} must be one of {', '.join(choices)}")
+
+
 def check_range(name: str, value: float, low: float | None = None, high: float | None = None) -> None:
     """Raise ValueError unless ``low <= value <= high`` (either bound may be open); NaN never is.
 

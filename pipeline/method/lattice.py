@@ -29,6 +29,7 @@ noise.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -132,35 +133,66 @@ def _neighbours(lattice: Tensor, steps: Tensor) -> Tensor:
     return torch.where(lattice[index] == targets, index, len(lattice))
 
 
-def permutohedral_filter(features: Tensor, values: Tensor) -> Tensor:
-    """Approximately ``sum_j exp(-|f_i - f_j|^2 / 2) v_j`` for each batch element, in O(points).
+@dataclass(frozen=True)
+class Lattice:
+    """The lattice of a batch of feature sets, built once and applied to any number of value sets.
 
-    ``features`` (N, P, d), already divided by the kernel's standard deviations; ``values``
-    (N, P, K). Returns (N, P, K). Batch elements share no lattice vertices. Not differentiable
-    (:mod:`pipeline.method.losses` gives its filters a gradient).
+    ``extended`` (the default) holds the vertices of the points' simplices and their neighbours
+    (see the module's note); without it the lattice holds the occupied vertices alone, as
+    Krähenbühl's dense CRF (pydensecrf) builds it, so that a filter through it is that CRF's. Its
+    :meth:`filter` scales the result for ``exp(-|x|^2 / 2)``'s mass (``_integral_scale`` and
+    :data:`CALIBRATION`): a normalised filter does not depend on that constant.
     """
-    n, p, d = features.shape
-    k = values.shape[-1]
-    origin, rank, weights = _simplex(_elevate(features.reshape(n * p, d)))
-    group = torch.arange(n, device=features.device).repeat_interleave(p)
-    codes, steps = _vertex_codes(origin, rank, group)
-    # the lattice: the occupied vertices and their neighbours, sorted; each point's vertex indices
-    splat_codes, order = codes.reshape(-1).sort()
-    occupied, occupant = splat_codes.unique_consecutive(return_inverse=True)
-    lattice = torch.cat([occupied, (occupied + torch.cat([steps, -steps])[:, None]).reshape(-1)]).unique()
-    vertex = torch.empty_like(order)
-    vertex[order] = torch.searchsorted(lattice, occupied)[occupant]
-    # splat: a vertex sums the values of the points on it, weighted; vertex M is a zero row
-    blurred = F.embedding_bag(
-        order // (d + 1),
-        values.reshape(n * p, k),
-        offsets=torch.searchsorted(splat_codes, lattice),
-        per_sample_weights=weights.reshape(-1)[order],
-        mode="sum",
-    )
-    blurred = torch.cat([blurred, blurred.new_zeros(1, k)])
-    for ahead, behind in _neighbours(lattice, steps):
-        blurred[:-1] = 0.5 * blurred[:-1] + 0.25 * (blurred[ahead] + blurred[behind])
-    # slice: each point takes the blurred values of its vertices with the same weights
-    sliced = F.embedding_bag(vertex.reshape(n * p, d + 1), blurred, per_sample_weights=weights, mode="sum")
-    return (sliced * (_integral_scale(d) * CALIBRATION)).reshape(n, p, k)
+
+    splat_points: Tensor
+    """The point (over the whole batch) of each point-vertex pair, in the order of their vertices."""
+    splat_offsets: Tensor
+    """Where each lattice vertex's pairs start in ``splat_points`` (an empty run: no point on it)."""
+    splat_weights: Tensor
+    """The barycentric weight of each pair, in the same order."""
+    vertices: Tensor
+    """(batch x points, d+1): the lattice index of each point's vertices."""
+    weights: Tensor
+    """(batch x points, d+1): the point's barycentric weights on them."""
+    neighbours: Tensor
+    """(d+1, 2, M): see :func:`_neighbours`."""
+
+    @classmethod
+    def build(cls, features: Tensor, extended: bool = True) -> Lattice:
+        """The lattice of ``features`` (N, P, d), already divided by the kernel's standard
+        deviations. Batch elements share no lattice vertices."""
+        n, p, d = features.shape
+        origin, rank, weights = _simplex(_elevate(features.reshape(n * p, d)))
+        group = torch.arange(n, device=features.device).repeat_interleave(p)
+        codes, steps = _vertex_codes(origin, rank, group)
+        splat_codes, order = codes.reshape(-1).sort()
+        occupied, occupant = splat_codes.unique_consecutive(return_inverse=True)
+        lattice = occupied
+        if extended:
+            lattice = torch.cat([occupied, (occupied + torch.cat([steps, -steps])[:, None]).reshape(-1)]).unique()
+        vertices = torch.empty_like(order)
+        vertices[order] = torch.searchsorted(lattice, occupied)[occupant]
+        return cls(order // (d + 1), torch.searchsorted(splat_codes, lattice), weights.reshape(-1)[order],
+                   vertices.reshape(n * p, d + 1), weights, _neighbours(lattice, steps))
+
+    def filter(self, values: Tensor) -> Tensor:
+        """Approximately ``sum_j exp(-|f_i - f_j|^2 / 2) v_j`` for each batch element: ``values``
+        (N, P, K) to (N, P, K). Not differentiable (:mod:`pipeline.method.losses` gives its filters
+        a gradient)."""
+        n, p, k = values.shape
+        d = self.weights.shape[-1] - 1
+        # splat: a vertex sums the values of the points on it, weighted; vertex M is a zero row
+        blurred = F.embedding_bag(self.splat_points, values.reshape(n * p, k), offsets=self.splat_offsets,
+                                  per_sample_weights=self.splat_weights, mode="sum")
+        blurred = torch.cat([blurred, blurred.new_zeros(1, k)])
+        for ahead, behind in self.neighbours:
+            blurred[:-1] = 0.5 * blurred[:-1] + 0.25 * (blurred[ahead] + blurred[behind])
+        # slice: each point takes the blurred values of its vertices with the same weights
+        sliced = F.embedding_bag(self.vertices, blurred, per_sample_weights=self.weights, mode="sum")
+        return (sliced * (_integral_scale(d) * CALIBRATION)).reshape(n, p, k)
+
+
+def permutohedral_filter(features: Tensor, values: Tensor) -> Tensor:
+    """Approximately ``sum_j exp(-|f_i - f_j|^2 / 2) v_j`` for each batch element, in O(points):
+    :meth:`Lattice.filter` of the extended lattice of ``features`` (N, P, d); ``values`` (N, P, K)."""
+    return Lattice.build(features).filter(values)

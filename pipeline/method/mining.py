@@ -18,6 +18,8 @@ same command runs on a cluster.
   scheduler keeps the finished masks.
 - Each image's mask depends only on its own inputs and the counts are integer sums, so masks
   and scores do not depend on the number of workers or the order tasks finish in.
+- With the torch CRF backend (``prune.crf_backend: torch``) and a GPU, the images are mined in
+  this process instead, a batch of each image size at a time on the GPU (:func:`gpu_mining`).
 
 Scoring reads each image's ground truth once, in the task that prunes it: the precision and
 coverage of the reliable pixels (:class:`~pipeline.method.metrics.PartialLabelScore`) and, for
@@ -40,6 +42,7 @@ from typing import Any
 
 import dask.config
 import numpy as np
+import torch
 from distributed import Client, LocalCluster, as_completed
 from tqdm import tqdm
 
@@ -50,7 +53,7 @@ from pipeline.core.run import RunParams
 from pipeline.core.store import ImageStore
 from pipeline.data.manifest import Item, Manifest
 from pipeline.method.metrics import PartialLabelScore, SegmentationScore
-from pipeline.method.prune import PruneParams, prune_image, stack_scores
+from pipeline.method.prune import PruneParams, prune_images, stack_scores
 
 PRE_SPAWN_ENVIRON = "distributed.nanny.pre-spawn-environ"
 """Dask's setting of the environment its worker processes start with (None unsets a variable)."""
@@ -77,14 +80,18 @@ class MiningJob:
     cams: ImageStore
     masks: ImageStore
     params: PruneParams
+    device: str = "cpu"
+    """Where the torch backend's CRFs run."""
 
     @classmethod
-    def create(cls, manifest: Manifest, cams: ImageStore, masks: ImageStore, params: PruneParams) -> MiningJob:
+    def create(cls, manifest: Manifest, cams: ImageStore, masks: ImageStore, params: PruneParams,
+               device: str = "cpu") -> MiningJob:
         return cls(
             replace(manifest, splits={}),
             ImageStore(cams.path.resolve(), cams.stage),
             ImageStore(masks.path.resolve(), masks.stage),
             params,
+            device,
         )
 
 
@@ -151,32 +158,40 @@ def _check_size(where: Path, what: str, shape: tuple[int, ...], image: tuple[int
         raise InputError(where, f"{what} is {shape[0]}x{shape[1]}, its image {image[0]}x{image[1]} ({hint})")
 
 
-def _mask(job: MiningJob, item: Item, cams: np.ndarray, classes: Sequence[int]) -> tuple[np.ndarray, bool]:
-    """The image's mask and whether it was computed now (False: read back from the store).
+def _masks(job: MiningJob, items: Sequence[Item], cams: Sequence[np.ndarray],
+           classes: Sequence[Sequence[int]]) -> list[tuple[np.ndarray, bool]]:
+    """Each image's mask and whether it was computed now (False: read back from the store); the
+    computed ones in one :func:`prune_images` call (a batch per image size with the torch backend).
 
     An image without classes (k = 0) gets all 255: without its tags nothing is known about
     it, and calling it all background would teach that any untagged object is background.
     """
-    if item.id in job.masks:
-        return job.masks.read(item.id)[0], False
-    if cams.shape[0] == 0:
-        mask = np.full(cams.shape[1:], IGNORE, dtype=np.uint8)
-    else:
-        image = job.manifest.read_image(item.id)
-        what = f"the CAM array of {item.id!r}"
-        _check_size(job.cams.path, what, cams.shape[1:], image.shape[:2], "rerun the cams stage")
-        mask = prune_image(image, cams, np.asarray(classes), job.params)
-    job.masks.write(item.id, mask)
-    return mask, True
+    done = {item.id: job.masks.read(item.id)[0] for item in items if item.id in job.masks}
+    todo = [index for index, item in enumerate(items) if item.id not in done and cams[index].shape[0] > 0]
+    images = {index: job.manifest.read_image(items[index].id) for index in todo}
+    for index, image in images.items():
+        what = f"the CAM array of {items[index].id!r}"
+        _check_size(job.cams.path, what, cams[index].shape[1:], image.shape[:2], "rerun the cams stage")
+    pruned = dict(zip(todo, prune_images([images[index] for index in todo], [cams[index] for index in todo],
+                                         [np.asarray(classes[index]) for index in todo], job.params, job.device)))
+    masks = []
+    for index, item in enumerate(items):
+        if item.id in done:
+            masks.append((done[item.id], False))
+            continue
+        mask = pruned.get(index, np.full(cams[index].shape[1:], IGNORE, dtype=np.uint8))
+        job.masks.write(item.id, mask)
+        masks.append((mask, True))
+    return masks
 
 
 def mine_chunk(job: MiningJob, items: Sequence[Item]) -> MiningScore:
     """Prune (or read back) and score each of ``items``: the task that runs on the workers."""
     score = MiningScore(job.manifest.num_classes + 1)
-    for item in items:
-        cams, attrs = job.cams.read(item.id)
-        cams = cams.astype(np.float32)
-        mask, computed = _mask(job, item, cams, attrs["classes"])
+    read = [job.cams.read(item.id) for item in items]
+    cams = [array.astype(np.float32) for array, _ in read]
+    classes = [attrs["classes"] for _, attrs in read]
+    for item, own_cams, own, (mask, computed) in zip(items, cams, classes, _masks(job, items, cams, classes)):
         score.images += 1
         if computed:
             score.computed.append(item.id)
@@ -187,7 +202,7 @@ def mine_chunk(job: MiningJob, items: Sequence[Item]) -> MiningScore:
         _check_size(job.manifest.mask_path(item.id), what, gt.shape, mask.shape, "a mask must match its image")
         score.scored += 1
         score.masks.update(gt, mask)
-        score.cams.update(gt, cam_argmax(cams, attrs["classes"], job.params.ha_alpha))
+        score.cams.update(gt, cam_argmax(own_cams, own, job.params.ha_alpha))
     return score
 
 
@@ -300,16 +315,29 @@ def mine_split(
     cams.require_complete()
     items = manifest.split(split)
     start(masks, masks_made_from(manifest, split, params, cams))
-    job = MiningJob.create(manifest, cams, masks, params)
     total = MiningScore(manifest.num_classes + 1)
-    with (
-        connect(run) as client,
-        tqdm(total=len(items), desc=f"prune {split}", unit="img", disable=not progress) as bar,
-    ):
-        in_flight = TASKS_PER_WORKER * max(1, sum(client.nthreads().values()))
-        for score in _bounded_map(client, job, _chunks(items, run.chunk_size), in_flight):
+    with tqdm(total=len(items), desc=f"prune {split}", unit="img", disable=not progress) as bar:
+        for score in _chunk_scores(MiningJob.create(manifest, cams, masks, params), items, run):
             total.add(score)
             bar.update(score.images)
     masks.mark_complete(item.id for item in items)
     total.computed.sort()
     return total
+
+
+def gpu_mining(params: PruneParams, run: RunParams) -> bool:
+    """Whether to mine in this process on the GPU: the torch backend, a GPU, no scheduler given."""
+    return params.crf_backend == "torch" and run.scheduler is None and torch.cuda.is_available()
+
+
+def _chunk_scores(job: MiningJob, items: Sequence[Item], run: RunParams) -> Iterator[MiningScore]:
+    """:func:`mine_chunk` of every chunk of ``items``: on the GPU in this process, chunks of
+    ``run.inference_batch`` images (see :func:`gpu_mining`), else over the cluster of
+    :func:`connect`, chunks of ``run.chunk_size``."""
+    if gpu_mining(job.params, run):
+        gpu = replace(job, device="cuda")
+        yield from (mine_chunk(gpu, chunk) for chunk in _chunks(items, run.inference_batch))
+        return
+    with connect(run) as client:
+        in_flight = TASKS_PER_WORKER * max(1, sum(client.nthreads().values()))
+        yield from _bounded_map(client, job, _chunks(items, run.chunk_size), in_flight)

@@ -14,21 +14,27 @@ For one image with present classes c1..ck and max-normalised CAMs:
 - CRF-sure: ``max([ha background probability, la foreground probabilities]) >= 0.8``.
 - A pixel keeps its start label only if it is both CAM-sure and CRF-sure; otherwise 255.
 
-The CRF step (:func:`prune_image`) and the rule on its outputs (:func:`label_reliable`) are
-separate, so the rule can be checked on given probabilities.
+The CRF step (:func:`prune_images`) and the rule on its outputs (:func:`label_reliable`) are
+separate, so the rule can be checked on given probabilities. ``crf_backend`` chooses how the
+CRFs are computed (:mod:`pipeline.method.crf`): pydensecrf image by image, or the torch mean
+field, which runs both CRFs of each image together and images of one size as one batch, on the
+CPU or a GPU.
 """
 
 from __future__ import annotations
 
 import math
+from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import torch
 
 from pipeline.core.io import IGNORE
 from pipeline.core.params import check_range
-from pipeline.method.crf import PRUNE_CRF, CRFParams, dense_crf
+from pipeline.method.crf import PRUNE_CRF, CRFParams, batch_crf, dense_crf
 
 MAX_CLASS_INDEX = IGNORE - 2
 """The largest 0-based class index whose label value (index + 1) stays below IGNORE."""
@@ -50,6 +56,7 @@ class PruneParams:
     crf_bilateral_sxy: float = PRUNE_CRF.bilateral_sxy
     crf_bilateral_srgb: float = PRUNE_CRF.bilateral_srgb
     crf_bilateral_compat: float = PRUNE_CRF.bilateral_compat
+    crf_backend: str = "pydensecrf"
 
     def __post_init__(self) -> None:
         check_range("la_alpha", self.la_alpha, 0)
@@ -72,6 +79,7 @@ class PruneParams:
             bilateral_sxy=self.crf_bilateral_sxy,
             bilateral_srgb=self.crf_bilateral_srgb,
             bilateral_compat=self.crf_bilateral_compat,
+            backend=self.crf_backend,
         )
 
 
@@ -156,12 +164,50 @@ def _check_inputs(image: np.ndarray, cams: np.ndarray, classes: np.ndarray) -> N
 
 def prune_image(image: np.ndarray, cams: np.ndarray, classes: np.ndarray, params: PruneParams) -> np.ndarray:
     """The reliable labels of one image, uint8 (H, W): both CRFs, then :func:`label_reliable`."""
-    classes = np.asarray(classes)
-    _check_inputs(image, cams, classes)
-    cams = cams.astype(np.float32, copy=False)
-    la_probs = dense_crf(image, stack_scores(cams, params.la_alpha), params.crf)
-    ha_probs = dense_crf(image, stack_scores(cams, params.ha_alpha), params.crf)
-    return label_reliable(cams, classes, la_probs, ha_probs, params)
+    return prune_images([image], [cams], [classes], params)[0]
+
+
+def prune_images(images: Sequence[np.ndarray], cams: Sequence[np.ndarray], classes: Sequence[np.ndarray],
+                 params: PruneParams, device: torch.device | str = "cpu") -> list[np.ndarray]:
+    """:func:`prune_image` of each image; with the torch backend, the images of one size go
+    through the CRFs as one batch on ``device`` (pydensecrf runs on this CPU core, image by image)."""
+    classes = [np.asarray(own) for own in classes]
+    for image, own_cams, own in zip(images, cams, classes, strict=True):
+        _check_inputs(image, own_cams, own)
+    cams = [own_cams.astype(np.float32, copy=False) for own_cams in cams]
+    if params.crf_backend == "pydensecrf":
+        marginals = [tuple(dense_crf(image, stack_scores(own, alpha), params.crf)
+                           for alpha in (params.la_alpha, params.ha_alpha)) for image, own in zip(images, cams)]
+    else:
+        marginals = _batched_marginals(images, cams, params, torch.device(device))
+    return [label_reliable(own_cams, own, la, ha, params)
+            for own_cams, own, (la, ha) in zip(cams, classes, marginals, strict=True)]
+
+
+def _batched_marginals(images: Sequence[np.ndarray], cams: Sequence[np.ndarray], params: PruneParams,
+                       device: torch.device) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The low- and high-alpha marginals of each image by :func:`batch_crf`, a batch per image
+    size, the stacks padded to the batch's largest with labels marked invalid."""
+    by_size: dict[tuple[int, ...], list[int]] = defaultdict(list)
+    for index, image in enumerate(images):
+        by_size[image.shape].append(index)
+    marginals: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    for (height, width, _), indices in by_size.items():
+        labels = max(cams[index].shape[0] for index in indices) + 1
+        scores = np.zeros((len(indices), 2, labels, height, width), dtype=np.float32)
+        valid = np.zeros((len(indices), labels), dtype=bool)
+        for row, index in enumerate(indices):
+            own = cams[index].shape[0] + 1
+            scores[row, 0, :own] = stack_scores(cams[index], params.la_alpha)
+            scores[row, 1, :own] = stack_scores(cams[index], params.ha_alpha)
+            valid[row, :own] = True
+        batch = torch.from_numpy(np.stack([images[index] for index in indices])).to(device)
+        probs = batch_crf(batch, torch.from_numpy(scores).to(device), params.crf,
+                          torch.from_numpy(valid).to(device)).cpu().numpy()
+        for row, index in enumerate(indices):
+            own = cams[index].shape[0] + 1
+            marginals[index] = (probs[row, 0, :own], probs[row, 1, :own])
+    return [marginals[index] for index in range(len(images))]
 
 
 def reliable_regions(image: np.ndarray, cams: np.ndarray, classes: np.ndarray, **params: Any) -> np.ndarray:

@@ -27,7 +27,7 @@ from torchvision.models.segmentation.deeplabv3 import DeepLabHead
 
 from pipeline.core.errors import InputError
 from pipeline.core.io import IGNORE, file_digest, fingerprint
-from pipeline.core.params import check_scales, load_params
+from pipeline.core.params import check_choice, check_scales, load_params
 from pipeline.core.provenance import MadeFrom, forget, settings, start, write_record
 from pipeline.core.registry import Stage
 from pipeline.core.run import DEFAULT_RUN, RunParams, load_run
@@ -36,7 +36,7 @@ from pipeline.core.store import ImageStore, StorageParams
 from pipeline.data.datasets import SegmentationDataset
 from pipeline.data.manifest import Manifest
 from pipeline.method.cams import multiscale_cams
-from pipeline.method.crf import INFERENCE_CRF
+from pipeline.method.crf import BACKENDS, inference_crf
 from pipeline.method.metrics import write_metrics
 from pipeline.models import OnBackbone, build_backbone, fold_batch_norms, save_checkpoint
 from pipeline.train.loop import (
@@ -76,9 +76,12 @@ class DeepLabParams(TrainingParams):
     """Training: random mirror crops; inference: the mirror images join the average."""
     crf: bool = True
     """Refine the val predictions with the dense CRF of the spec's inference settings."""
+    crf_backend: str = "pydensecrf"
+    """How that CRF is computed (:data:`pipeline.method.crf.BACKENDS`); torch on a GPU runs it there."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        check_choice("crf_backend", self.crf_backend, BACKENDS)
         check_scales("scales", self.scales)
         if self.output_stride not in (8, 16, 32):
             raise ValueError(f"output_stride={self.output_stride} is not one of 8, 16, 32")
@@ -233,7 +236,7 @@ def run_deeplab(params_path: Path, stage: Stage, enabled: bool, targets: Targets
     start(store, predictions_made_from(manifest, dataset.val_split, "deeplab", params, weights))
     with stopwatch() as inference:
         val = infer_split(deeplab_probabilities(net, params.scales, params.flip), manifest, dataset.val_split, store,
-                          device, INFERENCE_CRF if params.crf else None, run)
+                          device, inference_crf(params.crf, params.crf_backend), run)
     write_metrics(storage.file(stage.metrics_file), {"enabled": True, **val, "backbone": params.backbone,
                                                      "rejected": rejected, "train_seconds": training["seconds"],
                                                      "infer_seconds": inference["seconds"],

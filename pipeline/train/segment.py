@@ -30,14 +30,14 @@ from tqdm import tqdm
 
 from pipeline.core.errors import ignore_interrupt
 from pipeline.core.io import IGNORE, file_digest, fingerprint
-from pipeline.core.params import check_range, check_scales
+from pipeline.core.params import check_choice, check_range, check_scales
 from pipeline.core.provenance import MadeFrom, settings
 from pipeline.core.run import DEFAULT_RUN, RunParams
 from pipeline.core.store import ImageStore
 from pipeline.data.datasets import ImageDataset, SegmentationDataset
 from pipeline.data.manifest import Item, Manifest
 from pipeline.method.cams import CamFn, image_size, select_and_normalise, size_grouped_batches
-from pipeline.method.crf import CRFParams, dense_crf
+from pipeline.method.crf import BACKENDS, CRFParams, batch_crf, dense_crf
 from pipeline.method.losses import (
     DENSE_ENERGY_WEIGHT,
     DenseEnergyLoss,
@@ -48,7 +48,7 @@ from pipeline.method.losses import (
 )
 from pipeline.method.metrics import SegmentationScore
 from pipeline.method.mining import scheduler_client
-from pipeline.method.prune import PruneParams, prune_image
+from pipeline.method.prune import PruneParams, prune_image, prune_images
 from pipeline.models import SegNet, build_backbone, fold_batch_norms, load_checkpoint, save_checkpoint, seg_dilation
 from pipeline.train.classifier import ClassifierParams
 from pipeline.train.loop import Checkpoint, Distributed, TrainingParams, data_parallel, train, unwrap
@@ -86,9 +86,12 @@ class SegmentParams(TrainingParams):
     training pass itself (see :class:`Miner`), so it must be one of them."""
     crf: bool = True
     """Refine val predictions and pseudo labels with the dense CRF of the spec's inference settings."""
+    crf_backend: str = "pydensecrf"
+    """How that CRF is computed (:data:`pipeline.method.crf.BACKENDS`); torch on a GPU runs it there."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        check_choice("crf_backend", self.crf_backend, BACKENDS)
         if self.mode not in ("staged", "end_to_end"):
             raise ValueError(f"mode={self.mode!r} is not one of staged, end_to_end")
         check_method(self.energy_method)
@@ -119,10 +122,23 @@ def upsample(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(logits.float(), size=size, mode="bilinear", align_corners=False)
 
 
+def _crf_worker() -> None:
+    """A CRF process leaves Ctrl-C to this one (see :func:`ignore_interrupt`) and runs the torch
+    backend on one thread, as pydensecrf runs: the pool has a process per core."""
+    ignore_interrupt()
+    torch.set_num_threads(1)
+
+
 def crf_processes(workers: int) -> ProcessPoolExecutor:
     """A pool of ``workers`` processes for dense CRFs: started with 'spawn', clean of this
-    process's threads, and leaving Ctrl-C to this process (see :func:`ignore_interrupt`)."""
-    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=ignore_interrupt)
+    process's threads, one thread each, leaving Ctrl-C to this process."""
+    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_crf_worker)
+
+
+def on_device(crf: CRFParams | None, device: torch.device) -> bool:
+    """Whether the CRFs run on ``device`` itself, batched, without a process pool: the torch
+    backend on a GPU."""
+    return crf is not None and crf.backend == "torch" and device.type == "cuda"
 
 
 def fused_cams(cam_fn: CamFn, images: torch.Tensor, cams: torch.Tensor, scales: Sequence[float]) -> torch.Tensor:
@@ -171,15 +187,18 @@ class Miner:
     its maximum over the whole crop; the pruning rule then labels every pixel of the crop, its
     padding included (mean colour, see :data:`pipeline.data.datasets.MEAN_COLOUR`), which can come out as
     reliable background as in the reference. The dense CRFs of the batch's crops run in
-    ``workers`` processes at once (see :func:`crf_processes`).
+    ``workers`` processes at once (see :func:`crf_processes`), or as one batch on ``device`` where
+    :func:`on_device` says.
     """
 
-    def __init__(self, params: PruneParams, scales: tuple[float, ...], workers: int) -> None:
+    def __init__(self, params: PruneParams, scales: tuple[float, ...], workers: int, device: torch.device) -> None:
         self.params, self.scales = params, scales
-        self.pool: Executor = crf_processes(workers)
+        self.device = device if on_device(params.crf, device) else None
+        self.pool: Executor | None = None if self.device else crf_processes(workers)
 
     def close(self) -> None:
-        self.pool.shutdown(cancel_futures=True)
+        if self.pool is not None:
+            self.pool.shutdown(cancel_futures=True)
 
     @torch.no_grad()
     def __call__(self, net: SegNet, batch: dict[str, Any], cams: torch.Tensor) -> torch.Tensor:
@@ -191,19 +210,22 @@ class Miner:
         return self._prune(upsample(maps, size).cpu(), batch)
 
     def _prune(self, maps: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
-        """The pruning rule on each crop's tagged maps of ``maps`` (N, C, S, S), in the pool."""
-        jobs = []
-        for index in range(maps.shape[0]):
-            classes = batch["labels"][index].nonzero().flatten().tolist()
-            rgb = batch["rgb"][index].permute(1, 2, 0).numpy()
-            if classes:
-                normalised = select_and_normalise(maps[index], classes).numpy()
-                jobs.append(self.pool.submit(prune_image, rgb, normalised, np.array(classes), self.params))
-            else:
-                jobs.append(None)
+        """The pruning rule on each crop's tagged maps of ``maps`` (N, C, S, S); a crop without
+        tags is all 255."""
         size = tuple(maps.shape[-2:])
-        labels = [torch.from_numpy(job.result()) if job else torch.full(size, IGNORE, dtype=torch.uint8)
-                  for job in jobs]
+        labels = [torch.full(size, IGNORE, dtype=torch.uint8) for _ in range(maps.shape[0])]
+        tagged = [(index, batch["labels"][index].nonzero().flatten().numpy()) for index in range(maps.shape[0])]
+        tagged = [(index, classes) for index, classes in tagged if classes.size]
+        rgbs = [batch["rgb"][index].permute(1, 2, 0).numpy() for index, _ in tagged]
+        normalised = [select_and_normalise(maps[index], classes.tolist()).numpy() for index, classes in tagged]
+        classes = [classes for _, classes in tagged]
+        if self.pool is None:
+            masks = prune_images(rgbs, normalised, classes, self.params, self.device)
+        else:
+            masks = [job.result() for job in [self.pool.submit(prune_image, *job, self.params)
+                                              for job in zip(rgbs, normalised, classes)]]
+        for (index, _), mask in zip(tagged, masks, strict=True):
+            labels[index] = torch.from_numpy(mask)
         return torch.stack(labels).long()
 
 
@@ -243,7 +265,7 @@ def _fit(net: SegNet, manifest: Manifest, split: str, classifier: ClassifierPara
     optimizer = params.optimizer(net)
     weight = crop_weight(params.dense_weight, params.crop_size, params.energy_scale, params.sigma_xy)
     energy = DenseEnergyLoss(weight, params.sigma_rgb, params.sigma_xy, params.energy_scale, params.energy_method)
-    miner = None if staged else Miner(prune, params.mining_scales, run.local_workers())
+    miner = None if staged else Miner(prune, params.mining_scales, run.local_workers(), device)
 
     def step(batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         valid = batch["valid"].to(device)
@@ -302,6 +324,20 @@ def _crf_labels(image: np.ndarray, probs: np.ndarray, params: CRFParams, values:
     return values[dense_crf(image, probs, params).argmax(axis=0)]
 
 
+def _batch_crf_labels(batch: dict[str, Any], probs: torch.Tensor, crf: CRFParams, restricted: bool) -> np.ndarray:
+    """The CRF labels, uint8 (N, H, W), of a batch's probabilities (N, K, H, W) on their device
+    by :func:`batch_crf`; ``restricted``: over background and each image's tags only,
+    renormalised as :func:`restrict` does."""
+    valid = None
+    if restricted:
+        valid = tag_mask(batch["labels"]).bool().to(probs.device)
+        probs = probs * valid[:, :, None, None]
+        probs = probs / probs.sum(dim=1, keepdim=True).clamp_min(torch.finfo(probs.dtype).tiny)
+    rgb = batch["rgb"].to(probs.device)
+    marginals = batch_crf(rgb, probs[:, None], crf, valid)[:, 0]
+    return marginals.argmax(dim=1).to(torch.uint8).cpu().numpy()
+
+
 @contextmanager
 def crf_pool(run: RunParams) -> Iterator[tuple[Executor, int]]:
     """Where the inference CRFs run, and how many at once: every worker thread of the dask cluster
@@ -357,14 +393,16 @@ def predict(probabilities: ProbabilityFn, manifest: Manifest, split: str, device
     dropped before the argmax and before the CRF. Otherwise (val: tags are unknown at test
     time) every class competes, and ``tagged`` is there as a diagnostic. Images of one size go
     through the network together; the CRFs run while the network goes on, a bounded number in
-    flight, where ``run`` says (see :func:`crf_pool`). Batches are sized by ``run`` as in the CAM
-    stage (its ``inference_batch`` and ``batch_pixels``).
+    flight, where ``run`` says (see :func:`crf_pool`), or on ``device`` with the network's
+    batch where :func:`on_device` says. Batches are sized by ``run`` as in the CAM stage (its
+    ``inference_batch`` and ``batch_pixels``).
     """
     dataset = ImageDataset(manifest, split)
     items = {item.id: item for item in dataset.items}
     sizes = {index: image_size(manifest.image_path(item.id)) for index, item in enumerate(dataset.items)}
     loader = DataLoader(dataset, batch_sampler=size_grouped_batches(sizes, run.inference_batch, run.batch_pixels))
-    pool = nullcontext((None, 1)) if crf is None else crf_pool(run)
+    batched = on_device(crf, device)
+    pool = nullcontext((None, 1)) if crf is None or batched else crf_pool(run)
     pending: deque[tuple[Item, np.ndarray, Future | None, np.ndarray]] = deque()
     every = np.arange(manifest.num_classes + 1, dtype=np.uint8)
 
@@ -377,15 +415,21 @@ def predict(probabilities: ProbabilityFn, manifest: Manifest, split: str, device
         for batch in loader:
             images = batch["image"].to(device)
             with torch.autocast(device.type, enabled=device.type == "cuda"):
-                probs = probabilities(images).float().cpu().numpy()
+                probs_t = probabilities(images).float()
+            on_gpu = _batch_crf_labels(batch, probs_t, crf, restricted) if batched else None
+            probs = probs_t.cpu().numpy()
             for index, image_id in enumerate(batch["id"]):
                 own = tag_values(batch["labels"][index])
                 tagged = own[probs[index][own].argmax(axis=0)]
                 values = own if restricted else every
                 scores = restrict(probs[index], own) if restricted else probs[index]
                 plain = tagged if restricted else probs[index].argmax(axis=0).astype(np.uint8)
-                refined = None if crf is None else executor.submit(_crf_labels, batch["rgb"][index].numpy(),
-                                                                     scores, crf, values)
+                if on_gpu is not None:
+                    refined: Future | None = Future()
+                    refined.set_result(on_gpu[index])
+                else:
+                    refined = None if crf is None else executor.submit(_crf_labels, batch["rgb"][index].numpy(),
+                                                                       scores, crf, values)
                 pending.append((items[image_id], plain, refined, tagged))
             while pending and (len(pending) > 4 * parallel or pending[0][2] is None or pending[0][2].done()):
                 yield finished(*pending.popleft())
