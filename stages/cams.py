@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pipeline.core.distributed import default_device, init_distributed
 from pipeline.core.io import write_json
 from pipeline.core.params import load_params
 from pipeline.core.provenance import check_checkpoint, start
@@ -19,7 +20,6 @@ from pipeline.method.cams import CamParams, cams_made_from, extract_cams, score_
 from pipeline.method.metrics import write_metrics
 from pipeline.models import fold_batch_norms
 from pipeline.train.classifier import ClassifierParams, classifier_made_from, load_classifier
-from pipeline.train.loop import default_device, init_distributed
 
 CURVE = Path("plots/cams_threshold.json")
 """Under ``storage.root``, as every file a stage writes."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pipeline.core.distributed import default_device, init_distributed
 from pipeline.core.params import load_params
 from pipeline.core.provenance import forget, write_record
 from pipeline.core.registry import STAGES
@@ -13,7 +14,6 @@ from pipeline.core.stage import run, screened_dataset, stopwatch
 from pipeline.core.store import StorageParams
 from pipeline.method.metrics import write_metrics
 from pipeline.train.classifier import ClassifierParams, classifier_made_from, evaluate_classifier, train_classifier
-from pipeline.train.loop import default_device, init_distributed
 
 STAGE = STAGES["classifier"]
 

@@ -6,7 +6,10 @@ segmentation predictions, against its full masks, by the segment stage. The CAM 
 refused unless it was made from the current dataset, `cams:` settings and classifier.
 
 ``python -m stages.prune [params.yaml] [--scheduler ADDRESS]``: the `prune:` section holds the rule's settings,
-the `run:` section how to run it (``scheduler``, ``workers``, ``chunk_size``).
+the `run:` section how to run it (``scheduler``, ``workers``, ``chunk_size``). With the torch CRF
+backend on a GPU the stage mines in its own process; under ``torchrun`` every process mines its
+share of the images on its GPU, and rank 0 marks the store complete and scores it all (reading
+the other ranks' masks back). Otherwise rank 0 alone mines, over the dask cluster.
 """
 
 from __future__ import annotations
@@ -14,16 +17,17 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
+from pipeline.core.distributed import default_device, init_distributed
 from pipeline.core.io import write_json
 from pipeline.core.params import load_params
-from pipeline.core.provenance import check
+from pipeline.core.provenance import check, start
 from pipeline.core.registry import CAMS, CLASSIFIER_WEIGHTS, MASKS, STAGES
 from pipeline.core.run import load_run
 from pipeline.core.stage import run, screened_dataset, stopwatch
 from pipeline.core.store import StorageParams
 from pipeline.method.cams import CamParams, cams_made_from
 from pipeline.method.metrics import write_metrics
-from pipeline.method.mining import mine_split, per_class_rows
+from pipeline.method.mining import in_process, masks_made_from, mine_split, per_class_rows
 from pipeline.method.prune import PruneParams
 
 PLOT = Path("plots/prune_per_class.json")
@@ -43,8 +47,25 @@ def main(params_path: Path, scheduler: str | None = None, skip_bad: bool | None 
     cams.require_complete()
     check(cams, cams_made_from(manifest, (dataset.train_split, dataset.val_split),
                                load_params(CamParams, "cams", params_path), storage.file(CLASSIFIER_WEIGHTS)), manifest)
+    ctx = init_distributed()
+    split = dataset.train_split
     with stopwatch() as timing:
-        score = mine_split(manifest, dataset.train_split, cams, masks, params, run_params)
+        if in_process(params, run_params, ctx.enabled):
+            device = default_device(ctx)
+            if ctx.is_main:
+                start(masks, masks_made_from(manifest, split, params, cams))
+            ctx.barrier()
+            score = mine_split(manifest, split, cams, masks, params, run_params, ctx.is_main, device, ctx.rank,
+                               ctx.world_size)
+            ctx.barrier()
+            if not ctx.is_main:
+                return
+            if ctx.enabled:  # every rank's masks, read back, marked complete and scored
+                score = mine_split(manifest, split, cams, masks, params, run_params, device=device)
+        elif ctx.is_main:
+            score = mine_split(manifest, split, cams, masks, params, run_params)
+        else:
+            return
     metrics = score.as_dict(manifest.label_names)
     write_metrics(storage.file(STAGES["prune"].metrics_file), {**metrics, "rejected": rejected, **timing})
     write_json(storage.file(PLOT), per_class_rows(metrics))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pipeline.core.distributed import default_device, init_distributed
 from pipeline.core.io import file_digest
 from pipeline.core.params import load_params
 from pipeline.core.provenance import MadeFrom, check, check_checkpoint, forget, settings, start, write_record
@@ -23,7 +24,6 @@ from pipeline.method.metrics import write_metrics
 from pipeline.method.mining import masks_made_from
 from pipeline.method.prune import PruneParams
 from pipeline.train.classifier import ClassifierParams, classifier_made_from
-from pipeline.train.loop import default_device, init_distributed
 from pipeline.train.segment import (
     SegmentParams,
     infer_split,

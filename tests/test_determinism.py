@@ -5,8 +5,9 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
+from pipeline.core.distributed import Distributed
 from pipeline.core.run import RunParams
-from pipeline.train.loop import Checkpoint, Distributed, LoopSettings, TrainingParams, make_loader, train
+from pipeline.train.loop import Checkpoint, LoopSettings, TrainingParams, make_loader, train
 
 CPU = torch.device("cpu")
 

@@ -200,6 +200,20 @@ def test_segment_of_two_processes_learns_the_single_process_weights_and_rank_0_a
     assert writes(project, 1) == []
 
 
+def test_prune_of_two_processes_with_the_torch_crf_equals_one_process_and_rank_0_alone_scores(reference, tmp_path):
+    single = fresh(reference / "cams", tmp_path / "single", prune={"crf_backend": "torch"})
+    result = subprocess.run([sys.executable, "-m", "stages.prune", "params.yaml"], cwd=single, env=ENV,
+                            capture_output=True, text=True, timeout=120)  # on its local cluster
+    assert result.returncode == 0, result.stderr[-3000:]
+    project = fresh(reference / "cams", tmp_path / "project", prune={"crf_backend": "torch"})
+    launch(project, "prune", processes=2)  # each gloo process mines its share in its own process
+
+    assert outputs(project) == outputs(single)
+    assert writes(project, 0) == ["complete masks.zarr", "metrics/prune.json", "plots/prune_per_class.json"]
+    assert writes(project, 1) == []
+    assert "prune train" in rank_log(project, 0) and "prune" not in rank_log(project, 1)
+
+
 def test_prune_on_a_two_worker_cluster_given_by_address_writes_the_single_process_masks(
         reference, cluster, tmp_path):
     project = fresh(reference / "cams", tmp_path / "project")

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from pipeline.core.distributed import Distributed
 from pipeline.core.io import IGNORE
 from pipeline.core.run import RunParams
 from pipeline.data.datasets import MEAN_COLOUR, normalize
@@ -15,7 +16,6 @@ from pipeline.method.cams import select_and_normalise
 from pipeline.method.prune import PruneParams, prune_image
 from pipeline.models import SegNet, build_backbone
 from pipeline.train.classifier import ClassifierParams, build_classifier, train_classifier
-from pipeline.train.loop import Distributed
 from pipeline.train.segment import Miner, SegmentParams, build_segnet, fused_cams, train_segmentation
 
 

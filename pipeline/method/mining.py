@@ -19,7 +19,8 @@ same command runs on a cluster.
 - Each image's mask depends only on its own inputs and the counts are integer sums, so masks
   and scores do not depend on the number of workers or the order tasks finish in.
 - With the torch CRF backend (``prune.crf_backend: torch``) and a GPU, the images are mined in
-  this process instead, a batch of each image size at a time on the GPU (:func:`gpu_mining`).
+  the stage's process instead, a batch of each image size at a time on the GPU; under
+  ``torchrun`` each process mines its share on its own GPU (:func:`in_process`).
 
 Scoring reads each image's ground truth once, in the task that prunes it: the precision and
 coverage of the reliable pixels (:class:`~pipeline.method.metrics.PartialLabelScore`) and, for
@@ -305,38 +306,54 @@ def mine_split(
     params: PruneParams,
     run: RunParams,
     progress: bool = True,
+    device: torch.device | None = None,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> MiningScore:
     """Write the reliable-region mask of every image of ``split`` into ``masks``, and score them.
 
     Refuses to start unless the CAM store is complete. Keeps the masks already in the store if
     it was started from the same settings and CAMs, else starts it anew; marks it complete once
     every image is in. Returns the summed counts (``computed`` sorted).
+
+    Without ``device`` the images are spread over the dask cluster of :func:`connect`, chunks of
+    ``run.chunk_size``; with one (the torch backend on a GPU, see :func:`in_process`) they are
+    mined in this process, ``run.inference_batch`` at a time, and process ``rank`` of a job of
+    ``world_size`` takes the ids ``[rank::world_size]`` only: the store is then started and
+    marked complete by the caller, and the counts are this process's share.
     """
+    if world_size > 1 and device is None:
+        raise ValueError("several processes share a split only when each mines in its own process (device)")
     cams.require_complete()
     items = manifest.split(split)
-    start(masks, masks_made_from(manifest, split, params, cams))
+    share = items[rank::world_size]
+    if world_size == 1:
+        start(masks, masks_made_from(manifest, split, params, cams))
+    job = MiningJob.create(manifest, cams, masks, params)
     total = MiningScore(manifest.num_classes + 1)
-    with tqdm(total=len(items), desc=f"prune {split}", unit="img", disable=not progress) as bar:
-        for score in _chunk_scores(MiningJob.create(manifest, cams, masks, params), items, run):
+    with tqdm(total=len(share), desc=f"prune {split}", unit="img", disable=not progress) as bar:
+        for score in _chunk_scores(job, share, run, device):
             total.add(score)
             bar.update(score.images)
-    masks.mark_complete(item.id for item in items)
+    if world_size == 1:
+        masks.mark_complete(item.id for item in items)
     total.computed.sort()
     return total
 
 
-def gpu_mining(params: PruneParams, run: RunParams) -> bool:
-    """Whether to mine in this process on the GPU: the torch backend, a GPU, no scheduler given."""
-    return params.crf_backend == "torch" and run.scheduler is None and torch.cuda.is_available()
+def in_process(params: PruneParams, run: RunParams, several: bool = False) -> bool:
+    """Whether to mine in the stage's own processes rather than on a dask cluster: with the torch
+    backend and no scheduler given, on a GPU, or when ``several`` processes share the split
+    (under ``torchrun``, one per GPU, or gloo processes on a CPU)."""
+    return params.crf_backend == "torch" and run.scheduler is None and (torch.cuda.is_available() or several)
 
 
-def _chunk_scores(job: MiningJob, items: Sequence[Item], run: RunParams) -> Iterator[MiningScore]:
-    """:func:`mine_chunk` of every chunk of ``items``: on the GPU in this process, chunks of
-    ``run.inference_batch`` images (see :func:`gpu_mining`), else over the cluster of
-    :func:`connect`, chunks of ``run.chunk_size``."""
-    if gpu_mining(job.params, run):
-        gpu = replace(job, device="cuda")
-        yield from (mine_chunk(gpu, chunk) for chunk in _chunks(items, run.inference_batch))
+def _chunk_scores(job: MiningJob, items: Sequence[Item], run: RunParams,
+                  device: torch.device | None) -> Iterator[MiningScore]:
+    """:func:`mine_chunk` of every chunk of ``items``, in this process on ``device`` or over the cluster."""
+    if device is not None:
+        here = replace(job, device=str(device))
+        yield from (mine_chunk(here, chunk) for chunk in _chunks(items, run.inference_batch))
         return
     with connect(run) as client:
         in_flight = TASKS_PER_WORKER * max(1, sum(client.nthreads().values()))

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+from pipeline.core.distributed import Distributed
 from pipeline.core.io import file_digest, fingerprint
 from pipeline.core.provenance import MadeFrom, settings
 from pipeline.core.run import DEFAULT_RUN, RunParams
@@ -32,7 +33,6 @@ from pipeline.models import (
 )
 from pipeline.train.loop import (
     Checkpoint,
-    Distributed,
     TrainingParams,
     data_parallel,
     train,

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.segmentation.deeplabv3 import DeepLabHead
 
+from pipeline.core.distributed import Distributed, default_device, init_distributed
 from pipeline.core.errors import InputError
 from pipeline.core.io import IGNORE, file_digest, fingerprint
 from pipeline.core.params import check_choice, check_scales, load_params
@@ -41,11 +42,8 @@ from pipeline.method.metrics import write_metrics
 from pipeline.models import OnBackbone, build_backbone, fold_batch_norms, save_checkpoint
 from pipeline.train.loop import (
     Checkpoint,
-    Distributed,
     TrainingParams,
     data_parallel,
-    default_device,
-    init_distributed,
     train,
     unwrap,
 )

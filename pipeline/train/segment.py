@@ -28,6 +28,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from pipeline.core.distributed import Distributed
 from pipeline.core.errors import ignore_interrupt
 from pipeline.core.io import IGNORE, file_digest, fingerprint
 from pipeline.core.params import check_choice, check_range, check_scales
@@ -51,7 +52,7 @@ from pipeline.method.mining import scheduler_client
 from pipeline.method.prune import PruneParams, prune_image, prune_images
 from pipeline.models import SegNet, build_backbone, fold_batch_norms, load_checkpoint, save_checkpoint, seg_dilation
 from pipeline.train.classifier import ClassifierParams
-from pipeline.train.loop import Checkpoint, Distributed, TrainingParams, data_parallel, train, unwrap
+from pipeline.train.loop import Checkpoint, TrainingParams, data_parallel, train, unwrap
 
 
 @dataclass(frozen=True)
