@@ -85,14 +85,12 @@ class MiningJob:
     """Where the torch backend's CRFs run."""
 
     @classmethod
-    def create(cls, manifest: Manifest, cams: ImageStore, masks: ImageStore, params: PruneParams,
-               device: str = "cpu") -> MiningJob:
+    def create(cls, manifest: Manifest, cams: ImageStore, masks: ImageStore, params: PruneParams) -> MiningJob:
         return cls(
             replace(manifest, splits={}),
             ImageStore(cams.path.resolve(), cams.stage),
             ImageStore(masks.path.resolve(), masks.stage),
             params,
-            device,
         )
 
 

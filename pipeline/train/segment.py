@@ -223,8 +223,9 @@ class Miner:
         if self.pool is None:
             masks = prune_images(rgbs, normalised, classes, self.params, self.device)
         else:
-            masks = [job.result() for job in [self.pool.submit(prune_image, *job, self.params)
-                                              for job in zip(rgbs, normalised, classes)]]
+            futures = [self.pool.submit(prune_image, rgb, cams, own, self.params)
+                       for rgb, cams, own in zip(rgbs, normalised, classes)]
+            masks = [future.result() for future in futures]
         for (index, _), mask in zip(tagged, masks, strict=True):
             labels[index] = torch.from_numpy(mask)
         return torch.stack(labels).long()
@@ -417,7 +418,7 @@ def predict(probabilities: ProbabilityFn, manifest: Manifest, split: str, device
             images = batch["image"].to(device)
             with torch.autocast(device.type, enabled=device.type == "cuda"):
                 probs_t = probabilities(images).float()
-            on_gpu = _batch_crf_labels(batch, probs_t, crf, restricted) if batched else None
+            refined_batch = _batch_crf_labels(batch, probs_t, crf, restricted) if batched else None
             probs = probs_t.cpu().numpy()
             for index, image_id in enumerate(batch["id"]):
                 own = tag_values(batch["labels"][index])
@@ -425,9 +426,9 @@ def predict(probabilities: ProbabilityFn, manifest: Manifest, split: str, device
                 values = own if restricted else every
                 scores = restrict(probs[index], own) if restricted else probs[index]
                 plain = tagged if restricted else probs[index].argmax(axis=0).astype(np.uint8)
-                if on_gpu is not None:
+                if refined_batch is not None:
                     refined: Future | None = Future()
-                    refined.set_result(on_gpu[index])
+                    refined.set_result(refined_batch[index])
                 else:
                     refined = None if crf is None else executor.submit(_crf_labels, batch["rgb"][index].numpy(),
                                                                        scores, crf, values)
