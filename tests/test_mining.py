@@ -10,6 +10,7 @@ from pathlib import Path
 import dask.config
 import numpy as np
 import pytest
+import torch
 import zarr
 from distributed import Client, LocalCluster, get_task_stream
 from scipy.ndimage import gaussian_filter
@@ -213,10 +214,13 @@ def test_cams_of_another_size_than_their_image_are_an_error_naming_the_store(tin
         mine_chunk(job, [item])
 
 
-def test_the_torch_backend_mines_on_the_cluster_as_it_prunes_alone(tiny_manifest, cams, tmp_path):
+def test_the_torch_backend_mines_in_this_process_in_batches_as_it_prunes_alone(tiny_manifest, cams, tmp_path):
     params = PruneParams(crf_backend="torch")
     masks = ImageStore(tmp_path / "torch.zarr")
-    mine_split(tiny_manifest, "train", cams, masks, params, RunParams(workers=1, chunk_size=4), progress=False)
+    score = mine_split(tiny_manifest, "train", cams, masks, params, RunParams(inference_batch=4), progress=False,
+                       device=torch.device("cpu"))  # as on a GPU: no cluster, a batch per image size
+
+    assert masks.is_complete() and score.images == len(tiny_manifest.split("train"))
 
     for item in tiny_manifest.split("train"):
         image_cams, attrs = cams.read(item.id)
