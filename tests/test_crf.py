@@ -10,7 +10,8 @@ import torch
 from scipy.ndimage import gaussian_filter
 
 from pipeline.data.synth import SynthParams, render, sample_rng
-from pipeline.method.crf import BACKENDS, INFERENCE_CRF, PRUNE_CRF, CRFParams, batch_crf, dense_crf
+from pipeline.method.crf import BACKENDS, INFERENCE_CRF, PRUNE_CRF, CRFParams, dense_crf
+from pipeline.method.meanfield import batch_crf
 
 
 def two_region_image(height: int = 24, width: int = 32) -> np.ndarray:

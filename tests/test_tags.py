@@ -47,7 +47,7 @@ def _favouring(label: int, classes: int):
 TORCH_CRF = replace(INFERENCE_CRF, backend="torch")
 
 
-@pytest.mark.parametrize("crf", [None, INFERENCE_CRF, TORCH_CRF], ids=["no-crf", "pydensecrf", "torch"])
+@pytest.mark.parametrize("crf", [None, INFERENCE_CRF], ids=["no-crf", "crf"])
 def test_a_training_split_prediction_never_holds_an_untagged_class(tiny_manifest, crf):
     probabilities = _favouring(FAVOURITE, tiny_manifest.num_classes)
     predictions = list(predict(probabilities, tiny_manifest, "train", torch.device("cpu"), crf, restricted=True,

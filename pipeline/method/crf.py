@@ -3,15 +3,17 @@ backends that compute one model:
 
 - ``pydensecrf``: Krähenbühl's C++ code, one image at a time on one CPU core.
 - ``torch``: the same mean field in PyTorch over batches of images of one size, on the CPU or a
-  GPU. It follows pydensecrf step by step: the unary below; a Gaussian kernel on position
-  ``(x / sxy, y / sxy)`` and a bilateral one on ``(x / sxy, y / sxy, r / srgb, g / srgb, b / srgb)``,
-  each filtered on the permutohedral lattice of the occupied vertices (as pydensecrf builds it,
-  :class:`~pipeline.method.lattice.Lattice` with ``extended=False``) and normalised
-  symmetrically (``n_i = 1 / sqrt(K 1)_i``, the message ``n * K(n * Q)``); Potts compatibility
-  (the message, times the kernel's weight, added to the negative unary); each iteration computes
-  both messages from the same Q, then ``Q = softmax``. The lattice's vertices are found in float
-  arithmetic of another order than pydensecrf's, so a pixel on the border of a lattice cell may
-  fall on the other side: the marginals agree closely, not bit for bit (README "Dense CRF").
+  GPU (:mod:`pipeline.method.meanfield`, loaded only when asked for, so that processes that run
+  pydensecrf alone never load torch). It follows pydensecrf step by step: the unary below; a
+  Gaussian kernel on position ``(x / sxy, y / sxy)`` and a bilateral one on ``(x / sxy, y / sxy,
+  r / srgb, g / srgb, b / srgb)``, each filtered on the permutohedral lattice of the occupied
+  vertices (as pydensecrf builds it, :class:`~pipeline.method.lattice.Lattice` with
+  ``extended=False``) and normalised symmetrically (``n_i = 1 / sqrt(K 1)_i``, the message ``n *
+  K(n * Q)``); Potts compatibility (the message, times the kernel's weight, added to the
+  negative unary); each iteration computes both messages from the same Q, then ``Q = softmax``.
+  The lattice's vertices are found in float arithmetic of another order than pydensecrf's, so a
+  pixel on the border of a lattice cell may fall on the other side: the marginals agree closely,
+  not bit for bit (README "Dense CRF").
 
 The unary is the negative log of the given scores, clipped to [``UNARY_CLIP``, 1] and *not*
 renormalised: pruning feeds a background score and CAMs that do not sum to one, and RRM's
@@ -20,16 +22,16 @@ reference relies on exactly that unary (pydensecrf's ``unary_from_softmax`` with
 
 from __future__ import annotations
 
+import os
+import sys
 from dataclasses import dataclass, replace
 
 import numpy as np
 import pydensecrf.densecrf as dcrf
-import torch
 from pydensecrf.utils import unary_from_softmax
-from torch import Tensor
 
+from pipeline.core.errors import ignore_interrupt
 from pipeline.core.params import check_choice, check_range
-from pipeline.method.lattice import Lattice
 
 BACKENDS = ("pydensecrf", "torch")
 """The CRF's implementations (see the module's note); ``pydensecrf`` is the default."""
@@ -108,12 +110,14 @@ def dense_crf(image: np.ndarray, scores: np.ndarray, params: CRFParams) -> np.nd
 
     ``image`` is uint8 (H, W, 3) RGB; ``scores`` are per-label scores in [0, 1] whose clipped
     negative log is the unary. Each pixel's marginals sum to one. By ``params.backend``; the
-    torch backend on the CPU here (:func:`batch_crf` takes batches and devices).
+    torch backend on the CPU here (:func:`pipeline.method.meanfield.batch_crf` takes batches and
+    devices).
     """
     _check_inputs(image, scores)
     if params.backend == "torch":
-        scores_t = torch.from_numpy(np.ascontiguousarray(scores, dtype=np.float32))[None, None]
-        return batch_crf(torch.from_numpy(np.ascontiguousarray(image))[None], scores_t, params)[0, 0].numpy()
+        from pipeline.method.meanfield import marginals
+
+        return marginals([image], [scores[None]], params)[0][0]
     labels, height, width = scores.shape
     crf = dcrf.DenseCRF2D(width, height, labels)
     crf.setUnaryEnergy(unary_from_softmax(scores, scale=None, clip=UNARY_CLIP))
@@ -128,63 +132,10 @@ def dense_crf(image: np.ndarray, scores: np.ndarray, params: CRFParams) -> np.nd
     return np.asarray(marginals, dtype=np.float32).reshape(labels, height, width)
 
 
-@dataclass(frozen=True)
-class Kernel:
-    """One pairwise term over a batch of images: its lattice, symmetric normaliser (N, P, 1) and weight."""
-
-    lattice: Lattice
-    norm: Tensor
-    weight: float
-
-    @classmethod
-    def build(cls, features: Tensor, weight: float) -> Kernel:
-        lattice = Lattice.build(features, extended=False)
-        ones = features.new_ones(features.shape[:2] + (1,))
-        return cls(lattice, (lattice.filter(ones) + 1e-20).rsqrt(), weight)
-
-    def message(self, q: Tensor) -> Tensor:
-        """``weight * n * K(n * q)`` for ``q`` (N, P, L)."""
-        return self.weight * self.norm * self.lattice.filter(self.norm * q)
-
-
-def kernels(images: Tensor, params: CRFParams) -> tuple[Kernel, Kernel]:
-    """The Gaussian and bilateral kernels of ``images`` (N, H, W, 3), uint8, on their device."""
-    n, height, width, _ = images.shape
-    rows, cols = torch.meshgrid(torch.arange(height, device=images.device, dtype=torch.float32),
-                                torch.arange(width, device=images.device, dtype=torch.float32), indexing="ij")
-    position = torch.stack([cols, rows], dim=-1).reshape(1, height * width, 2).expand(n, -1, -1)
-    colour = images.reshape(n, height * width, 3).float()
-    bilateral = torch.cat([position / params.bilateral_sxy, colour / params.bilateral_srgb], dim=-1)
-    return (Kernel.build(position / params.gaussian_sxy, params.gaussian_compat),
-            Kernel.build(bilateral, params.bilateral_compat))
-
-
-def _softmax(logits: Tensor) -> Tensor:
-    """Softmax over the last axis, written out: over a few labels per pixel this is faster on the
-    CPU than ``Tensor.softmax``'s kernel. A label at ``-inf`` gets 0."""
-    q = (logits - logits.amax(dim=-1, keepdim=True)).exp_()
-    return q.div_(q.sum(dim=-1, keepdim=True))
-
-
-def batch_crf(images: Tensor, scores: Tensor, params: CRFParams, valid: Tensor | None = None) -> Tensor:
-    """The ``torch`` backend: marginals (N, G, K, H, W) of G CRFs on each of N images of one size.
-
-    ``images`` uint8 (N, H, W, 3) RGB; ``scores`` (N, G, K, H, W) on the same device, G sets of
-    per-label scores per image sharing its kernels (pruning's two CRFs); ``valid`` (N, G, K) or
-    (N, K) bool, False for a label that is padding (an image with fewer labels than K): its
-    marginal is 0 and it takes no part.
-    """
-    n, groups, labels, height, width = scores.shape
-    if images.shape != (n, height, width, 3) or images.dtype != torch.uint8:
-        raise ValueError(f"images must be uint8 ({n}, {height}, {width}, 3), got {images.dtype} {tuple(images.shape)}")
-    terms = kernels(images, params)
-    logits = scores.float().clamp(UNARY_CLIP, 1.0).log().reshape(n, groups, labels, -1).permute(0, 3, 1, 2).contiguous()
-    if valid is not None:
-        mask = (valid if valid.dim() == 3 else valid[:, None, :].expand(n, groups, labels))[:, None]
-        logits = logits.masked_fill(~mask, -torch.inf)
-    q = _softmax(logits)
-    for _ in range(params.iterations):
-        flat = q.reshape(n, height * width, groups * labels)
-        messages = sum(term.message(flat) for term in terms).reshape(q.shape)
-        q = _softmax(logits + messages)
-    return q.permute(0, 2, 3, 1).reshape(n, groups, labels, height, width)
+def crf_worker() -> None:
+    """The initialiser of a process that runs CRFs, one per core: Ctrl-C is left to the parent
+    (see :func:`ignore_interrupt`), and torch, if the torch backend loads it, runs on one thread."""
+    ignore_interrupt()
+    os.environ["OMP_NUM_THREADS"] = "1"
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(1)

@@ -39,11 +39,10 @@ from dataclasses import dataclass, field, replace
 from functools import partial
 from itertools import islice
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import dask.config
 import numpy as np
-import torch
 from distributed import Client, LocalCluster, as_completed
 from tqdm import tqdm
 
@@ -55,6 +54,9 @@ from pipeline.core.store import ImageStore
 from pipeline.data.manifest import Item, Manifest
 from pipeline.method.metrics import PartialLabelScore, SegmentationScore
 from pipeline.method.prune import PruneParams, prune_images, stack_scores
+
+if TYPE_CHECKING:
+    import torch
 
 PRE_SPAWN_ENVIRON = "distributed.nanny.pre-spawn-environ"
 """Dask's setting of the environment its worker processes start with (None unsets a variable)."""
@@ -159,29 +161,42 @@ def _check_size(where: Path, what: str, shape: tuple[int, ...], image: tuple[int
 
 def _masks(job: MiningJob, items: Sequence[Item], cams: Sequence[np.ndarray],
            classes: Sequence[Sequence[int]]) -> list[tuple[np.ndarray, bool]]:
-    """Each image's mask and whether it was computed now (False: read back from the store); the
-    computed ones in one :func:`prune_images` call (a batch per image size with the torch backend).
+    """Each image's mask and whether it was computed now (False: read back from the store).
 
-    An image without classes (k = 0) gets all 255: without its tags nothing is known about
-    it, and calling it all background would teach that any untagged object is background.
+    Each mask is written as soon as it is computed, so that a killed run loses little: with
+    pydensecrf one image at a time, with the torch backend one batch of the chunk's images of one
+    size at a time (:func:`prune_images`). An image without classes (k = 0) gets all 255: without
+    its tags nothing is known about it, and calling it all background would teach that any
+    untagged object is background.
     """
-    done = {item.id: job.masks.read(item.id)[0] for item in items if item.id in job.masks}
-    todo = [index for index, item in enumerate(items) if item.id not in done and cams[index].shape[0] > 0]
-    images = {index: job.manifest.read_image(items[index].id) for index in todo}
+    masks = {index: (job.masks.read(item.id)[0], False) for index, item in enumerate(items) if item.id in job.masks}
+    todo = [index for index in range(len(items)) if index not in masks]
+    images = {index: job.manifest.read_image(items[index].id) for index in todo if cams[index].shape[0] > 0}
     for index, image in images.items():
         what = f"the CAM array of {items[index].id!r}"
         _check_size(job.cams.path, what, cams[index].shape[1:], image.shape[:2], "rerun the cams stage")
-    pruned = dict(zip(todo, prune_images([images[index] for index in todo], [cams[index] for index in todo],
-                                         [np.asarray(classes[index]) for index in todo], job.params, job.device)))
-    masks = []
-    for index, item in enumerate(items):
-        if item.id in done:
-            masks.append((done[item.id], False))
-            continue
-        mask = pruned.get(index, np.full(cams[index].shape[1:], IGNORE, dtype=np.uint8))
-        job.masks.write(item.id, mask)
-        masks.append((mask, True))
-    return masks
+    for group in _prune_groups(todo, images, job.params):
+        pruned = prune_images([images[index] for index in group], [cams[index] for index in group],
+                              [np.asarray(classes[index]) for index in group], job.params, job.device)
+        for index, mask in zip(group, pruned, strict=True):
+            job.masks.write(items[index].id, mask)
+            masks[index] = (mask, True)
+    for index in todo:
+        if index not in masks:
+            masks[index] = (np.full(cams[index].shape[1:], IGNORE, dtype=np.uint8), True)
+            job.masks.write(items[index].id, masks[index][0])
+    return [masks[index] for index in range(len(items))]
+
+
+def _prune_groups(todo: Sequence[int], images: dict[int, np.ndarray], params: PruneParams) -> list[list[int]]:
+    """The images to prune together: each alone with pydensecrf, those of one size with torch."""
+    if params.crf_backend == "pydensecrf":
+        return [[index] for index in todo if index in images]
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for index in todo:
+        if index in images:
+            groups.setdefault(images[index].shape, []).append(index)
+    return list(groups.values())
 
 
 def mine_chunk(job: MiningJob, items: Sequence[Item]) -> MiningScore:
@@ -343,7 +358,11 @@ def in_process(params: PruneParams, run: RunParams, several: bool = False) -> bo
     """Whether to mine in the stage's own processes rather than on a dask cluster: with the torch
     backend and no scheduler given, on a GPU, or when ``several`` processes share the split
     (under ``torchrun``, one per GPU, or gloo processes on a CPU)."""
-    return params.crf_backend == "torch" and run.scheduler is None and (torch.cuda.is_available() or several)
+    if params.crf_backend != "torch" or run.scheduler is not None:
+        return False
+    import torch  # the workers of a pydensecrf run never need it
+
+    return several or torch.cuda.is_available()
 
 
 def _chunk_scores(job: MiningJob, items: Sequence[Item], run: RunParams,

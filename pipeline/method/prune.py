@@ -24,17 +24,18 @@ CPU or a GPU.
 from __future__ import annotations
 
 import math
-from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from pipeline.core.io import IGNORE
 from pipeline.core.params import check_range
-from pipeline.method.crf import PRUNE_CRF, CRFParams, batch_crf, dense_crf
+from pipeline.method.crf import PRUNE_CRF, CRFParams, dense_crf
+
+if TYPE_CHECKING:
+    import torch
 
 MAX_CLASS_INDEX = IGNORE - 2
 """The largest 0-based class index whose label value (index + 1) stays below IGNORE."""
@@ -175,39 +176,17 @@ def prune_images(images: Sequence[np.ndarray], cams: Sequence[np.ndarray], class
     for image, own_cams, own in zip(images, cams, classes, strict=True):
         _check_inputs(image, own_cams, own)
     cams = [own_cams.astype(np.float32, copy=False) for own_cams in cams]
+    alphas = (params.la_alpha, params.ha_alpha)
     if params.crf_backend == "pydensecrf":
-        marginals = [tuple(dense_crf(image, stack_scores(own, alpha), params.crf)
-                           for alpha in (params.la_alpha, params.ha_alpha)) for image, own in zip(images, cams)]
+        found = [[dense_crf(image, stack_scores(own, alpha), params.crf) for alpha in alphas]
+                 for image, own in zip(images, cams)]
     else:
-        marginals = _batched_marginals(images, cams, params, torch.device(device))
+        from pipeline.method.meanfield import marginals  # loads torch, which pydensecrf's processes need not
+
+        stacks = [np.stack([stack_scores(own, alpha) for alpha in alphas]) for own in cams]
+        found = marginals(images, stacks, params.crf, device)
     return [label_reliable(own_cams, own, la, ha, params)
-            for own_cams, own, (la, ha) in zip(cams, classes, marginals, strict=True)]
-
-
-def _batched_marginals(images: Sequence[np.ndarray], cams: Sequence[np.ndarray], params: PruneParams,
-                       device: torch.device) -> list[tuple[np.ndarray, np.ndarray]]:
-    """The low- and high-alpha marginals of each image by :func:`batch_crf`, a batch per image
-    size, the stacks padded to the batch's largest with labels marked invalid."""
-    by_size: dict[tuple[int, ...], list[int]] = defaultdict(list)
-    for index, image in enumerate(images):
-        by_size[image.shape].append(index)
-    marginals: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-    for (height, width, _), indices in by_size.items():
-        labels = max(cams[index].shape[0] for index in indices) + 1
-        scores = np.zeros((len(indices), 2, labels, height, width), dtype=np.float32)
-        valid = np.zeros((len(indices), labels), dtype=bool)
-        for row, index in enumerate(indices):
-            own = cams[index].shape[0] + 1
-            scores[row, 0, :own] = stack_scores(cams[index], params.la_alpha)
-            scores[row, 1, :own] = stack_scores(cams[index], params.ha_alpha)
-            valid[row, :own] = True
-        batch = torch.from_numpy(np.stack([images[index] for index in indices])).to(device)
-        probs = batch_crf(batch, torch.from_numpy(scores).to(device), params.crf,
-                          torch.from_numpy(valid).to(device)).cpu().numpy()
-        for row, index in enumerate(indices):
-            own = cams[index].shape[0] + 1
-            marginals[index] = (probs[row, 0, :own], probs[row, 1, :own])
-    return [marginals[index] for index in range(len(images))]
+            for own_cams, own, (la, ha) in zip(cams, classes, found, strict=True)]
 
 
 def reliable_regions(image: np.ndarray, cams: np.ndarray, classes: np.ndarray, **params: Any) -> np.ndarray:

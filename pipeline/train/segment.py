@@ -29,7 +29,6 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from pipeline.core.distributed import Distributed
-from pipeline.core.errors import ignore_interrupt
 from pipeline.core.io import IGNORE, file_digest, fingerprint
 from pipeline.core.params import check_choice, check_range, check_scales
 from pipeline.core.provenance import MadeFrom, settings
@@ -38,7 +37,7 @@ from pipeline.core.store import ImageStore
 from pipeline.data.datasets import ImageDataset, SegmentationDataset
 from pipeline.data.manifest import Item, Manifest
 from pipeline.method.cams import CamFn, image_size, select_and_normalise, size_grouped_batches
-from pipeline.method.crf import BACKENDS, CRFParams, batch_crf, dense_crf
+from pipeline.method.crf import BACKENDS, CRFParams, crf_worker, dense_crf
 from pipeline.method.losses import (
     DENSE_ENERGY_WEIGHT,
     DenseEnergyLoss,
@@ -47,6 +46,7 @@ from pipeline.method.losses import (
     reliable_counts,
     segmentation_ce,
 )
+from pipeline.method.meanfield import batch_crf
 from pipeline.method.metrics import SegmentationScore
 from pipeline.method.mining import scheduler_client
 from pipeline.method.prune import PruneParams, prune_image, prune_images
@@ -123,17 +123,10 @@ def upsample(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(logits.float(), size=size, mode="bilinear", align_corners=False)
 
 
-def _crf_worker() -> None:
-    """A CRF process leaves Ctrl-C to this one (see :func:`ignore_interrupt`) and runs the torch
-    backend on one thread, as pydensecrf runs: the pool has a process per core."""
-    ignore_interrupt()
-    torch.set_num_threads(1)
-
-
 def crf_processes(workers: int) -> ProcessPoolExecutor:
     """A pool of ``workers`` processes for dense CRFs: started with 'spawn', clean of this
     process's threads, one thread each, leaving Ctrl-C to this process."""
-    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_crf_worker)
+    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=crf_worker)
 
 
 def on_device(crf: CRFParams | None, device: torch.device) -> bool:
