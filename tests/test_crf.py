@@ -154,5 +154,5 @@ def test_a_batch_holds_each_image_s_crfs_as_if_run_alone():
 
 def test_backends_are_named_and_checked():
     assert BACKENDS == ("pydensecrf", "torch")
-    with pytest.raises(ValueError, match="backend='cuda' must be one of pydensecrf, torch"):
+    with pytest.raises(ValueError, match="backend='cuda' is not one of pydensecrf, torch"):
         replace(PRUNE_CRF, backend="cuda")

@@ -211,7 +211,7 @@ def test_parameters_default_to_the_paper_and_are_range_checked():
         PruneParams(ha_alpha=-1.0)
     with pytest.raises(ValueError, match="crf_bilateral_sxy"):
         PruneParams(crf_bilateral_sxy=0.0)
-    with pytest.raises(ValueError, match="crf_backend='gpu' must be one of pydensecrf, torch"):
+    with pytest.raises(ValueError, match="crf_backend='gpu' is not one of pydensecrf, torch"):
         PruneParams(crf_backend="gpu")
     with pytest.raises(InputError, match=r"params.yaml \[prune\]: parameter crf_iterations"):
         build_params(PruneParams, {"crf_iterations": 0}, "params.yaml [prune]")

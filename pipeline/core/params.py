@@ -166,10 +166,10 @@ def check_colour_jitter(name: str, strengths: Sequence[float]) -> None:
     check_range(f"{name} hue", strengths[3], 0, 0.5)
 
 
-def check_choice(name: str, value: str, choices: Sequence[str]) -> None:
+def check_choice(name: str, value: Any, choices: Sequence[Any]) -> None:
     """Raise ValueError unless ``value`` is one of ``choices``."""
     if value not in choices:
-        raise ValueError(f"{name}={value!r} must be one of {', '.join(choices)}")
+        raise ValueError(f"{name}={value!r} is not one of {', '.join(map(str, choices))}")
 
 
 def check_range(name: str, value: float, low: float | None = None, high: float | None = None) -> None:

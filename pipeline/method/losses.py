@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pipeline.core.io import IGNORE
-from pipeline.core.params import check_range
+from pipeline.core.params import check_choice, check_range
 from pipeline.method.lattice import permutohedral_filter
 from pipeline.models.nets import REFERENCE_CROP
 
@@ -201,8 +201,7 @@ def bilateral_filter(images: Tensor, values: Tensor, sigma_rgb: float, sigma_xy:
 
 def check_method(method: str) -> None:
     """Raise ValueError unless ``method`` names a filter (one of :data:`METHODS`)."""
-    if method not in METHODS:
-        raise ValueError(f"method={method!r} is not one of {', '.join(METHODS)}")
+    check_choice("method", method, METHODS)
 
 
 def bilateral_filter_auto(

@@ -81,8 +81,7 @@ class DeepLabParams(TrainingParams):
         super().__post_init__()
         check_choice("crf_backend", self.crf_backend, BACKENDS)
         check_scales("scales", self.scales)
-        if self.output_stride not in (8, 16, 32):
-            raise ValueError(f"output_stride={self.output_stride} is not one of 8, 16, 32")
+        check_choice("output_stride", self.output_stride, (8, 16, 32))
         if self.batch_size < 2:
             raise ValueError("batch_size must be at least 2: the ASPP image-pooling branch normalises over the batch")
 

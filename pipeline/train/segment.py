@@ -93,8 +93,7 @@ class SegmentParams(TrainingParams):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_choice("crf_backend", self.crf_backend, BACKENDS)
-        if self.mode not in ("staged", "end_to_end"):
-            raise ValueError(f"mode={self.mode!r} is not one of staged, end_to_end")
+        check_choice("mode", self.mode, ("staged", "end_to_end"))
         check_method(self.energy_method)
         for name in ("dense_weight", "cls_weight"):
             check_range(name, getattr(self, name), 0)
