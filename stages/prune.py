@@ -52,16 +52,16 @@ def main(params_path: Path, scheduler: str | None = None, skip_bad: bool | None 
     with stopwatch() as timing:
         if in_process(params, run_params, ctx.enabled):
             device = default_device(ctx)
-            if ctx.is_main:
-                start(masks, masks_made_from(manifest, split, params, cams))
-            ctx.barrier()
-            score = mine_split(manifest, split, cams, masks, params, run_params, ctx.is_main, device, ctx.rank,
-                               ctx.world_size)
-            ctx.barrier()
-            if not ctx.is_main:
-                return
-            if ctx.enabled:  # every rank's masks, read back, marked complete and scored
-                score = mine_split(manifest, split, cams, masks, params, run_params, device=device)
+            if ctx.enabled:  # each rank mines its share; rank 0 then reads every mask back and scores it all
+                if ctx.is_main:
+                    start(masks, masks_made_from(manifest, split, params, cams))
+                ctx.barrier()
+                mine_split(manifest, split, cams, masks, params, run_params, ctx.is_main, device, ctx.rank,
+                           ctx.world_size)
+                ctx.barrier()
+                if not ctx.is_main:
+                    return
+            score = mine_split(manifest, split, cams, masks, params, run_params, device=device)
         elif ctx.is_main:
             score = mine_split(manifest, split, cams, masks, params, run_params)
         else:

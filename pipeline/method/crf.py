@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -130,6 +131,14 @@ def dense_crf(image: np.ndarray, scores: np.ndarray, params: CRFParams) -> np.nd
     )
     marginals = crf.inference(params.iterations)
     return np.asarray(marginals, dtype=np.float32).reshape(labels, height, width)
+
+
+def same_size(images: Sequence[np.ndarray]) -> list[list[int]]:
+    """The indices of ``images`` grouped by size (the torch backend's batches), in first-seen order."""
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for index, image in enumerate(images):
+        groups.setdefault(image.shape, []).append(index)
+    return list(groups.values())
 
 
 def crf_worker() -> None:

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from pipeline.method.crf import UNARY_CLIP, CRFParams
+from pipeline.method.crf import UNARY_CLIP, CRFParams, same_size
 from pipeline.method.lattice import Lattice
 
 
@@ -82,11 +82,9 @@ def marginals(images: Sequence[np.ndarray], scores: Sequence[np.ndarray], params
     """:func:`batch_crf` of numpy inputs: each image uint8 (H, W, 3) with its scores (G, K_i, H, W),
     G CRFs of its own label count; a batch per image size on ``device``, the label counts padded
     to the batch's largest with invalid labels. Returns each image's marginals (G, K_i, H, W)."""
-    by_size: dict[tuple[int, ...], list[int]] = {}
-    for index, image in enumerate(images):
-        by_size.setdefault(image.shape, []).append(index)
     found: dict[int, np.ndarray] = {}
-    for (height, width, _), indices in by_size.items():
+    for indices in same_size(images):
+        height, width, _ = images[indices[0]].shape
         groups = scores[indices[0]].shape[0]
         labels = max(scores[index].shape[1] for index in indices)
         padded = np.zeros((len(indices), groups, labels, height, width), dtype=np.float32)

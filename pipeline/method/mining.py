@@ -52,6 +52,7 @@ from pipeline.core.provenance import MadeFrom, settings, start
 from pipeline.core.run import RunParams
 from pipeline.core.store import ImageStore
 from pipeline.data.manifest import Item, Manifest
+from pipeline.method.crf import same_size
 from pipeline.method.metrics import PartialLabelScore, SegmentationScore
 from pipeline.method.prune import PruneParams, prune_images, stack_scores
 
@@ -175,7 +176,7 @@ def _masks(job: MiningJob, items: Sequence[Item], cams: Sequence[np.ndarray],
     for index, image in images.items():
         what = f"the CAM array of {items[index].id!r}"
         _check_size(job.cams.path, what, cams[index].shape[1:], image.shape[:2], "rerun the cams stage")
-    for group in _prune_groups(todo, images, job.params):
+    for group in _prune_groups(images, job.params):
         pruned = prune_images([images[index] for index in group], [cams[index] for index in group],
                               [np.asarray(classes[index]) for index in group], job.params, job.device)
         for index, mask in zip(group, pruned, strict=True):
@@ -188,15 +189,12 @@ def _masks(job: MiningJob, items: Sequence[Item], cams: Sequence[np.ndarray],
     return [masks[index] for index in range(len(items))]
 
 
-def _prune_groups(todo: Sequence[int], images: dict[int, np.ndarray], params: PruneParams) -> list[list[int]]:
-    """The images to prune together: each alone with pydensecrf, those of one size with torch."""
+def _prune_groups(images: dict[int, np.ndarray], params: PruneParams) -> list[list[int]]:
+    """The keys of ``images`` to prune together: each alone with pydensecrf, those of one size with torch."""
     if params.crf_backend == "pydensecrf":
-        return [[index] for index in todo if index in images]
-    groups: dict[tuple[int, ...], list[int]] = {}
-    for index in todo:
-        if index in images:
-            groups.setdefault(images[index].shape, []).append(index)
-    return list(groups.values())
+        return [[index] for index in images]
+    indices = list(images)
+    return [[indices[at] for at in group] for group in same_size(list(images.values()))]
 
 
 def mine_chunk(job: MiningJob, items: Sequence[Item]) -> MiningScore:
