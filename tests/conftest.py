@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny dataset on disk, built with the project's own writers."""
+"""Shared fixtures: a tiny dataset on disk, built with the project's own writers; a tiny
+project's parameters; synthetic images with CAM-like maps for the CRF and pruning tests."""
 
 from __future__ import annotations
 
@@ -7,9 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from scipy.ndimage import gaussian_filter
 
 from pipeline.core.io import write_image, write_mask
 from pipeline.data.manifest import Item, Manifest, default_palette
+from pipeline.data.synth import SynthParams, render, sample_rng
 
 
 @pytest.fixture
@@ -69,3 +72,16 @@ def write_tiny_project(root: Path, **overrides: dict) -> Path:
     path = root / "params.yaml"
     path.write_text(yaml.safe_dump(tiny_params(**overrides), sort_keys=False))
     return path
+
+
+def synthetic_cams(index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A default `rrm synth` training image with CAM-like maps of its objects (each object's mask
+    blurred plus a weaker blurred copy shifted off it, max-normalised) and their class indices."""
+    sample = render(SynthParams(), sample_rng(0, "train", index))
+    labels = [label for label in np.unique(sample.mask) if label]
+    cams = []
+    for label in labels:
+        own = (sample.mask == label).astype(np.float32)
+        cam = gaussian_filter(own, 3.0) + 0.5 * gaussian_filter(np.roll(own, 9, axis=1), 6.0)
+        cams.append(cam / cam.max())
+    return sample.image, np.stack(cams), np.array(labels) - 1

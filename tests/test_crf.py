@@ -7,11 +7,11 @@ import numpy as np
 import pydensecrf.densecrf as dcrf
 import pytest
 import torch
-from scipy.ndimage import gaussian_filter
 
-from pipeline.data.synth import SynthParams, render, sample_rng
 from pipeline.method.crf import BACKENDS, INFERENCE_CRF, PRUNE_CRF, CRFParams, dense_crf
 from pipeline.method.meanfield import batch_crf
+from pipeline.method.prune import stack_scores
+from tests.conftest import synthetic_cams
 
 
 def two_region_image(height: int = 24, width: int = 32) -> np.ndarray:
@@ -111,13 +111,10 @@ def test_bad_settings_and_shapes_are_errors():
 
 
 def synthetic_case(index: int) -> tuple[np.ndarray, np.ndarray]:
-    """A default `rrm synth` training image and CAM-like scores of it: background and each
-    object's blurred mask, max-normalised, as pruning feeds them (they do not sum to one)."""
-    sample = render(SynthParams(), sample_rng(0, "train", index))
-    classes = [label for label in np.unique(sample.mask) if label]
-    cams = np.stack([gaussian_filter((sample.mask == label).astype(np.float32), 4.0) for label in classes])
-    cams /= cams.max(axis=(1, 2), keepdims=True)
-    return sample.image, np.concatenate([(1 - cams.max(axis=0, keepdims=True)) ** 4, cams])
+    """A default `rrm synth` training image and the scores pruning feeds its CRFs: background
+    (alpha 4) and the CAM-like maps of :func:`synthetic_cams` (they do not sum to one)."""
+    image, cams, _ = synthetic_cams(index)
+    return image, stack_scores(cams, 4.0)
 
 
 @pytest.mark.parametrize("params", [PRUNE_CRF, INFERENCE_CRF], ids=["prune", "inference"])

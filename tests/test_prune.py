@@ -4,11 +4,9 @@ import math
 
 import numpy as np
 import pytest
-from scipy.ndimage import gaussian_filter
 
 from pipeline.core.errors import InputError
 from pipeline.core.params import build_params
-from pipeline.data.synth import SynthParams, render, sample_rng
 from pipeline.method.prune import (
     PruneParams,
     background_score,
@@ -17,6 +15,7 @@ from pipeline.method.prune import (
     prune_images,
     reliable_regions,
 )
+from tests.conftest import synthetic_cams
 
 
 def noisy(image: np.ndarray, seed: int = 0) -> np.ndarray:
@@ -242,24 +241,8 @@ def test_bad_inputs_are_value_errors(change, message):
         reliable_regions(*change(image, cams, np.arange(4)))
 
 
-def synthetic_cases(count: int) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """Default `rrm synth` training images with CAM-like maps: each object's blurred mask plus
-    a weaker blurred copy shifted off it, max-normalised; and their classes."""
-    cases = []
-    for index in range(count):
-        sample = render(SynthParams(), sample_rng(0, "train", index))
-        labels = [label for label in np.unique(sample.mask) if label]
-        cams = []
-        for label in labels:
-            own = (sample.mask == label).astype(np.float32)
-            cam = gaussian_filter(own, 3.0) + 0.5 * gaussian_filter(np.roll(own, 9, axis=1), 6.0)
-            cams.append(cam / cam.max())
-        cases.append((sample.image, np.stack(cams), np.array(labels) - 1))
-    return cases
-
-
 def test_the_torch_backend_finds_the_regions_pydensecrf_finds():
-    cases = synthetic_cases(8)
+    cases = [synthetic_cams(index) for index in range(8)]
     expected = [reliable_regions(*case) for case in cases]
     found = [reliable_regions(*case, crf_backend="torch") for case in cases]
 
@@ -269,7 +252,7 @@ def test_the_torch_backend_finds_the_regions_pydensecrf_finds():
 
 
 def test_prune_images_batches_images_of_one_size_as_they_come_alone():
-    cases = synthetic_cases(4)
+    cases = [synthetic_cams(index) for index in range(4)]
     cases[1] = (cases[1][0][:80], cases[1][1][:, :80], cases[1][2])  # a size of its own
     params = PruneParams(crf_backend="torch")
 
