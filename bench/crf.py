@@ -24,7 +24,6 @@ import os
 import time
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
-from typing import Any
 
 import numpy as np
 import torch
@@ -92,19 +91,18 @@ def images_per_second(work: Sequence[Case], params: PruneParams, processes: int)
         return len(work) / (time.perf_counter() - start)
 
 
-def gpu_images_per_second(work: Sequence[Case], batch: int, device: torch.device) -> dict[str, Any]:
-    """The torch backend on ``device``: images per second in batches of ``batch``, and peak memory."""
+def batched_images_per_second(work: Sequence[Case], batch: int, device: torch.device) -> float:
+    """The torch backend in this process on ``device``, batches of ``batch`` images (after one
+    warm-up batch): images per second."""
     params = PruneParams(crf_backend="torch")
+    wait = torch.cuda.synchronize if device.type == "cuda" else lambda: None
     _prune(work[:batch], params, str(device))
-    torch.cuda.synchronize(device)
-    torch.cuda.reset_peak_memory_stats(device)
+    wait()
     start = time.perf_counter()
     for first in range(0, len(work), batch):
         _prune(work[first : first + batch], params, str(device))
-    torch.cuda.synchronize(device)
-    seconds = time.perf_counter() - start
-    return {"img_per_s": round(len(work) / seconds, 2), "batch": batch,
-            "peak_gpu_mb": round(torch.cuda.max_memory_allocated(device) / 2**20)}
+    wait()
+    return len(work) / (time.perf_counter() - start)
 
 
 def agreement(work: Sequence[Case]) -> tuple[float, float]:
@@ -150,8 +148,10 @@ def main() -> None:
             print(f"{name}, {processes} process(es): torch / pydensecrf = "
                   f"{rates['torch', processes] / rates['pydensecrf', processes]:.2f}x the rate")
         if device.type == "cuda":
-            gpu = gpu_images_per_second(work, args.batch, device)
-            print(f"{name}, {count} images, torch on {torch.cuda.get_device_name(device)}: {gpu}")
+            torch.cuda.reset_peak_memory_stats(device)
+            rate = batched_images_per_second(work, args.batch, device)
+            print(f"{name}, {count} images, torch on {torch.cuda.get_device_name(device)}, batches of {args.batch}: "
+                  f"{rate:.2f} img/s, peak {torch.cuda.max_memory_allocated(device) / 2**20:.0f} MB")
     print(f"load average {load_average()} after the run")
 
 

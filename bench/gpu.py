@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from cams import SIZE_SETS, compare
 from common import load_average
-from crf import VOC_SIZE, cases
+from crf import VOC_SIZE, batched_images_per_second, cases
 from dense_energy import loss_step, make_batch, timed
 from prune import make_dataset, on_cluster
 
@@ -47,7 +47,6 @@ from pipeline.core.run import RunParams
 from pipeline.core.store import ImageStore
 from pipeline.method.cams import CamParams
 from pipeline.method.losses import DenseEnergyLoss
-from pipeline.method.prune import PruneParams, prune_images
 from pipeline.models import CAMNet, SegNet, build_backbone, param_groups
 
 
@@ -164,19 +163,10 @@ def bench_prune(sizes: Sizes) -> dict[str, Any]:
 
 def bench_prune_torch(sizes: Sizes, device: torch.device) -> dict[str, Any]:
     work = cases(sizes.prune_images, sizes.crf_size)
-    params = PruneParams(crf_backend="torch")
-    batches = [work[first : first + sizes.crf_batch] for first in range(0, len(work), sizes.crf_batch)]
-    prune_images(*zip(*batches[0]), params, device)
-    wait = synchronised(device)
     result: dict[str, Any] = {"size": list(sizes.crf_size), "images": len(work), "batch": sizes.crf_batch}
     with gpu_memory(device, result):
-        wait()
-        start = time.perf_counter()
-        for batch in batches:
-            prune_images(*zip(*batch), params, device)
-        wait()
-        seconds = time.perf_counter() - start
-    return {**result, "img_per_s": round(len(work) / seconds, 2)}
+        rate = batched_images_per_second(work, sizes.crf_batch, device)
+    return {**result, "img_per_s": round(rate, 2)}
 
 
 def main() -> None:
