@@ -84,8 +84,8 @@ def backbone_part(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """The backbone's tensors of a checkpoint of our networks (keys ``backbone.*``, heads dropped), with
     the prefix removed; any other state (a backbone's own weights file) as it is.
 
-    So a later stage can start from an earlier stage's backbone: on the synthetic benchmark, with no
-    ImageNet weights for the small backbone, the classifier's backbone is the pretrained one.
+    So a later stage can start from an earlier stage's backbone, as the two-step DeepLab starts from
+    the segment stage's (``deeplab.weights: checkpoints/segment.pth``).
     """
     prefix = f"{BACKBONE}."
     if not any(key.startswith(prefix) for key in state):

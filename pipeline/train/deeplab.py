@@ -60,7 +60,9 @@ class DeepLabParams(TrainingParams):
     backbone: str = "resnet101"
     """small | resnet50 | resnet101 | mobilenet_v2 (a dilated backbone of :func:`pipeline.models.build_backbone`)."""
     weights: str | None = None
-    """Backbone initialisation file (torchvision's ImageNet .pth); None: from scratch."""
+    """Backbone initialisation file: torchvision's ImageNet .pth, or a checkpoint of this pipeline
+    whose backbone is taken (the segment stage's, where the backbones match: the one-step network's
+    features, which DeepLab then refines on the pseudo-labels); None: from scratch."""
     output_stride: int = 8
     crop_size: int = 321
     scale_range: tuple[float, ...] = (0.5, 1.5)
