@@ -11,7 +11,7 @@ BENCH = Path(__file__).resolve().parent.parent / "bench"
 def test_cams_benchmark_prints_its_ratios_and_memory():
     result = subprocess.run(
         [sys.executable, str(BENCH / "cams.py"), "--images", "2", "--repeats", "1", "--memory", "3",
-         "--threads", "1"],
+         "--threads", "1", "--workers", "0"],  # no DataLoader processes to start for a few images
         capture_output=True, text=True, timeout=300, check=True,
     )
     lines = result.stdout.splitlines()
