@@ -23,7 +23,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torchvision.transforms.functional as TF
 from PIL import Image
 from torch.utils.data import Dataset, default_collate
 
@@ -107,6 +106,8 @@ def jitter_colours(image: np.ndarray, strengths: tuple[float, float, float, floa
     drawn from ``[max(0, 1 - s), 1 + s]``, hue shifts by one drawn from ``[-h, h]`` (of a full
     turn), the four applied in a random order; a strength of 0 leaves its property alone.
     """
+    import torchvision.transforms.functional as TF  # here: torchvision takes seconds to import
+
     brightness, contrast, saturation, hue = strengths
     adjustments = [
         (TF.adjust_brightness, brightness, rng.uniform(max(0.0, 1 - brightness), 1 + brightness)),

@@ -17,7 +17,6 @@ the undilated one (zero padding included), so the ImageNet weights mean what the
 from __future__ import annotations
 
 from torch import Tensor, nn
-from torchvision.models import mobilenet_v2
 
 DOWNSAMPLING_BLOCKS = (7, 14)
 """The blocks of ``features`` that halve the resolution from 1/8 to 1/16 and from 1/16 to 1/32."""
@@ -53,6 +52,8 @@ class DilatedMobileNetV2(nn.Module):
         super().__init__()
         if output_stride not in DILATED:
             raise ValueError(f"MobileNetV2 supports output stride {sorted(DILATED)}, not {output_stride}")
+        from torchvision.models import mobilenet_v2  # here: torchvision takes seconds to import
+
         self.features = mobilenet_v2(weights=None).features
         _dilate(self.features, DOWNSAMPLING_BLOCKS[len(DOWNSAMPLING_BLOCKS) - DILATED[output_stride]:])
 

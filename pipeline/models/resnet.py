@@ -9,12 +9,9 @@ such a file loads once its 1000-way classifier (``fc.*``) is set aside (see
 from __future__ import annotations
 
 from torch import Tensor, nn
-from torchvision.models import resnet50, resnet101
 
 DILATED_LAYERS = {8: [False, True, True], 16: [False, False, True]}
 """Output stride -> torchvision's ``replace_stride_with_dilation`` for layer2, layer3, layer4."""
-
-CONSTRUCTORS = {50: resnet50, 101: resnet101}
 
 
 class DilatedResNet(nn.Module):
@@ -27,7 +24,10 @@ class DilatedResNet(nn.Module):
         if output_stride not in DILATED_LAYERS:
             strides = sorted(DILATED_LAYERS)
             raise ValueError(f"ResNet-{depth} supports output stride {strides}, not {output_stride}")
-        net = CONSTRUCTORS[depth](weights=None, replace_stride_with_dilation=DILATED_LAYERS[output_stride])
+        from torchvision.models import resnet50, resnet101  # here: torchvision takes seconds to import
+
+        constructor = {50: resnet50, 101: resnet101}[depth]
+        net = constructor(weights=None, replace_stride_with_dilation=DILATED_LAYERS[output_stride])
         self.conv1, self.bn1, self.relu, self.maxpool = net.conv1, net.bn1, net.relu, net.maxpool
         self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
 
