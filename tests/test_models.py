@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -355,6 +357,19 @@ def test_small_backbone_stride_size_and_receptive_field():
     features[0, :, 10, 10].sum().backward()
     seen = (images.grad.abs().sum(dim=1)[0] > 0).nonzero()
     assert (seen.max(dim=0).values - seen.min(dim=0).values + 1).tolist() == [103, 103]
+
+
+def test_stages_on_the_small_backbone_start_without_torchvision():
+    """Importing torchvision (torch._dynamo, through torchvision.ops) takes seconds of every stage's
+    start; only a torchvision backbone, DeepLab's head or colour jitter loads it (so a switched-off
+    deeplab or supervised stage does not)."""
+    code = ("import sys; from stages import classifier, cams, prune, segment, deeplab, supervised, overlays; "
+            "from pipeline.models import SegNet, build_backbone; SegNet(build_backbone('small'), 3, freeze_bn=False); "
+            "print(sorted(name for name in sys.modules if name.startswith('torchvision')))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
 
 
 def test_camnet_logits_are_pooled_cams_before_relu():

@@ -23,7 +23,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.models.segmentation.deeplabv3 import DeepLabHead
 
 from pipeline.core.distributed import Distributed, default_device, init_distributed
 from pipeline.core.errors import InputError
@@ -101,6 +100,8 @@ class DeepLab(OnBackbone):
     always trains; ``freeze_bn`` keeps the backbone's at the statistics of its weights file."""
 
     def __init__(self, backbone: nn.Module, num_labels: int, output_stride: int, *, freeze_bn: bool) -> None:
+        from torchvision.models.segmentation.deeplabv3 import DeepLabHead  # here: torchvision takes seconds to import
+
         super().__init__(backbone, freeze_bn=freeze_bn)
         rates = [rate * 8 // output_stride for rate in ASPP_RATES_AT_STRIDE_8]
         self.head = DeepLabHead(backbone.out_channels, num_labels, rates)
