@@ -16,6 +16,7 @@ from pipeline.data.datasets import normalize
 from pipeline.data.manifest import Item, Manifest, default_palette
 from pipeline.method.cams import (
     CamParams,
+    coarse_scales_warning,
     extract_cams,
     image_size,
     multiscale_cams,
@@ -114,6 +115,17 @@ def test_size_grouped_batches_keep_one_size_per_batch_in_first_seen_order():
 def test_a_pixel_budget_caps_batches_of_large_images():
     sizes = {0: (10, 10), 1: (10, 10), 2: (10, 10), 3: (50, 50), 4: (50, 50)}
     assert size_grouped_batches(sizes, batch_size=8, batch_pixels=250) == [[0, 1], [2], [3], [4]]
+
+
+def test_scales_whose_cams_are_too_coarse_for_the_images_are_named():
+    synthetic = [(96, 96)] * 5
+    warning = coarse_scales_warning(synthetic, (1.0, 0.5, 1.5, 2.0), output_stride=8)
+    assert warning.startswith("cams.scales: at 0.5 the median image (96 pixels on its shorter side, output stride 8)"
+                              " gives CAMs 6 cells across, under 12")
+    assert coarse_scales_warning(synthetic, (1.0, 1.5, 2.0), output_stride=8) is None
+    photos = [(240, 320), (320, 240), (213, 320)]
+    assert "at 0.75 and 0.5 " in coarse_scales_warning(photos, (1.0, 0.75, 0.5), output_stride=16)
+    assert coarse_scales_warning(photos, (1.0, 1.5), output_stride=16) is None
 
 
 def test_image_size_comes_from_the_header(manifest, tmp_path):

@@ -82,6 +82,27 @@ def image_size(path: Path | UPath) -> tuple[int, int]:
     return (width, height) if turned else (height, width)
 
 
+MIN_CAM_CELLS = 12
+"""The fewest cells a scale's CAM should have on a typical image's shorter side. Coarser maps,
+upsampled, spread every CAM over the background, above the pruning's background threshold
+(README "Notes on the method's parameters")."""
+
+
+def coarse_scales_warning(sizes: Sequence[tuple[int, int]], scales: Sequence[float], output_stride: int) -> str | None:
+    """One line naming the ``scales`` at which the median image of ``sizes`` ((height, width)
+    pairs) gives CAMs of fewer than :data:`MIN_CAM_CELLS` cells on its shorter side at
+    ``output_stride``; None where there is none."""
+    side = float(np.median([min(size) for size in sizes]))
+    coarse = [scale for scale in scales if side * scale / output_stride < MIN_CAM_CELLS]
+    if not coarse:
+        return None
+    at = " and ".join(f"{scale:g}" for scale in coarse)
+    cells = " and ".join(f"{side * scale / output_stride:.0f}" for scale in coarse)
+    return (f"cams.scales: at {at} the median image ({side:.0f} pixels on its shorter side, output stride"
+            f" {output_stride}) gives CAMs {cells} cells across, under {MIN_CAM_CELLS}: upsampled, they spread"
+            f" over the background and the pruning keeps little of it (README \"Your own data\")")
+
+
 def size_grouped_batches(
     sizes: Mapping[int, tuple[int, int]], batch_size: int, batch_pixels: int | None = None
 ) -> list[list[int]]:
