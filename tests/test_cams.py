@@ -126,6 +126,7 @@ def test_scales_whose_cams_are_too_coarse_for_the_images_are_named():
     photos = [(240, 320), (320, 240), (213, 320)]
     assert "at 0.75 and 0.5 " in coarse_scales_warning(photos, (1.0, 0.75, 0.5), output_stride=16)
     assert coarse_scales_warning(photos, (1.0, 1.5), output_stride=16) is None
+    assert coarse_scales_warning([], (0.5,), output_stride=8) is None
 
 
 def test_image_size_comes_from_the_header(manifest, tmp_path):

@@ -91,7 +91,9 @@ upsampled, spread every CAM over the background, above the pruning's background 
 def coarse_scales_warning(sizes: Sequence[tuple[int, int]], scales: Sequence[float], output_stride: int) -> str | None:
     """One line naming the ``scales`` at which the median image of ``sizes`` ((height, width)
     pairs) gives CAMs of fewer than :data:`MIN_CAM_CELLS` cells on its shorter side at
-    ``output_stride``; None where there is none."""
+    ``output_stride``; None where there is none (or no image)."""
+    if not sizes:
+        return None
     side = float(np.median([min(size) for size in sizes]))
     coarse = [scale for scale in scales if side * scale / output_stride < MIN_CAM_CELLS]
     if not coarse:
