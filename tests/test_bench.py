@@ -36,3 +36,11 @@ def test_the_crf_benchmark_compares_the_backends_and_their_agreement():
     assert sum("backends agree on" in line for line in lines) == 2
     assert [line.split(":")[0] for line in lines if "torch / pydensecrf" in line] == ["96x96, 1 process(es)",
                                                                                       "500x375, 1 process(es)"]
+
+
+def test_the_training_layout_benchmark_times_both_layouts_of_each_backbone():
+    result = subprocess.run([sys.executable, str(BENCH / "train_layout.py"), "--steps", "1", "--rounds", "1"],
+                            capture_output=True, text=True, timeout=300, check=True)
+    rows = [line.split() for line in result.stdout.splitlines()[2:]]
+    assert [row[0] for row in rows] == ["small", "mobilenet_v2"]
+    assert all(float(row[-1]) > 0 for row in rows)
