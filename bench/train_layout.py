@@ -1,10 +1,10 @@
 """Benchmark: a training step in channels-last memory layout against the default (contiguous) one.
 
 The trained stages put their networks in channels-last layout before training
-(``pipeline.train.loop.data_parallel``). For each backbone at a stage's crop, batch and output
-stride, the joint segmentation network (backbone, classifier and segmentation head: the segment
-stage's network, the heaviest one) takes the same forward and backward pass and SGD step in both
-layouts, alternately, side by side in one run; the median step of each and their ratio are printed.
+(``pipeline.train.loop.data_parallel``). For each backbone at its preset's crop, batch and output
+stride, the classifier stage's network and the segment stage's (the classifier with the
+segmentation head) take the same forward and backward pass and SGD step in both layouts,
+alternately, side by side in one run; the median step of each and their ratio are printed.
 
     python bench/train_layout.py                       # both backbones, 6 steps each, twice
     python bench/train_layout.py --device cuda --steps 20
@@ -19,7 +19,7 @@ import time
 import torch
 from common import load_average
 
-from pipeline.models import SegNet, build_backbone, seg_dilation
+from pipeline.models import CAMNet, SegNet, build_backbone, seg_dilation
 
 CASES = {
     # backbone: (crop, batch, output stride) of the preset that uses it
@@ -28,12 +28,19 @@ CASES = {
 }
 
 
-def step_seconds(backbone: str, channels_last: bool, steps: int, device: torch.device) -> list[float]:
+def network(name: str, backbone: str) -> CAMNet | SegNet:
+    """The ``classifier`` or ``segment`` stage's network on ``backbone``, 20 classes."""
+    stride, freeze_bn = CASES[backbone][2], backbone != "small"
+    if name == "classifier":
+        return CAMNet(build_backbone(backbone, None, stride), 20, freeze_bn=freeze_bn)
+    return SegNet(build_backbone(backbone, None, stride), 20, freeze_bn=freeze_bn, dilation=seg_dilation(stride))
+
+
+def step_seconds(name: str, backbone: str, channels_last: bool, steps: int, device: torch.device) -> list[float]:
     """Seconds of each training step of a fresh network (the first, warming up, left out)."""
-    crop, batch, stride = CASES[backbone]
+    crop, batch, _ = CASES[backbone]
     torch.manual_seed(0)
-    net = SegNet(build_backbone(backbone, None, stride), 20, freeze_bn=backbone != "small",
-                 dilation=seg_dilation(stride)).to(device).train()
+    net = network(name, backbone).to(device).train()
     if channels_last:
         net.to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(net.parameters(), lr=1e-4)
@@ -42,7 +49,8 @@ def step_seconds(backbone: str, channels_last: bool, steps: int, device: torch.d
     for _ in range(steps + 1):
         start = time.perf_counter()
         output = net(images)
-        loss = output.seg.float().mean() + output.logits.float().mean()
+        logits = output if name == "classifier" else output.seg
+        loss = logits.float().mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -60,14 +68,16 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device(args.device)
     print(f"device {device}, {torch.get_num_threads()} threads, load average {load_average()}")
-    print(f"{'backbone':<14}{'crop':>6}{'batch':>7}{'contiguous s':>14}{'channels-last s':>17}{'ratio':>8}")
-    for backbone, (crop, batch, _) in CASES.items():
-        times: dict[bool, list[float]] = {False: [], True: []}
-        for _ in range(args.rounds):
-            for layout in times:
-                times[layout] += step_seconds(backbone, layout, args.steps, device)
-        plain, last = (statistics.median(times[layout]) for layout in (False, True))
-        print(f"{backbone:<14}{crop:>6}{batch:>7}{plain:>14.3f}{last:>17.3f}{last / plain:>8.2f}")
+    print(f"{'network':<12}{'backbone':<14}{'crop':>6}{'batch':>7}{'contiguous s':>14}{'channels-last s':>17}"
+          f"{'ratio':>8}")
+    for name in ("classifier", "segment"):
+        for backbone, (crop, batch, _) in CASES.items():
+            times: dict[bool, list[float]] = {False: [], True: []}
+            for _ in range(args.rounds):
+                for layout in times:
+                    times[layout] += step_seconds(name, backbone, layout, args.steps, device)
+            plain, last = (statistics.median(times[layout]) for layout in (False, True))
+            print(f"{name:<12}{backbone:<14}{crop:>6}{batch:>7}{plain:>14.3f}{last:>17.3f}{last / plain:>8.2f}")
 
 
 if __name__ == "__main__":

@@ -42,5 +42,6 @@ def test_the_training_layout_benchmark_times_both_layouts_of_each_backbone():
     result = subprocess.run([sys.executable, str(BENCH / "train_layout.py"), "--steps", "1", "--rounds", "1"],
                             capture_output=True, text=True, timeout=300, check=True)
     rows = [line.split() for line in result.stdout.splitlines()[2:]]
-    assert [row[0] for row in rows] == ["small", "mobilenet_v2"]
+    assert [row[:2] for row in rows] == [[net, backbone] for net in ("classifier", "segment")
+                                         for backbone in ("small", "mobilenet_v2")]
     assert all(float(row[-1]) > 0 for row in rows)
