@@ -182,10 +182,10 @@ def data_parallel(net: nn.Module, ctx: Distributed, device: torch.device, find_u
     """``net`` in channels-last memory layout, wrapped for data-parallel training under torchrun
     (``net`` itself when run plainly).
 
-    Channels-last weights make the convolutions run channels-last, which oneDNN (CPU) and cuDNN
-    train faster (bench/train_layout.py); the parameters stay the same objects, so an optimiser
-    built on ``net`` before or after holds them. ``find_unused``: some parameters get no gradient
-    in a step (a head left out of the loss).
+    Channels-last weights make the convolutions run channels-last, which oneDNN trains faster on
+    the CPU (bench/train_layout.py) and cuDNN's mixed-precision kernels expect; the parameters
+    stay the same objects, so an optimiser built on ``net`` before or after holds them.
+    ``find_unused``: some parameters get no gradient in a step (a head left out of the loss).
     """
     net.to(memory_format=torch.channels_last)
     if not ctx.enabled:
