@@ -19,7 +19,9 @@ import time
 import torch
 from common import load_average
 
-from pipeline.models import CAMNet, SegNet, build_backbone, seg_dilation
+from pipeline.models import CAMNet, SegNet
+from pipeline.train.classifier import ClassifierParams, build_classifier
+from pipeline.train.segment import build_segnet
 
 CASES = {
     # backbone: (crop, batch, output stride) of the preset that uses it
@@ -29,11 +31,10 @@ CASES = {
 
 
 def network(name: str, backbone: str) -> CAMNet | SegNet:
-    """The ``classifier`` or ``segment`` stage's network on ``backbone``, 20 classes."""
-    stride, freeze_bn = CASES[backbone][2], backbone != "small"
-    if name == "classifier":
-        return CAMNet(build_backbone(backbone, None, stride), 20, freeze_bn=freeze_bn)
-    return SegNet(build_backbone(backbone, None, stride), 20, freeze_bn=freeze_bn, dilation=seg_dilation(stride))
+    """The ``classifier`` or ``segment`` stage's network on ``backbone``, 20 classes, built as the
+    stage builds it (random weights: speed does not depend on them)."""
+    params = ClassifierParams(backbone=backbone, output_stride=CASES[backbone][2], freeze_bn=backbone != "small")
+    return build_classifier(params, 20) if name == "classifier" else build_segnet(params, 20, None)
 
 
 def step_seconds(name: str, backbone: str, channels_last: bool, steps: int, device: torch.device) -> list[float]:
