@@ -131,11 +131,14 @@ def test_multiscale_flip_inference_averages_probabilities_and_is_mirror_symmetri
     torch.testing.assert_close(mirrored, probs.flip(-1))
 
 
-def test_pseudo_label_loss_averages_over_labelled_pixels_only():
-    logits = torch.randn(1, 3, 2, 2)
-    labels = torch.tensor([[[0, 2], [IGNORE, IGNORE]]])
-    expected = torch.nn.functional.cross_entropy(logits[..., 0, :], labels[..., 0, :])
+def test_pseudo_label_loss_averages_background_and_objects_apart_over_labelled_pixels_only():
+    logits = torch.randn(1, 3, 2, 3)
+    labels = torch.tensor([[[0, 0, 0], [2, 1, IGNORE]]])
+    losses = torch.nn.functional.cross_entropy(logits, labels, ignore_index=IGNORE, reduction="none")[0]
+    expected = (losses[0].mean() + losses[1, :2].mean()) / 2  # three background pixels weigh as much as two object ones
     torch.testing.assert_close(pseudo_label_loss(logits, labels), expected)
+    background_only = torch.tensor([[[0, 0, 0], [IGNORE, IGNORE, IGNORE]]])
+    torch.testing.assert_close(pseudo_label_loss(logits, background_only), losses[0].mean() / 2)
     assert pseudo_label_loss(logits, torch.full_like(labels, IGNORE)) == 0
 
 
