@@ -127,9 +127,9 @@ def pseudo_label_loss(logits: Tensor, labels: Tensor, counts: Tensor | None = No
 
     Balanced as the one-step network was trained: with one average over all pixels, the
     background, most of every pseudo-label, outweighs the objects, and a class that fills a
-    small part of few training images is learnt as background. Where the one-step's pseudo-labels
-    already lean to background (objects whose CAMs cover a small part), a plain average made
-    DeepLab fall below the one-step (README "Real photos: MSRC-v2").
+    small part of few training images is learnt as background, the more so where the one-step's
+    pseudo-labels already give part of those objects to the background (README "Notes on the
+    method's parameters").
     """
     return 0.5 * segmentation_ce(logits, labels, counts)
 
