@@ -27,12 +27,14 @@ from dense_energy import make_batch, timed
 from pipeline.method.losses import DenseEnergyLoss, crop_weight, segmentation_ce
 from pipeline.method.prune import PruneParams
 from pipeline.models import SegNet, build_backbone, param_groups
-from pipeline.train.segment import Miner, fused_cams, running_statistics_kept, upsample
+from pipeline.train.segment import Miner, SegmentParams, fused_cams, running_statistics_kept, upsample
 
 REFERENCE_STEPS = 20_000
 """RRM's `train_from_cls_weight.py` schedule."""
-SCALES = (1.0, 0.5, 1.5, 2.0)
 CLASSES = 20
+PARAMS = SegmentParams()
+"""The dense energy's and the miner's defaults (the paper's)."""
+SCALES = PARAMS.mining_scales
 
 
 def best_seconds(run: Callable[[], Any], steps: int) -> float:
@@ -62,8 +64,9 @@ def main() -> None:
     tags = torch.zeros(args.batch, CLASSES)
     tags[:, :2] = 1
     batch = {"image": images, "rgb": rgb.to(torch.uint8), "labels": tags}
-    energy = DenseEnergyLoss(crop_weight(5e-8, args.crop, 0.5, 100.0), 15.0, 100.0, 0.5)
-    miner = Miner(PruneParams(), SCALES, args.workers)
+    energy = DenseEnergyLoss(crop_weight(PARAMS.dense_weight, args.crop, PARAMS.energy_scale, PARAMS.sigma_xy),
+                             PARAMS.sigma_rgb, PARAMS.sigma_xy, PARAMS.energy_scale)
+    miner = Miner(PruneParams(), SCALES, args.workers, torch.device("cpu"))
     try:
         output = net(images)
         with torch.no_grad(), running_statistics_kept(net):

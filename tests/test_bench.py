@@ -45,3 +45,15 @@ def test_the_training_layout_benchmark_times_both_layouts_of_each_backbone():
     assert [row[:2] for row in rows] == [[net, backbone] for net in ("classifier", "segment")
                                          for backbone in ("small", "mobilenet_v2")]
     assert all(float(row[-1]) > 0 for row in rows)
+
+
+def test_the_end_to_end_benchmark_times_each_part_of_a_step_and_projects_the_schedule():
+    result = subprocess.run([sys.executable, str(BENCH / "end_to_end.py"), "--backbone", "small", "--crop", "64",
+                             "--batch", "2", "--steps", "1", "--workers", "1"],
+                            capture_output=True, text=True, timeout=300, check=True)
+    lines = result.stdout.splitlines()
+    assert "scales (1.0, 0.5, 1.5, 2.0)" in lines[1]
+    parts = [line.strip().split(":")[0] for line in lines[2:-1]]
+    assert parts == ["forward", "other scales (no gradient)", "dense CRFs (4 in 1 processes)",
+                     "forward + losses + backward + step"]
+    assert "20000 steps:" in lines[-1]
