@@ -6,7 +6,6 @@ alone shows progress (its share), marks the store complete and writes the metric
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 from pipeline.core.distributed import default_device, init_distributed
@@ -17,7 +16,13 @@ from pipeline.core.registry import CAMS, CLASSIFIER_WEIGHTS, STAGES
 from pipeline.core.run import load_run
 from pipeline.core.stage import run, screened_dataset, stopwatch
 from pipeline.core.store import StorageParams
-from pipeline.method.cams import CamParams, cams_made_from, coarse_scales_warning, extract_cams, image_size, score_cams
+from pipeline.method.cams import (
+    CamParams,
+    cams_made_from,
+    extract_cams,
+    score_cams,
+    warn_of_coarse_scales,
+)
 from pipeline.method.metrics import write_metrics
 from pipeline.models import fold_batch_norms
 from pipeline.train.classifier import ClassifierParams, classifier_made_from, load_classifier
@@ -42,10 +47,7 @@ def main(params_path: Path, skip_bad: bool | None = None) -> None:
     splits = (dataset.train_split, dataset.val_split)
     if ctx.is_main:
         start(store, cams_made_from(manifest, splits, params, weights))
-        sizes = [image_size(manifest.image_path(item.id)) for item in manifest.split(dataset.train_split)]
-        warning = coarse_scales_warning(sizes, params.scales, classifier.output_stride)
-        if warning:
-            print(f"warning: {warning}", file=sys.stderr)
+        warn_of_coarse_scales("cams.scales", manifest, dataset.train_split, params.scales, classifier.output_stride)
     ctx.barrier()
     with stopwatch() as timing:
         for split in splits:

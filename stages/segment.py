@@ -19,6 +19,7 @@ from pipeline.core.registry import CAMS, CLASSIFIER_WEIGHTS, MASKS, PSEUDO, SEGM
 from pipeline.core.run import load_run
 from pipeline.core.stage import run, screened_dataset, stopwatch
 from pipeline.core.store import StorageParams
+from pipeline.method.cams import warn_of_coarse_scales
 from pipeline.method.crf import inference_crf
 from pipeline.method.metrics import write_metrics
 from pipeline.method.mining import masks_made_from
@@ -58,6 +59,9 @@ def main(params_path: Path, skip_bad: bool | None = None) -> None:
                                                               **(settings("prune", prune) if mined else {})},
                          {**start_from, "masks.zarr": masks.fingerprint if staged else None})
     ctx = init_distributed()
+    if mined and ctx.is_main:
+        warn_of_coarse_scales("segment.mining_scales", manifest, dataset.train_split, params.mining_scales,
+                              classifier.output_stride)
     device = default_device(ctx)
     weights = storage.file(STAGE.weights)
     if ctx.is_main:

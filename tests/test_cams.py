@@ -21,6 +21,7 @@ from pipeline.method.cams import (
     image_size,
     multiscale_cams,
     padded_channels,
+    sampled_sizes,
     score_cams,
     select_and_normalise,
     size_grouped_batches,
@@ -119,14 +120,21 @@ def test_a_pixel_budget_caps_batches_of_large_images():
 
 def test_scales_whose_cams_are_too_coarse_for_the_images_are_named():
     synthetic = [(96, 96)] * 5
-    warning = coarse_scales_warning(synthetic, (1.0, 0.5, 1.5, 2.0), output_stride=8)
+    warning = coarse_scales_warning("cams.scales", synthetic, (1.0, 0.5, 1.5, 2.0), output_stride=8)
     assert warning.startswith("cams.scales: at 0.5 the median image (96 pixels on its shorter side, output stride 8)"
                               " gives CAMs 6 cells across, under 12")
-    assert coarse_scales_warning(synthetic, (1.0, 1.5, 2.0), output_stride=8) is None
+    assert coarse_scales_warning("cams.scales", synthetic, (1.0, 1.5, 2.0), output_stride=8) is None
     photos = [(240, 320), (320, 240), (213, 320)]
-    assert "at 0.75 and 0.5 " in coarse_scales_warning(photos, (1.0, 0.75, 0.5), output_stride=16)
-    assert coarse_scales_warning(photos, (1.0, 1.5), output_stride=16) is None
-    assert coarse_scales_warning([], (0.5,), output_stride=8) is None
+    assert "at 0.75 and 0.5 " in coarse_scales_warning("cams.scales", photos, (1.0, 0.75, 0.5), output_stride=16)
+    assert coarse_scales_warning("cams.scales", photos, (1.0, 1.5), output_stride=16) is None
+    assert coarse_scales_warning("segment.mining_scales", [], (0.5,), output_stride=8) is None
+
+
+def test_a_size_sample_spreads_evenly_over_the_split(manifest):
+    every = [image_size(manifest.image_path(item.id)) for item in manifest.split("train")]
+    assert sampled_sizes(manifest, "train") == every
+    assert sampled_sizes(manifest, "train", count=3) == every[::3]  # 7 images: the 1st, 4th and 7th
+    assert sampled_sizes(manifest, "train", count=1) == every[:1]
 
 
 def test_image_size_comes_from_the_header(manifest, tmp_path):

@@ -71,11 +71,14 @@ def test_rerunning_cams_skips_finished_images(project, monkeypatch):
 
 
 @pytest.mark.parametrize("mode", ["staged", "end_to_end"])
-def test_segment_trains_predicts_and_scores(project, monkeypatch, mode):
+def test_segment_trains_predicts_and_scores(project, monkeypatch, capsys, mode):
     monkeypatch.chdir(project)
     _write_masks_from_cams()
     write_tiny_project(Path("."), segment={"mode": mode})
     segment.main(Path("params.yaml"))
+    # 48-pixel images at output stride 8: the miner's CAMs, 6 cells across, are too coarse
+    warned = "warning: segment.mining_scales: at 1 the median image (48 pixels" in capsys.readouterr().err
+    assert warned == (mode == "end_to_end")
     scores = _metrics("segment")
     assert scores["mode"] == mode and 0 <= scores["miou"] <= 1 and 0 <= scores["miou_no_crf"] <= 1
     assert scores["pseudo"]["scored_images"] == 16

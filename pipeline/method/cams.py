@@ -13,6 +13,7 @@ the flipped copies, in one forward pass.
 
 from __future__ import annotations
 
+import sys
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -88,10 +89,22 @@ upsampled, spread every CAM over the background, above the pruning's background 
 (README "Notes on the method's parameters")."""
 
 
-def coarse_scales_warning(sizes: Sequence[tuple[int, int]], scales: Sequence[float], output_stride: int) -> str | None:
-    """One line naming the ``scales`` at which the median image of ``sizes`` ((height, width)
-    pairs) gives CAMs of fewer than :data:`MIN_CAM_CELLS` cells on its shorter side at
-    ``output_stride``; None where there is none (or no image)."""
+SIZE_SAMPLE = 256
+"""Images whose sizes :func:`sampled_sizes` reads: enough for a median."""
+
+
+def sampled_sizes(manifest: Manifest, split: str, count: int = SIZE_SAMPLE) -> list[tuple[int, int]]:
+    """The (height, width) of at most ``count`` images of ``split``, evenly spaced over it: a
+    typical size without a second pass over every header (the extraction reads them all)."""
+    items = manifest.split(split)
+    return [image_size(manifest.image_path(item.id)) for item in items[:: max(1, -(-len(items) // count))]]
+
+
+def coarse_scales_warning(setting: str, sizes: Sequence[tuple[int, int]], scales: Sequence[float],
+                          output_stride: int) -> str | None:
+    """One line naming the ``scales`` (the params key ``setting``) at which the median image of
+    ``sizes`` ((height, width) pairs) gives CAMs of fewer than :data:`MIN_CAM_CELLS` cells on
+    its shorter side at ``output_stride``; None where there is none (or no image)."""
     if not sizes:
         return None
     side = float(np.median([min(size) for size in sizes]))
@@ -100,9 +113,17 @@ def coarse_scales_warning(sizes: Sequence[tuple[int, int]], scales: Sequence[flo
         return None
     at = " and ".join(f"{scale:g}" for scale in coarse)
     cells = " and ".join(f"{side * scale / output_stride:.0f}" for scale in coarse)
-    return (f"cams.scales: at {at} the median image ({side:.0f} pixels on its shorter side, output stride"
+    return (f"{setting}: at {at} the median image ({side:.0f} pixels on its shorter side, output stride"
             f" {output_stride}) gives CAMs {cells} cells across, under {MIN_CAM_CELLS}: upsampled, they spread"
             f" over the background and the pruning keeps little of it (README \"Your own data\")")
+
+
+def warn_of_coarse_scales(setting: str, manifest: Manifest, split: str, scales: Sequence[float],
+                          output_stride: int) -> None:
+    """Print the :func:`coarse_scales_warning` of ``split``'s :func:`sampled_sizes`, if any, to stderr."""
+    warning = coarse_scales_warning(setting, sampled_sizes(manifest, split), scales, output_stride)
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr)
 
 
 def size_grouped_batches(
