@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import os
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -24,7 +25,7 @@ import torch.nn.functional as F
 from common import load_average
 from dense_energy import make_batch, timed
 
-from pipeline.method.losses import DenseEnergyLoss, crop_weight, segmentation_ce
+from pipeline.method.losses import segmentation_ce
 from pipeline.method.prune import PruneParams
 from pipeline.models import SegNet, build_backbone, param_groups
 from pipeline.train.segment import Miner, SegmentParams, fused_cams, running_statistics_kept, upsample
@@ -64,8 +65,7 @@ def main() -> None:
     tags = torch.zeros(args.batch, CLASSES)
     tags[:, :2] = 1
     batch = {"image": images, "rgb": rgb.to(torch.uint8), "labels": tags}
-    energy = DenseEnergyLoss(crop_weight(PARAMS.dense_weight, args.crop, PARAMS.energy_scale, PARAMS.sigma_xy),
-                             PARAMS.sigma_rgb, PARAMS.sigma_xy, PARAMS.energy_scale)
+    energy = replace(PARAMS, crop_size=args.crop).energy()
     miner = Miner(PruneParams(), SCALES, args.workers, torch.device("cpu"))
     try:
         output = net(images)

@@ -102,6 +102,11 @@ class SegmentParams(TrainingParams):
         if 1.0 not in self.mining_scales:
             raise ValueError(f"mining_scales={tuple(self.mining_scales)!r} must hold 1.0, the training pass's own CAMs")
 
+    def energy(self) -> DenseEnergyLoss:
+        """The dense energy of these settings, its weight carried to ``crop_size`` by :func:`crop_weight`."""
+        weight = crop_weight(self.dense_weight, self.crop_size, self.energy_scale, self.sigma_xy)
+        return DenseEnergyLoss(weight, self.sigma_rgb, self.sigma_xy, self.energy_scale, self.energy_method)
+
 
 def build_segnet(classifier: ClassifierParams, num_classes: int, init: Path | None,
                  checkpoint: Path | None = None) -> SegNet:
@@ -257,8 +262,7 @@ def _fit(net: SegNet, manifest: Manifest, split: str, classifier: ClassifierPara
     loader = params.loader(dataset, ctx, device, run)
     model = data_parallel(net, ctx, device, find_unused=staged)  # staged: the classification layer has no loss
     optimizer = params.optimizer(net)
-    weight = crop_weight(params.dense_weight, params.crop_size, params.energy_scale, params.sigma_xy)
-    energy = DenseEnergyLoss(weight, params.sigma_rgb, params.sigma_xy, params.energy_scale, params.energy_method)
+    energy = params.energy()
     miner = None if staged else Miner(prune, params.mining_scales, run.local_workers(), device)
 
     def step(batch: dict[str, Any]) -> dict[str, torch.Tensor]:
