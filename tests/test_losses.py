@@ -17,6 +17,7 @@ from pipeline.method.losses import (
     bilateral_filter_blockwise,
     bilateral_filter_lattice,
     bilateral_filter_sdpa,
+    crop_reach,
     crop_weight,
     dense_energy,
     energy_gate,
@@ -25,6 +26,7 @@ from pipeline.method.losses import (
     reliable_counts,
     segmentation_ce,
 )
+from pipeline.train.segment import SegmentParams
 
 SIGMA_RGB, SIGMA_XY = 15.0, 6.0
 
@@ -256,6 +258,15 @@ def test_crop_weight_keeps_the_energy_of_the_reference_crop_at_any_crop_size():
         weighted = crop_weight(5e-8, side, 0.5, sigma_xy) * float(energy)
         assert math.isclose(weighted, reference, rel_tol=1e-5)
     assert crop_weight(5e-8, 96, 0.5, sigma_xy) > crop_weight(5e-8, 224, 0.5, sigma_xy) > 5e-8
+
+
+def test_the_segment_energy_spans_the_same_share_of_any_crop_as_the_papers_kernel_of_its_crops():
+    assert crop_reach(100.0, 321) == 100.0
+    for crop in (96, 224):
+        energy = SegmentParams(crop_size=crop).energy()
+        assert math.isclose(energy.sigma_xy / crop, 100.0 / 321)
+        assert energy.weight == crop_weight(5e-8, crop, 0.5, energy.sigma_xy)
+    assert SegmentParams(crop_size=321).energy().weight == 5e-8
 
 
 @pytest.mark.parametrize(

@@ -309,14 +309,28 @@ def energy_size(crop_size: int, scale: float, sigma_xy: float) -> float:
     return side * side * kernel_mass(side, sigma_xy * scale) ** 2
 
 
+def crop_reach(sigma_xy: float, crop_size: int) -> float:
+    """The energy kernel's spatial sigma for ``crop_size`` crops that spans the same share of the
+    crop as ``sigma_xy`` does of RRM's 321-pixel crops (:data:`~pipeline.models.nets.REFERENCE_CROP`).
+
+    The kernel's reach, with :func:`crop_weight` the loss settings' one scaling rule. Left at the
+    paper's 100 pixels, the kernel spans the whole of a small crop, and the energy rewards every
+    pixel for agreeing with the crop's dominant colour-alike label, most often the background:
+    objects whose colours come near the background's are then learnt as background beyond their
+    reliable cores (README, "A second benchmark: textures").
+    """
+    return sigma_xy * crop_size / REFERENCE_CROP
+
+
 def crop_weight(weight: float, crop_size: int, scale: float, sigma_xy: float) -> float:
     """The dense energy's weight for ``crop_size`` crops that acts as ``weight`` does on RRM's
-    321-pixel crops (:data:`~pipeline.models.nets.REFERENCE_CROP`): scaled by
-    ``energy_size(reference) / energy_size(crop)``, which keeps the energy's pull on a pixel in the
-    same ratio to the cross-entropy's at any crop size.
+    321-pixel crops (:data:`~pipeline.models.nets.REFERENCE_CROP`), both with the kernel of
+    ``sigma_xy``: scaled by ``energy_size(reference) / energy_size(crop)``, which keeps the energy's
+    pull on a pixel in the same ratio to the cross-entropy's at any crop size.
 
-    The one scaling rule of the loss weights: a preset sets the crop, never the weight. On 96-pixel
-    crops, the paper's weight becomes 49 times larger, on 224-pixel ones 2.7 times.
+    The scaling rule of the loss weights, applied with the kernel's reach of :func:`crop_reach`: a
+    preset sets the crop, never the weight or the sigmas. On 96-pixel crops (sigma_xy 29.9), the
+    paper's weight becomes 16.8 times larger, on 224-pixel ones (69.8) 2.5 times.
     """
     reference = energy_size(REFERENCE_CROP, scale, sigma_xy)
     return weight * reference / energy_size(crop_size, scale, sigma_xy)

@@ -42,6 +42,7 @@ from pipeline.method.losses import (
     DENSE_ENERGY_WEIGHT,
     DenseEnergyLoss,
     check_method,
+    crop_reach,
     crop_weight,
     reliable_counts,
     segmentation_ce,
@@ -76,6 +77,8 @@ class SegmentParams(TrainingParams):
     of it, the same pull against the cross-entropy."""
     sigma_rgb: float = 15.0
     sigma_xy: float = 100.0
+    """The energy kernel's spatial sigma at RRM's 321-pixel crops, in pixels; other crop sizes get
+    :func:`~pipeline.method.losses.crop_reach` of it, the same share of the crop."""
     energy_scale: float = 0.5
     energy_method: str = "auto"
     energy_tags: bool = True
@@ -103,9 +106,11 @@ class SegmentParams(TrainingParams):
             raise ValueError(f"mining_scales={tuple(self.mining_scales)!r} must hold 1.0, the training pass's own CAMs")
 
     def energy(self) -> DenseEnergyLoss:
-        """The dense energy of these settings, its weight carried to ``crop_size`` by :func:`crop_weight`."""
-        weight = crop_weight(self.dense_weight, self.crop_size, self.energy_scale, self.sigma_xy)
-        return DenseEnergyLoss(weight, self.sigma_rgb, self.sigma_xy, self.energy_scale, self.energy_method)
+        """The dense energy of these settings carried to ``crop_size``: its kernel's reach by
+        :func:`crop_reach`, its weight by :func:`crop_weight`."""
+        sigma_xy = crop_reach(self.sigma_xy, self.crop_size)
+        weight = crop_weight(self.dense_weight, self.crop_size, self.energy_scale, sigma_xy)
+        return DenseEnergyLoss(weight, self.sigma_rgb, sigma_xy, self.energy_scale, self.energy_method)
 
 
 def build_segnet(classifier: ClassifierParams, num_classes: int, init: Path | None,
