@@ -92,7 +92,8 @@ def plain_loop(
     workers; each scale, and each mirror image, its own forward pass, whose maps of every class
     are upsampled to the image size, copied to the host, masked by the image's labels and
     flipped back there; the present classes of their sum kept and normalised."""
-    loader = DataLoader(ImageDataset(manifest, "all"), num_workers=run.loader_workers, pin_memory=device.type == "cuda")
+    loader = DataLoader(ImageDataset(manifest, "all"), num_workers=run.loader_processes(device),
+                        pin_memory=device.type == "cuda")
     with torch.inference_mode(), torch.autocast(device.type, enabled=device.type == "cuda" and params.amp):
         for sample in loader:
             image = sample["image"].to(device)
@@ -205,7 +206,8 @@ def main() -> None:
     parser.add_argument("--backbone", default="small", help="a backbone of pipeline.models")
     parser.add_argument("--batch-size", type=int, default=DEFAULT_RUN.inference_batch)
     parser.add_argument("--batch-pixels", type=int, default=DEFAULT_RUN.batch_pixels)
-    parser.add_argument("--workers", type=int, default=DEFAULT_RUN.loader_workers)
+    parser.add_argument("--workers", type=int, default=None,
+                        help="DataLoader processes (default: by device, RunParams.loader_processes)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch intra-op threads")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -216,7 +218,7 @@ def main() -> None:
     print(f"machine: {os.cpu_count()} cores, load average {load_average()} before the run")
     print(
         f"device {device}, backbone {args.backbone}, scales {params.scales}, flip {params.flip}, "
-        f"batch {run.inference_batch} (at most {run.batch_pixels} pixels), workers {run.loader_workers}, "
+        f"batch {run.inference_batch} (at most {run.batch_pixels} pixels), workers {run.loader_processes(device)}, "
         f"torch threads {args.threads}"
     )
     for name, sizes in SIZE_SETS.items() if args.speed else ():

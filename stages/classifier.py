@@ -35,7 +35,7 @@ def main(params_path: Path, skip_bad: bool | None = None) -> None:
                                run)
     if ctx.is_main:
         write_record(weights, made)
-        scores = evaluate_classifier(net, manifest, dataset.val_split, device, run.loader_workers)
+        scores = evaluate_classifier(net, manifest, dataset.val_split, device, run.loader_processes(device))
         write_metrics(storage.file(STAGE.metrics_file), {**scores, "rejected": rejected, **timing})
 
 

@@ -1,9 +1,11 @@
 from dataclasses import dataclass
 
 import pytest
+import torch
 
 from pipeline.core.errors import InputError
 from pipeline.core.params import build_params, check_range, load_params
+from pipeline.core.run import RunParams
 
 
 @dataclass(frozen=True)
@@ -54,3 +56,12 @@ def test_missing_and_broken_params_file(tmp_path):
     (tmp_path / "bad.yaml").write_text("classifier: [\n")
     with pytest.raises(InputError, match="not valid YAML"):
         load_params(Example, "x", tmp_path / "bad.yaml")
+
+
+def test_loader_processes_are_set_by_hand_or_else_chosen_by_device(monkeypatch):
+    monkeypatch.setattr("os.cpu_count", lambda: 16)
+    assert RunParams().loader_processes(torch.device("cpu")) == 0  # reading between the steps
+    assert RunParams().loader_processes(torch.device("cuda")) == 8
+    assert RunParams(loader_workers=3).loader_processes(torch.device("cpu")) == 3
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    assert RunParams().loader_processes(torch.device("cuda")) == 2

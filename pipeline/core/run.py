@@ -11,14 +11,19 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pipeline.core.params import PARAMS_FILE, check_range, load_params
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
 class RunParams:
-    loader_workers: int = 2
-    """DataLoader processes that read and augment the images (0: in the stage's own process)."""
+    loader_workers: int | None = None
+    """DataLoader processes that read and augment the images (0: in the stage's own process).
+    None: :meth:`loader_processes` picks by device."""
     workers: int | None = None
     """Local processes of the dense CRFs: pruning, end-to-end mining and the inference CRFs (each
     started clean, one thread each: the CRF holds the GIL). None: one per CPU core."""
@@ -37,11 +42,25 @@ class RunParams:
     """Training steps between saved training states, from which a killed run resumes."""
 
     def __post_init__(self) -> None:
-        check_range("loader_workers", self.loader_workers, 0)
+        if self.loader_workers is not None:
+            check_range("loader_workers", self.loader_workers, 0)
         if self.workers is not None:
             check_range("workers", self.workers, 1)
         for name in ("chunk_size", "inference_batch", "batch_pixels", "checkpoint_every"):
             check_range(name, getattr(self, name), 1)
+
+    def loader_processes(self, device: torch.device) -> int:
+        """How many DataLoader processes read the images for a network on ``device``:
+        ``loader_workers``, or else none on a CPU and one per core up to 8 on a GPU.
+
+        On a CPU the network's threads already hold every core, and processes decoding and
+        augmenting beside them only take turns with it (README, "Running bigger"); reading in
+        the stage's own process, between the steps, costs less than they slow it. A GPU's steps
+        leave the cores free, and the images must come as fast as it takes them.
+        """
+        if self.loader_workers is not None:
+            return self.loader_workers
+        return 0 if device.type == "cpu" else min(8, os.cpu_count() or 1)
 
     def local_workers(self) -> int:
         """How many local CRF processes: ``workers``, or one per CPU core."""

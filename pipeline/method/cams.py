@@ -235,10 +235,11 @@ def extract_cams(
     Images whose CAMs the store already holds in full are skipped, so a killed run resumes
     where it stopped. Process ``rank`` of ``world_size`` takes the ids ``[rank::world_size]``
     of the split. ``run`` sizes the batches and passes (its ``inference_batch`` and
-    ``batch_pixels``) and its ``loader_workers`` read the images. ``cam_fn`` must already be on
-    ``device``. Only the present classes' maps are upsampled; a background thread writes each
-    batch while the next goes through the network (one batch in flight, so memory stays flat; a
-    failed write stops the run with its error). Returns the ids written.
+    ``batch_pixels``) and its :meth:`~pipeline.core.run.RunParams.loader_processes` read the
+    images. ``cam_fn`` must already be on ``device``. Only the present classes' maps are
+    upsampled; a background thread writes each batch while the next goes through the network
+    (one batch in flight, so memory stays flat; a failed write stops the run with its error).
+    Returns the ids written.
     """
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside 0..{world_size - 1}")
@@ -255,7 +256,7 @@ def extract_cams(
     loader = DataLoader(
         dataset,
         batch_sampler=size_grouped_batches(todo, run.inference_batch, run.batch_pixels),
-        num_workers=run.loader_workers,
+        num_workers=run.loader_processes(device),
         pin_memory=cuda,
     )
     label = f"cams {split}" + (f" [{rank + 1}/{world_size}]" if world_size > 1 else "")

@@ -71,7 +71,7 @@ class TrainingParams:
         return torch.optim.SGD(param_groups(net, self.lr, self.weight_decay), lr=self.lr, momentum=self.momentum)
 
     def loader(self, dataset: Dataset, ctx: Distributed, device: torch.device, run: RunParams) -> DataLoader:
-        return make_loader(dataset, self.batch_size, run.loader_workers, ctx, self.seed, device)
+        return make_loader(dataset, self.batch_size, run.loader_processes(device), ctx, self.seed, device)
 
     def loop(self, description: str, progress: bool, run: RunParams) -> LoopSettings:
         return LoopSettings(self.steps, run.checkpoint_every, amp=self.amp, deterministic=self.deterministic,
