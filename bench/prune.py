@@ -52,6 +52,11 @@ STRIDE = 8
 """The fake CAMs are blurred over about one cell of a stride-8 feature map."""
 
 
+def crf_beside(masks: ImageStore) -> ImageStore:
+    """Where mining writes the CRF labels of a mask store of this benchmark."""
+    return ImageStore(masks.path.with_name(f"{masks.path.stem}_crf.zarr"))
+
+
 def fake_cams(gt: np.ndarray, classes: tuple[int, ...]) -> np.ndarray:
     """float16 (k, H, W): each class's ground-truth region blurred, divided by its maximum."""
     cams = [gaussian_filter((gt == c + 1).astype(np.float32), sigma=STRIDE / 2) for c in classes]
@@ -91,9 +96,10 @@ def on_cluster(
         cluster = RunParams(scheduler=client.scheduler.address, chunk_size=chunk_size)
         warm = replace(manifest, splits={"warm": manifest.split(SPLIT)[: 2 * workers]}, source=None)  # not its file's
         scratch = ImageStore(masks.path.with_suffix(".warm"))
-        mine_split(warm, "warm", cams, scratch, PARAMS, replace(cluster, chunk_size=1), progress=False)
+        mine_split(warm, "warm", cams, scratch, crf_beside(scratch), PARAMS, replace(cluster, chunk_size=1),
+                   progress=False)
         start = time.perf_counter()
-        mine_split(manifest, SPLIT, cams, masks, PARAMS, cluster, progress=False)
+        mine_split(manifest, SPLIT, cams, masks, crf_beside(masks), PARAMS, cluster, progress=False)
         return started, time.perf_counter() - start
 
 

@@ -49,6 +49,7 @@ from pipeline.inspection.project import Project
 from pipeline.inspection.stats import all_stats
 from pipeline.method.cams import CamParams, extract_cams
 from pipeline.method.crf import INFERENCE_CRF
+from pipeline.method.tags import given_tags
 from pipeline.models import CAMNet, SegNet, build_backbone, fold_batch_norms
 from pipeline.train.segment import infer_split, segnet_probabilities
 
@@ -95,7 +96,7 @@ def infer(root: Path) -> None:
     store = ImageStore(root / PSEUDO.name, stage=PSEUDO.stage)
     store.reset_unless("bench")
     infer_split(segnet_probabilities(net), manifest, SPLIT, store, torch.device("cpu"), INFERENCE_CRF, RunParams(),
-                restricted=True, progress=False)
+                given_tags(manifest, SPLIT), progress=False)
 
 
 def project(root: Path) -> Project:

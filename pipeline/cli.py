@@ -83,9 +83,35 @@ def textures(out: Path, **settings: int) -> None:
     from pipeline.data.textures import TextureParams, generate
 
     stats = generate(build_params(TextureParams, settings, "rrm textures"), out)
-    click.echo(f"wrote {sum(stats['images'].values())} images to {out}; its manifest:")
+    _print_folder_command(out, sum(stats["images"].values()), "textures")
+
+
+@main.command()
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("data/patches"),
+              show_default=True, help="Folder to write: images/, masks/, labels.csv, classes.txt.")
+@click.option("--num-classes", type=int, default=5, show_default=True, help="Number of classes (at most 5).")
+@click.option("--train-images", type=int, default=480, show_default=True, help="Number of training images.")
+@click.option("--val-images", type=int, default=120, show_default=True, help="Number of validation images.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Random seed; the same seed gives the same files.")
+def patches(out: Path, **settings: int) -> None:
+    """Generate the patch benchmark, a third synthetic dataset.
+
+    Animals whose bodies share one palette across the classes and whose class shows only in a
+    small black-and-white patch on the flank; scenes co-occur with classes; 112x144 PNGs. Written
+    in the layout of `rrm manifest folder`, which the printed command then reads.
+    """
+    from pipeline.core.params import build_params
+    from pipeline.data.patches import PatchParams, generate
+
+    stats = generate(build_params(PatchParams, settings, "rrm patches"), out)
+    _print_folder_command(out, sum(stats["images"].values()), "patches")
+
+
+def _print_folder_command(out: Path, images: int, name: str) -> None:
+    """Say what was written and the `rrm manifest folder` command that reads it."""
+    click.echo(f"wrote {images} images to {out}; its manifest:")
     click.echo(f"  rrm manifest folder --images {out}/images --labels {out}/labels.csv --masks {out}/masks "
-               f"--classes \"$(cat {out}/classes.txt)\" --name textures")
+               f"--classes \"$(cat {out}/classes.txt)\" --name {name}")
 
 
 def _format_stats(stats: dict) -> str:

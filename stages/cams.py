@@ -52,7 +52,7 @@ def main(params_path: Path, skip_bad: bool | None = None) -> None:
     with stopwatch() as timing:
         for split in splits:
             extract_cams(net.cams, manifest, split, store, params, device, ctx.rank, ctx.world_size,
-                         run, progress=ctx.is_main)
+                         run, progress=ctx.is_main, score_fn=net)
     ctx.barrier()
     if not ctx.is_main:
         return

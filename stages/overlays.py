@@ -2,7 +2,9 @@
 
 Draws the `rrm show` panels of the first ``overlays.samples`` images of the training and the
 validation split into ``plots/overlays/<id>.png`` (DVC shows a folder of PNGs as image plots)
-and writes ``plots/stats_per_class.json``, the per-class figures of `rrm stats`. Stages that
+and writes ``plots/stats_per_class.json``, the per-class figures of `rrm stats`, and
+``plots/train_labels_per_class.json``, the IoU per class of every labelling of the training
+split (CAMs, reliable masks, refined labels, one-step pseudo-labels). Stages that
 have not run, or are switched off (deeplab), leave their panels out and their figures null.
 """
 
@@ -11,17 +13,18 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from pipeline.core.io import write_json
+from pipeline.core.io import read_json_object, write_json
 from pipeline.core.params import load_params
-from pipeline.core.registry import ROLES
+from pipeline.core.registry import ROLES, STAGES
 from pipeline.core.stage import load_dataset, run
 from pipeline.core.store import StorageParams
 from pipeline.inspection.figures import OverlayParams, image_figure
 from pipeline.inspection.project import Project
-from pipeline.inspection.stats import all_stats, per_class_rows
+from pipeline.inspection.stats import all_stats, per_class_rows, training_label_rows
 
 OVERLAYS = Path("plots/overlays")
 PER_CLASS = Path("plots/stats_per_class.json")
+TRAINING_LABELS = Path("plots/train_labels_per_class.json")
 """Under ``storage.root``, as every file a stage writes."""
 
 
@@ -34,7 +37,11 @@ def main(params_path: Path) -> None:
     for role in ROLES:
         for item in manifest.split(project.split(role))[: params.samples]:
             image_figure(project, item.id)[0].save(overlays / f"{item.id}.png")
-    write_json(project.storage.file(PER_CLASS), per_class_rows(all_stats(project), manifest.label_names))
+    report = all_stats(project)
+    write_json(project.storage.file(PER_CLASS), per_class_rows(report, manifest.label_names))
+    cams = project.storage.file(STAGES["cams"].metrics_file)
+    cam_iou = read_json_object(cams, "metrics file").get("train", {}).get("iou") if cams.is_file() else None
+    write_json(project.storage.file(TRAINING_LABELS), training_label_rows(report, cam_iou, manifest.label_names))
 
 
 if __name__ == "__main__":

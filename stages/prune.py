@@ -1,4 +1,6 @@
-"""Stage `prune`: mine the reliable regions of the training split's CAMs; score them.
+"""Stage `prune`: mine the reliable regions of the training split's CAMs (masks.zarr), keep the
+labels of the two CRFs alone beside them (crf.zarr, what the refine stage learns from); score
+both.
 
 Only the training split is pruned: its masks are what the segmentation stage learns from, and
 pruning is the costly part (two dense CRFs per image). The validation split is judged on the
@@ -8,7 +10,7 @@ refused unless it was made from the current dataset, `cams:` settings and classi
 ``python -m stages.prune [params.yaml] [--scheduler ADDRESS]``: the `prune:` section holds the rule's settings,
 the `run:` section how to run it (``scheduler``, ``workers``, ``chunk_size``). With the torch CRF
 backend on a GPU the stage mines in its own process; under ``torchrun`` every process mines its
-share of the images on its GPU, and rank 0 marks the store complete and scores it all (reading
+share of the images on its GPU, and rank 0 marks the stores complete and scores them all (reading
 the other ranks' masks back). Otherwise rank 0 alone mines, over the dask cluster.
 """
 
@@ -21,7 +23,7 @@ from pipeline.core.distributed import default_device, init_distributed
 from pipeline.core.io import write_json
 from pipeline.core.params import load_params
 from pipeline.core.provenance import check, start
-from pipeline.core.registry import CAMS, CLASSIFIER_WEIGHTS, MASKS, STAGES
+from pipeline.core.registry import CAMS, CLASSIFIER_WEIGHTS, CRF, MASKS, STAGES
 from pipeline.core.run import load_run
 from pipeline.core.stage import run, screened_dataset, stopwatch
 from pipeline.core.store import StorageParams
@@ -43,7 +45,7 @@ def main(params_path: Path, scheduler: str | None = None, skip_bad: bool | None 
     if scheduler is not None:
         run_params = replace(run_params, scheduler=scheduler)
     storage = load_params(StorageParams, "storage", params_path)
-    cams, masks = storage.store(CAMS), storage.store(MASKS)
+    cams, masks, crf = storage.store(CAMS), storage.store(MASKS), storage.store(CRF)
     cams.require_complete()
     check(cams, cams_made_from(manifest, (dataset.train_split, dataset.val_split),
                                load_params(CamParams, "cams", params_path), storage.file(CLASSIFIER_WEIGHTS)), manifest)
@@ -54,16 +56,17 @@ def main(params_path: Path, scheduler: str | None = None, skip_bad: bool | None 
             device = default_device(ctx)
             if ctx.enabled:  # each rank mines its share; rank 0 then reads every mask back and scores it all
                 if ctx.is_main:
-                    start(masks, masks_made_from(manifest, split, params, cams))
+                    for store in (masks, crf):
+                        start(store, masks_made_from(manifest, split, params, cams))
                 ctx.barrier()
-                mine_split(manifest, split, cams, masks, params, run_params, ctx.is_main, device, ctx.rank,
+                mine_split(manifest, split, cams, masks, crf, params, run_params, ctx.is_main, device, ctx.rank,
                            ctx.world_size)
                 ctx.barrier()
                 if not ctx.is_main:
                     return
-            score = mine_split(manifest, split, cams, masks, params, run_params, device=device)
+            score = mine_split(manifest, split, cams, masks, crf, params, run_params, device=device)
         elif ctx.is_main:
-            score = mine_split(manifest, split, cams, masks, params, run_params)
+            score = mine_split(manifest, split, cams, masks, crf, params, run_params)
         else:
             return
     metrics = score.as_dict(manifest.label_names)

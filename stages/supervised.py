@@ -20,7 +20,7 @@ def main(params_path: Path, skip_bad: bool | None = None) -> None:
     """Run the stage; ``skip_bad`` (``--skip-bad``) overrides ``dataset.skip_bad``."""
     enabled = load_params(SupervisedParams, "supervised", params_path).enabled
     run_deeplab(params_path, STAGES["supervised"], enabled, lambda manifest, split, _: ground_truth(manifest, split),
-                skip_bad)
+                "ground truth", skip_bad)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import yaml
 from scipy.ndimage import gaussian_filter
 
 from pipeline.core.io import write_image, write_mask
+from pipeline.core.store import ImageStore
 from pipeline.data.manifest import Item, Manifest, default_palette
 from pipeline.data.synth import SynthParams, render, sample_rng
 
@@ -55,6 +56,7 @@ TINY: dict[str, dict] = {
     "classifier": {"crop_size": 48, "batch_size": 8, "steps": 6},
     "cams": {"scales": [1.0, 0.5]},
     "prune": {},
+    "refine": {"crop_size": 48, "batch_size": 4, "steps": 2, "log_steps": 3},
     "segment": {"crop_size": 48, "batch_size": 4, "steps": 3, "mining_scales": [1.0]},
     "deeplab": {"backbone": "small", "crop_size": 48, "batch_size": 4, "steps": 2, "scales": [1.0], "flip": False},
 }
@@ -85,3 +87,8 @@ def synthetic_cams(index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         cam = gaussian_filter(own, 3.0) + 0.5 * gaussian_filter(np.roll(own, 9, axis=1), 6.0)
         cams.append(cam / cam.max())
     return sample.image, np.stack(cams), np.array(labels) - 1
+
+
+def beside(masks: ImageStore) -> ImageStore:
+    """The store of a mask store's CRF labels (which mining writes with the masks): ``<name>_crf.zarr`` beside it."""
+    return ImageStore(masks.path.with_name(f"{masks.path.stem}_crf.zarr"))

@@ -57,3 +57,12 @@ def test_the_end_to_end_benchmark_times_each_part_of_a_step_and_projects_the_sch
     assert parts == ["forward", "other scales (no gradient)", "dense CRFs (4 in 1 processes)",
                      "forward + losses + backward + step"]
     assert "20000 steps:" in lines[-1]
+
+
+def test_the_refine_benchmark_compares_the_walk_with_its_dense_matrix():
+    result = subprocess.run([sys.executable, str(BENCH / "refine.py"), "--images", "1", "--height", "60",
+                             "--width", "80"], capture_output=True, text=True, timeout=300, check=True)
+    lines = result.stdout.splitlines()
+    assert [line.split()[0] for line in lines[1:3]] == ["walk", "dense"]
+    assert "walk / dense" in lines[3] and "largest difference" in lines[4]
+    assert float(lines[4].rsplit(" ", 1)[1]) < 1e-4

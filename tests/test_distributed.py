@@ -34,6 +34,7 @@ from pipeline.method.mining import environ_restored, mine_split
 from pipeline.method.prune import PruneParams
 from pipeline.train.segment import infer_split
 from stages import data, prune
+from tests.conftest import beside
 from tests.test_faults import PARAMS as FAULTS_PARAMS
 from tests.test_faults import outputs, store_digest
 
@@ -209,7 +210,7 @@ def test_prune_of_two_processes_with_the_torch_crf_equals_one_process_and_rank_0
     single = fresh(reference / "cams", tmp_path / "single")
     manifest = load_manifest(single / "manifests/synth.json")
     masks = ImageStore(single / "artifacts/masks.zarr", "prune")
-    expected = mine_split(manifest, "train", ImageStore(single / "artifacts/cams.zarr"), masks,
+    expected = mine_split(manifest, "train", ImageStore(single / "artifacts/cams.zarr"), masks, beside(masks),
                           PruneParams(crf_backend="torch"), RunParams(), progress=False,
                           device=torch.device("cpu"))  # one process, no cluster
 

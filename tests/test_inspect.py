@@ -27,6 +27,7 @@ from pipeline.inspection.project import Project
 from pipeline.inspection.stats import MaskStats, all_stats
 from pipeline.method.metrics import PartialLabelScore
 from stages import overlays
+from tests.conftest import beside
 
 SCALE = 10
 """The default enlargement of a 20x24 image: the least that makes its shorter side 192 pixels or more."""
@@ -51,8 +52,9 @@ def _write(store: ImageStore, masks: dict[str, np.ndarray]) -> None:
 
 
 def write_artifacts(manifest: Manifest, folder: Path) -> None:
-    """CAMs of every image; reliable masks and pseudo-labels of train (im1's pseudo-label all
-    background, its worst image); segment predictions of val; no deeplab store."""
+    """CAMs of every image; reliable masks, refined labels and pseudo-labels of train (im1's
+    pseudo-label all background, its worst image; im2's refined label too); segment predictions of
+    val; no deeplab store."""
     truths = {item.id: manifest.read_mask(item) for items in manifest.splits.values() for item in items}
     train, val = ([item.id for item in manifest.split(name)] for name in ("train", "val"))
     cams = ImageStore(folder / CAMS.name)
@@ -64,6 +66,8 @@ def write_artifacts(manifest: Manifest, folder: Path) -> None:
     _write(ImageStore(folder / "masks.zarr"), {i: _reliable(truths[i]) for i in train})
     pseudo = {i: truths[i] for i in train} | {"im1": np.zeros_like(truths["im1"])}
     _write(ImageStore(folder / "pseudo.zarr"), pseudo)
+    refined = {i: truths[i] for i in train} | {"im2": np.zeros_like(truths["im2"])}
+    _write(ImageStore(folder / "refined.zarr"), refined)
     _write(ImageStore(folder / "segment.zarr"), {i: truths[i] for i in val})
 
 
@@ -92,10 +96,10 @@ def cli(project: Project, artifacts: Path, tmp_path: Path):
 
 def test_show_draws_one_panel_per_map_and_mask_with_a_legend_of_the_image_classes(project, cli, tmp_path):
     figure, notes = image_figure(project, "im0")
-    assert figure.titles == ("image", "CAM red", "reliable", "segment", "ground truth")
+    assert figure.titles == ("image", "CAM red", "reliable", "refined", "segment", "ground truth")
     assert figure.panel_size == (20 * SCALE, 24 * SCALE)
     assert figure.legend == ("background", "red", UNLABELLED)
-    assert figure.pixels.shape[1] == GAP + 5 * (24 * SCALE + GAP)
+    assert figure.pixels.shape[1] == GAP + 6 * (24 * SCALE + GAP)
     assert notes == []
 
     result = cli("show", "im0", "--out", str(tmp_path / "im0.png"))
@@ -165,7 +169,8 @@ def test_reliable_stats_equal_what_the_prune_stage_reports(tiny_manifest, tmp_pa
     masks = ImageStore(tmp_path / "artifacts" / "masks.zarr")
     masks.reset_unless("rule")  # empty: mine_chunk prunes every image with the rule itself
     items = tiny_manifest.split("train")
-    job = MiningJob.create(tiny_manifest, ImageStore(tmp_path / "artifacts" / CAMS.name), masks, PruneParams())
+    cams = ImageStore(tmp_path / "artifacts" / CAMS.name)
+    job = MiningJob.create(tiny_manifest, cams, masks, beside(masks), PruneParams())
     reported = mine_chunk(job, items).as_dict(tiny_manifest.label_names)
     masks.mark_complete(item.id for item in items)
     project = Project(tiny_manifest, DatasetParams(), StorageParams(artifacts=str(tmp_path / "artifacts")))
@@ -187,12 +192,13 @@ def test_gallery_lists_the_worst_images_first_with_the_figures_of_stats(project,
     rows = _rows(page)
     assert len(rows) == 3 and rows[0]["id"] == "im1"  # its pseudo-label is all background
     assert float(rows[0]["iou"]) < 1 and [float(r["iou"]) for r in rows[1:]] == [1.0, 1.0]
-    assert page.count("data:image/png;base64,") == 3 * 4 and "http" not in page
+    assert page.count("data:image/png;base64,") == 3 * 5 and "http" not in page
     for row in rows:
         alone = all_stats(project, ids=[row["id"]])
         assert float(row["precision"]) == alone["reliable"]["precision"]
         assert float(row["coverage"]) == alone["reliable"]["coverage"]
         assert float(row["iou"]) == alone["pseudo"]["miou"]
+        assert float(row["iou_refined"]) == alone["refined"]["miou"]
 
 
 def test_gallery_of_one_class(project, cli, tmp_path):
@@ -272,6 +278,7 @@ def test_an_unknown_image_and_a_missing_store_are_one_line_errors(project, artif
     assert missing.output == f"error: {artifacts / CAMS.name}: store not found (has the cams stage run?)\n"
     shutil.rmtree(artifacts / "masks.zarr")
     shutil.rmtree(artifacts / "pseudo.zarr")
+    shutil.rmtree(artifacts / "refined.zarr")
     gallery = cli("gallery")
     assert gallery.exit_code == 2 and "masks.zarr: not run (has the prune stage run?)" in gallery.output
 
@@ -284,6 +291,11 @@ def test_overlays_stage_draws_samples_and_per_class_figures(project, artifacts, 
     overlays.main(Path("params.yaml"))
     assert sorted(p.name for p in overlays.OVERLAYS.iterdir()) == ["im0.png", "im4.png"]
     rows = json.loads(overlays.PER_CLASS.read_text())
-    assert [row["bar"] for row in rows[:3]] == ["background / reliable", "background / pseudo", "background / segment"]
-    assert len(rows) == 4 * 3  # no deeplab rows: that stage has not run
+    assert [row["bar"] for row in rows[:4]] == ["background / reliable", "background / refined", "background / pseudo",
+                                                "background / segment"]
+    assert len(rows) == 4 * 4  # no deeplab rows: that stage has not run
+    labels = json.loads(overlays.TRAINING_LABELS.read_text())
+    assert [row["bar"] for row in labels[:3]] == ["background / reliable", "background / refined",
+                                                  "background / pseudo"]  # no CAM rows: the cams stage wrote no metrics
+    assert {row["iou"] for row in labels if row["labels"] == "pseudo" and row["class"] == "red"} == {1.0}
     assert {row["precision"] for row in rows if row["stage"] == "reliable"} == {1.0}

@@ -29,6 +29,7 @@ from pipeline.method.mining import (
     per_class_rows,
 )
 from pipeline.method.prune import PruneParams, prune_image
+from tests.conftest import beside
 
 PARAMS = PruneParams()
 
@@ -68,8 +69,9 @@ def scheduler() -> Iterator[str]:
 
 def test_masks_are_the_rules_and_equal_for_one_and_two_worker_processes(tiny_manifest, cams, tmp_path):
     one, two = ImageStore(tmp_path / "one.zarr"), ImageStore(tmp_path / "two.zarr")
-    mine_split(tiny_manifest, "train", cams, one, PARAMS, RunParams(workers=1), progress=False)
-    mine_split(tiny_manifest, "train", cams, two, PARAMS, RunParams(workers=2, chunk_size=1), progress=False)
+    mine_split(tiny_manifest, "train", cams, one, beside(one), PARAMS, RunParams(workers=1), progress=False)
+    mine_split(tiny_manifest, "train", cams, two, beside(two), PARAMS, RunParams(workers=2, chunk_size=1),
+               progress=False)
 
     assert stored(one) == stored(two)
     assert one.is_complete() and two.is_complete()
@@ -83,7 +85,7 @@ def test_masks_are_the_rules_and_equal_for_one_and_two_worker_processes(tiny_man
 def test_a_killed_run_resumes_with_only_the_missing_masks(tiny_manifest, cams, scheduler, tmp_path):
     cluster = RunParams(scheduler=scheduler)
     whole = ImageStore(tmp_path / "whole.zarr")
-    first = mine_split(tiny_manifest, "train", cams, whole, PARAMS, cluster, progress=False)
+    first = mine_split(tiny_manifest, "train", cams, whole, beside(whole), PARAMS, cluster, progress=False)
     assert first.computed == ["im0", "im1", "im2", "im3"]
 
     killed = ImageStore(tmp_path / "killed.zarr")
@@ -91,7 +93,7 @@ def test_a_killed_run_resumes_with_only_the_missing_masks(tiny_manifest, cams, s
     shutil.rmtree(killed.path / "im1")  # killed before it started
     half = zarr.open_group(killed.path, mode="a").create_array("im3", shape=(20, 24), dtype=np.uint8, overwrite=True)
     half[...] = 7  # killed after writing the data, before the completion mark
-    resumed = mine_split(tiny_manifest, "train", cams, killed, PARAMS, cluster, progress=False)
+    resumed = mine_split(tiny_manifest, "train", cams, killed, beside(killed), PARAMS, cluster, progress=False)
 
     assert resumed.computed == ["im1", "im3"]
     assert stored(killed) == stored(whole)
@@ -103,10 +105,11 @@ def test_other_cluster_settings_keep_the_masks_and_other_rule_settings_redo_them
 ):
     masks = ImageStore(tmp_path / "masks.zarr")
     cluster = RunParams(scheduler=scheduler)
-    mine_split(tiny_manifest, "train", cams, masks, PARAMS, cluster, progress=False)
-    again = mine_split(tiny_manifest, "train", cams, masks, PARAMS, replace(cluster, chunk_size=1), progress=False)
+    mine_split(tiny_manifest, "train", cams, masks, beside(masks), PARAMS, cluster, progress=False)
+    again = mine_split(tiny_manifest, "train", cams, masks, beside(masks), PARAMS, replace(cluster, chunk_size=1),
+                       progress=False)
     stricter = replace(PARAMS, cam_quantile=0.9)
-    redone = mine_split(tiny_manifest, "train", cams, masks, stricter, cluster, progress=False)
+    redone = mine_split(tiny_manifest, "train", cams, masks, beside(masks), stricter, cluster, progress=False)
 
     assert again.computed == []
     assert redone.computed == ["im0", "im1", "im2", "im3"]
@@ -120,8 +123,9 @@ def test_other_cluster_settings_keep_the_masks_and_other_rule_settings_redo_them
 def test_the_tasks_run_on_the_scheduler_given_by_address(tiny_manifest, cams, scheduler, tmp_path, given_in):
     cluster = RunParams(scheduler=scheduler if given_in == "params" else None, chunk_size=3)
     config = {"scheduler-address": scheduler if given_in == "dask config" else None}
+    masks = ImageStore(tmp_path / "m.zarr")
     with dask.config.set(config), Client(scheduler) as client, get_task_stream(client) as stream:
-        mine_split(tiny_manifest, "train", cams, ImageStore(tmp_path / "m.zarr"), PARAMS, cluster, progress=False)
+        mine_split(tiny_manifest, "train", cams, masks, beside(masks), PARAMS, cluster, progress=False)
     assert sorted(task["key"].split("-")[0] for task in stream.data) == ["mine_chunk", "mine_chunk"]
 
 
@@ -133,7 +137,7 @@ def test_an_incomplete_cam_store_is_refused(tiny_manifest, tmp_path):
     masks = ImageStore(tmp_path / "masks.zarr")
 
     with pytest.raises(InputError, match=r"cams\.zarr: incomplete store \(rerun the cams stage\)"):
-        mine_split(tiny_manifest, "train", cams, masks, PARAMS, RunParams(workers=1), progress=False)
+        mine_split(tiny_manifest, "train", cams, masks, beside(masks), PARAMS, RunParams(workers=1), progress=False)
     assert not masks.exists()
 
 
@@ -153,7 +157,7 @@ def hand_made(tmp_path: Path) -> tuple[MiningJob, tuple[Item, ...]]:
     for item in items:
         cams.write(item.id, np.stack([cam_a, cam_b]), classes=[0, 1])
         masks.write(item.id, mask)
-    return MiningJob.create(manifest, cams, masks, PARAMS), items
+    return MiningJob.create(manifest, cams, masks, beside(masks), PARAMS), items
 
 
 def test_scores_of_a_hand_made_mask_and_cam(hand_made):
@@ -182,7 +186,7 @@ def test_an_image_without_labels_is_all_unreliable(tmp_path):
     cams, masks = ImageStore(tmp_path / "cams.zarr"), ImageStore(tmp_path / "masks.zarr")
     cams.write("empty", np.zeros((0, 5, 6), dtype=np.float16), classes=[])
 
-    score = mine_chunk(MiningJob.create(manifest, cams, masks, PARAMS), [item])
+    score = mine_chunk(MiningJob.create(manifest, cams, masks, beside(masks), PARAMS), [item])
 
     assert score.computed == ["empty"]
     mask, _ = masks.read("empty")
@@ -208,7 +212,8 @@ def test_cams_of_another_size_than_their_image_are_an_error_naming_the_store(tin
     item = tiny_manifest.split("train")[0]
     cams = ImageStore(tmp_path / "cams.zarr", stage="cams")
     cams.write(item.id, np.ones((1, 10, 12), dtype=np.float16), classes=list(item.labels))
-    job = MiningJob.create(tiny_manifest, cams, ImageStore(tmp_path / "masks.zarr"), PARAMS)
+    masks = ImageStore(tmp_path / "masks.zarr")
+    job = MiningJob.create(tiny_manifest, cams, masks, beside(masks), PARAMS)
 
     with pytest.raises(InputError, match=r"cams\.zarr: the CAM array of 'im0' is 10x12, its image 20x24"):
         mine_chunk(job, [item])
@@ -217,7 +222,8 @@ def test_cams_of_another_size_than_their_image_are_an_error_naming_the_store(tin
 def test_the_torch_backend_mines_in_this_process_in_batches_as_it_prunes_alone(tiny_manifest, cams, tmp_path):
     params = PruneParams(crf_backend="torch")
     masks = ImageStore(tmp_path / "torch.zarr")
-    score = mine_split(tiny_manifest, "train", cams, masks, params, RunParams(inference_batch=4), progress=False,
+    score = mine_split(tiny_manifest, "train", cams, masks, beside(masks), params, RunParams(inference_batch=4),
+                       progress=False,
                        device=torch.device("cpu"))  # as on a GPU: no cluster, a batch per image size
 
     assert masks.is_complete() and score.images == len(tiny_manifest.split("train"))

@@ -17,6 +17,7 @@ METRICS = {
     "classifier": {"map": 0.96268, "seconds": 67.09},
     "cams": {"miou": 0.514669, "threshold": 0.4, "train": {"miou": 0.487204, "threshold": 0.35}, "seconds": 14.19},
     "prune": {"precision": 0.911319, "coverage": 0.200842, "cam_argmax": {"miou": 0.24783}, "seconds": 8.34},
+    "refine": {"miou": 0.61234, "iou": {}, "scored_images": 400, "seconds": 21.2},
     "segment": {"miou": 0.823666, "miou_no_crf": 0.728428, "mode": "staged",
                 "pseudo": {"miou": 0.848356, "miou_no_crf": 0.752051}, "seconds": 88.6},
     "deeplab": {"miou": 0.66349, "seconds": 120.0},
@@ -54,6 +55,7 @@ def test_the_ablation_rows_are_percentages_with_one_decimal(tmp_path):
     assert rows["One-step mIoU without CRF (val)"] == 72.8
     assert rows["One-step mIoU (val)"] == 82.4
     assert rows["Pseudo-label mIoU (train)"] == 84.8
+    assert rows["Refined-label mIoU (train)"] == 61.2
     assert rows["Two-step mIoU, DeepLab (val)"] == 66.3
     assert rows["Supervised reference mIoU (val)"] == 80.1
     assert rows["Two-step / supervised"] == 82.8  # 0.66349 / 0.80125, not the ratio of the rounded rows
@@ -71,8 +73,8 @@ def test_the_ratio_says_which_side_is_missing(tmp_path):
 
 def test_stage_seconds_and_their_total_from_the_unrounded_times(tmp_path):
     rows = values(write_metrics_dir(tmp_path / "m", METRICS))
-    assert [rows[f"Time: {stage}"] for stage in TIMED] == [5.3, 67.1, 14.2, 8.3, 88.6, 120.0, 130.5]
-    assert rows["Time: total"] == 434.1  # the sum of the rows as shown would be 434.0
+    assert [rows[f"Time: {stage}"] for stage in TIMED] == [5.3, 67.1, 14.2, 8.3, 21.2, 88.6, 120.0, 130.5]
+    assert rows["Time: total"] == 455.3  # the sum of the rows as shown would be 455.2
 
 
 def test_a_stage_not_run_disabled_or_unscored_says_so(tmp_path):
@@ -87,7 +89,7 @@ def test_a_stage_not_run_disabled_or_unscored_says_so(tmp_path):
     assert shown["Pseudo-label mIoU (train)"] == "n/a"
     assert shown["One-step mIoU (val)"] == "82.4 %"
     assert shown["Time: data"] == "5.3 s"
-    assert shown["Time: total"] == "175.2 s"
+    assert shown["Time: total"] == "196.4 s"
 
 
 def test_nothing_run_gives_a_table_of_not_run(tmp_path):
@@ -104,7 +106,18 @@ def test_report_json_holds_the_table_values(tmp_path):
     assert rows["One-step mIoU (val)"] == {"label": "One-step mIoU (val)", "stage": "segment", "value": 82.4,
                                            "unit": "%", "status": "ok"}
     assert rows["Two-step mIoU, DeepLab (val)"]["status"] == "not run"
-    assert rows["Time: total"]["value"] == 183.6
+    assert rows["Time: total"]["value"] == 204.8
+
+
+def test_rows_name_the_settings_that_made_them_and_the_other_restriction_beside(tmp_path):
+    metrics = {**METRICS, "segment": {**METRICS["segment"], "test_tags": "predicted", "labels": "refined",
+                                      "miou_all_classes_no_crf": 0.70111},
+               "deeplab": {**METRICS["deeplab"], "test_tags": "predicted", "labels": "refined"}}
+    rows = values(write_metrics_dir(tmp_path / "m", metrics))
+    assert rows["One-step mIoU (val) [test_tags: predicted, labels: refined]"] == 82.4
+    assert rows["One-step mIoU without CRF, every class (val)"] == 70.1
+    assert rows["Two-step mIoU, DeepLab (val) [test_tags: predicted, labels: refined]"] == 66.3
+    assert "One-step mIoU without CRF, predicted tags (val)" not in rows  # a diagnostic of the other setting
 
 
 def test_report_prints_the_table(tmp_path):

@@ -13,7 +13,7 @@ from pipeline.core.store import ImageStore
 from pipeline.data.manifest import load_manifest
 from pipeline.method.mining import masks_made_from
 from pipeline.method.prune import PruneParams
-from stages import cams, classifier, data, segment
+from stages import cams, classifier, data, refine, segment
 from tests.conftest import write_tiny_project
 
 
@@ -86,6 +86,36 @@ def test_segment_trains_predicts_and_scores(project, monkeypatch, capsys, mode):
     assert predictions.is_complete() and len(predictions.complete_ids()) == 16
     label, _ = predictions.read(predictions.complete_ids()[0])
     assert label.dtype == np.uint8 and label.shape == (48, 48) and label.max() <= 3
+
+
+def test_refine_learns_affinities_walks_every_training_image_and_scores_it(project, monkeypatch):
+    monkeypatch.chdir(project)
+    _write_masks_from_cams()
+    refine.main(Path("params.yaml"))
+    store = ImageStore("artifacts/refined.zarr")
+    assert store.is_complete() and len(store.complete_ids()) == 16
+    manifest = load_manifest("manifests/synth.json")
+    for item in manifest.split("train"):
+        label, _ = store.read(item.id)
+        assert label.dtype == np.uint8 and label.shape == (48, 48)
+        assert set(np.unique(label)) <= {0, *(c + 1 for c in item.labels)}
+    scores = _metrics("refine")
+    assert 0 <= scores["miou"] <= 1 and scores["scored_images"] == 16 and scores["seconds"] > 0
+    assert Path("checkpoints/refine.pth").is_file() and Path("checkpoints/refine.json").is_file()
+    assert store.made_from["settings"]["refine.steps"] == 2
+
+
+def test_segment_and_deeplab_learn_from_the_labels_their_setting_names(project, monkeypatch):
+    monkeypatch.chdir(project)
+    _write_masks_from_cams()
+    refine.main(Path("params.yaml"))
+    write_tiny_project(Path("."), segment={"labels": "refined", "crf": False})
+    segment.main(Path("params.yaml"))
+    scores = _metrics("segment")
+    assert scores["labels"] == "refined" and scores["test_tags"] == "predicted"
+    assert 0 <= scores["miou_all_classes_no_crf"] <= 1 and 0 < scores["tag_threshold"] < 1
+    record = json.loads(Path("checkpoints/segment.json").read_text())
+    assert record["inputs"]["labels"] == ImageStore("artifacts/refined.zarr").fingerprint
 
 
 def _write_masks_from_cams() -> None:

@@ -24,8 +24,8 @@ P = TypeVar("P")
 
 PARAMS_FILE = Path("params.yaml")
 
-SECTIONS = ("dataset", "storage", "run", "data", "classifier", "cams", "prune", "segment", "deeplab", "supervised",
-            "overlays")
+SECTIONS = ("dataset", "storage", "run", "data", "classifier", "cams", "prune", "refine", "segment", "deeplab",
+            "supervised", "overlays")
 """The sections a params file may hold; any other name (a misspelling such as ``cam:``) is an
 error, not a section silently ignored while its stage runs on defaults."""
 

@@ -36,15 +36,23 @@ class Store:
 
 CAMS = Store("cams.zarr", "cams", None, "cams")
 MASKS = Store("masks.zarr", "prune", "train", "prune")
+CRF = Store("crf.zarr", "prune", "train", "prune")
+REFINED = Store("refined.zarr", "refine", "train", "refine")
 PSEUDO = Store("pseudo.zarr", "segment", "train", "segment")
 SEGMENT = Store("segment.zarr", "segment", "val", "segment")
 DEEPLAB = Store("deeplab.zarr", "deeplab", "val", "deeplab")
 SUPERVISED = Store("supervised.zarr", "supervised", "val", "deeplab")
-"""The cams stage's CAMs, the prune stage's reliable masks, the segment stage's training-split
-pseudo labels and val predictions, DeepLab's val predictions, and those of the supervised
-reference (trained by the `deeplab:` recipe, hence its section)."""
+"""The cams stage's CAMs, the prune stage's reliable masks and the labels of its two CRFs alone
+(before the confidence filters), the refine stage's dense labels of the training split, the
+segment stage's training-split pseudo labels and val predictions, DeepLab's val predictions, and
+those of the supervised reference (trained by the `deeplab:` recipe, hence its section)."""
 
-STORES = (CAMS, MASKS, PSEUDO, SEGMENT, DEEPLAB, SUPERVISED)
+STORES = (CAMS, MASKS, CRF, REFINED, PSEUDO, SEGMENT, DEEPLAB, SUPERVISED)
+
+LABELS: dict[str, Store] = {store.name.removesuffix(".zarr"): store for store in (MASKS, CRF, REFINED, PSEUDO)}
+"""The stores of training-split labels a network may learn from, by their name in a setting
+(``segment.labels``, ``deeplab.labels``, ``refine.labels``): the store's own name, so that
+dvc.yaml names the one a stage reads as ``artifacts/${segment.labels}.zarr``."""
 
 
 @dataclass(frozen=True)
@@ -76,7 +84,8 @@ STAGES = {stage.name: stage for stage in (
     Stage("data"),
     Stage("classifier", weights=Path("checkpoints/classifier.pth")),
     Stage("cams", (CAMS,)),
-    Stage("prune", (MASKS,)),
+    Stage("prune", (MASKS, CRF)),
+    Stage("refine", (REFINED,), weights=Path("checkpoints/refine.pth")),
     Stage("segment", (PSEUDO, SEGMENT), weights=Path("checkpoints/segment.pth")),
     Stage("deeplab", (DEEPLAB,), weights=Path("checkpoints/deeplab/model.pth")),
     Stage("supervised", (SUPERVISED,), weights=Path("checkpoints/supervised/model.pth")),

@@ -99,7 +99,7 @@ class TextureParams:
         return CLASS_NAMES[: self.num_classes]
 
 
-def _rgb(hue: float, saturation: float, value: float) -> np.ndarray:
+def rgb(hue: float, saturation: float, value: float) -> np.ndarray:
     return 255.0 * np.array(colorsys.hsv_to_rgb(hue % 1.0, saturation, value))
 
 
@@ -116,18 +116,18 @@ def _smooth_noise(shape: tuple[int, int], cell: int, rng: np.random.Generator) -
     return top * (1 - fy) + bottom * fy
 
 
-def _scene(kind: int, shape: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
+def scene(kind: int, shape: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
     """A float (H, W, 3) background of scene ``kind``: a colour family, a gradient, a faint pattern."""
     height, width = shape
     y, x = np.mgrid[0:height, 0:width].astype(np.float64)
     if SCENES[kind] == "meadow":
-        base = _rgb(rng.uniform(0.22, 0.36), rng.uniform(0.35, 0.6), rng.uniform(0.35, 0.6))
+        base = rgb(rng.uniform(0.22, 0.36), rng.uniform(0.35, 0.6), rng.uniform(0.35, 0.6))
         shade = 1 + 0.25 * _smooth_noise(shape, 10, rng) + 0.08 * np.sin(2 * np.pi * x / rng.uniform(3, 5))
     elif SCENES[kind] == "sky":
-        base = _rgb(rng.uniform(0.55, 0.62), rng.uniform(0.25, 0.5), rng.uniform(0.6, 0.85))
+        base = rgb(rng.uniform(0.55, 0.62), rng.uniform(0.25, 0.5), rng.uniform(0.6, 0.85))
         shade = 1 + 0.3 * (y / height - 0.5) + 0.1 * _smooth_noise(shape, 24, rng)
     else:
-        base = _rgb(rng.uniform(0.08, 0.14), rng.uniform(0.25, 0.45), rng.uniform(0.55, 0.8))
+        base = rgb(rng.uniform(0.08, 0.14), rng.uniform(0.25, 0.45), rng.uniform(0.55, 0.8))
         angle = rng.uniform(0, np.pi)
         dunes = np.sin(2 * np.pi * (x * np.cos(angle) + y * np.sin(angle)) / rng.uniform(16, 28))
         shade = 1 + 0.15 * dunes + 0.12 * _smooth_noise(shape, 6, rng)
@@ -161,8 +161,8 @@ def _object_pixels(class_index: int, shape: tuple[int, int], centre: np.ndarray,
     along = (dx * np.cos(fade_angle) + dy * np.sin(fade_angle)) / (2 * radius) + 0.5
     contrast = FADE_FLOOR + (1 - FADE_FLOOR) * np.clip(along, 0, 1)
     hue = rng.uniform(0, 1)
-    light = _rgb(hue, rng.uniform(0.2, 0.6), rng.uniform(0.75, 0.95))
-    dark = _rgb(hue + rng.uniform(-0.15, 0.15), rng.uniform(0.4, 0.8), rng.uniform(0.15, 0.4))
+    light = rgb(hue, rng.uniform(0.2, 0.6), rng.uniform(0.75, 0.95))
+    dark = rgb(hue + rng.uniform(-0.15, 0.15), rng.uniform(0.4, 0.8), rng.uniform(0.15, 0.4))
     mean = (light + dark) / 2
     weight = (contrast * (pattern - 0.5))[..., None]
     return mean + weight * (light - dark)
@@ -183,8 +183,8 @@ def render(params: TextureParams, rng: np.random.Generator) -> TextureSample:
     shape = SIZES[int(rng.integers(len(SIZES)))]
     count = int(rng.integers(1, params.max_objects + 1))
     classes = rng.integers(0, params.num_classes, count)
-    scene = int(classes[0]) % len(SCENES) if rng.random() < params.cooccurrence else int(rng.integers(len(SCENES)))
-    image = _scene(scene, shape, rng)
+    kind = int(classes[0]) % len(SCENES) if rng.random() < params.cooccurrence else int(rng.integers(len(SCENES)))
+    image = scene(kind, shape, rng)
     mask = np.zeros(shape, dtype=np.uint8)
     short = min(shape)
     for class_index in classes:
@@ -198,39 +198,49 @@ def render(params: TextureParams, rng: np.random.Generator) -> TextureSample:
                 break
     image = image + rng.normal(0, 4.0, image.shape)
     labels = tuple(int(value) - 1 for value in np.unique(mask) if value > 0)
-    return TextureSample(np.clip(np.rint(image), 0, 255).astype(np.uint8), mask, labels, scene)
+    return TextureSample(np.clip(np.rint(image), 0, 255).astype(np.uint8), mask, labels, kind)
 
 
 def sample_rng(seed: int, split: str, index: int) -> np.random.Generator:
     return np.random.default_rng([seed, SPLITS.index(split), index, 7])
 
 
-def generate(params: TextureParams, root: Path) -> dict[str, Any]:
-    """Write the benchmark under ``root`` in the layout of `rrm manifest folder`; returns counts.
+Sample = Any
+"""What a benchmark's ``render`` returns: ``image`` uint8 (H, W, 3), ``mask`` uint8 (H, W), ``labels``."""
 
-    ``labels.csv`` is written last (atomically): once it is there, the dataset is whole.
-    """
+
+def write_benchmark(root: Path, classes: tuple[str, ...], sizes: dict[str, int],
+                    draw: Callable[[str, int], Sample], image_suffix: str, quality: int = 95) -> dict[str, Any]:
+    """Write the images ``draw(split, index)`` renders, ``sizes[split]`` of each split, under
+    ``root`` in the layout of `rrm manifest folder`; returns counts. ``labels.csv`` is written
+    last (atomically): once it is there, the dataset is whole."""
     root = Path(root)
-    palette = default_palette(params.num_classes + 1)
+    palette = default_palette(len(classes) + 1)
     rows = []
-    per_class = [0] * params.num_classes
-    sizes = {"train": params.train_images, "val": params.val_images}
-    with tqdm(total=sum(sizes.values()), desc="textures", unit="image", disable=None) as bar:
+    per_class = [0] * len(classes)
+    with tqdm(total=sum(sizes.values()), desc=root.name, unit="image", disable=None) as bar:
         for split, count in sizes.items():
             for index in range(count):
                 image_id = f"{split}_{index:05d}"
-                sample = render(params, sample_rng(params.seed, split, index))
-                write_image(root / "images" / f"{image_id}.jpg", sample.image, quality=JPEG_QUALITY)
+                sample = draw(split, index)
+                write_image(root / "images" / f"{image_id}{image_suffix}", sample.image, quality=quality)
                 write_mask(root / "masks" / f"{image_id}.png", sample.mask, palette)
-                rows.append((image_id, " ".join(params.classes[c] for c in sample.labels), split))
+                rows.append((image_id, " ".join(classes[c] for c in sample.labels), split))
                 for c in sample.labels:
                     per_class[c] += 1
                 bar.update()
     with atomic_open(root / "classes.txt") as handle:
-        handle.write(",".join(params.classes) + "\n")
+        handle.write(",".join(classes) + "\n")
     with atomic_open(root / "labels.csv") as handle:
         writer = csv.writer(handle, lineterminator="\n")
         writer.writerow(("image", "labels", "split"))
         writer.writerows(rows)
-    return {"images": sizes, "classes": list(params.classes),
-            "images_per_class": dict(zip(params.classes, per_class))}
+    return {"images": sizes, "classes": list(classes), "images_per_class": dict(zip(classes, per_class))}
+
+
+def generate(params: TextureParams, root: Path) -> dict[str, Any]:
+    """Write the benchmark under ``root`` in the layout of `rrm manifest folder` (see
+    :func:`write_benchmark`); returns counts."""
+    return write_benchmark(root, params.classes, {"train": params.train_images, "val": params.val_images},
+                           lambda split, index: render(params, sample_rng(params.seed, split, index)), ".jpg",
+                           JPEG_QUALITY)

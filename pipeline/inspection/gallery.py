@@ -29,9 +29,10 @@ from pipeline.inspection.project import SOURCES, Project, Source
 from pipeline.inspection.stats import MaskStats
 from pipeline.method.metrics import nanmean
 
-GALLERY_SOURCES = {"train": ("reliable", "pseudo"), "val": (None, "segment")}
-"""Per split role, the partial masks whose precision and coverage the gallery shows (None: none)
-and the dense prediction whose IoU it shows."""
+GALLERY_SOURCES = {"train": ("reliable", "pseudo", "refined"), "val": (None, "segment")}
+"""Per split role, the partial masks whose precision and coverage the gallery shows (None: none),
+the dense prediction whose IoU it shows and sorts by, and further dense labels whose IoU it
+shows beside."""
 
 
 def source(name: str) -> Source:
@@ -41,13 +42,15 @@ def source(name: str) -> Source:
 @dataclass(frozen=True)
 class ImageRow:
     """One image's figures (NaN where there is nothing to score): precision and coverage of its
-    partial mask, IoU (mean over the labels present) of its dense prediction."""
+    partial mask, IoU (mean over the labels present) of its dense prediction and of each further
+    dense labelling of :data:`GALLERY_SOURCES`."""
 
     id: str
     classes: tuple[str, ...]
     precision: float
     coverage: float
     iou: float
+    more_iou: tuple[float, ...] = ()
 
 
 def _single(project: Project, store: ImageStore | None, item: Item, gt: np.ndarray | None) -> MaskStats | None:
@@ -59,33 +62,36 @@ def _single(project: Project, store: ImageStore | None, item: Item, gt: np.ndarr
     return stats
 
 
-def gallery_stores(project: Project, role: str) -> tuple[ImageStore | None, ImageStore | None]:
+def gallery_stores(project: Project, role: str) -> list[ImageStore | None]:
     """The stores of :data:`GALLERY_SOURCES` that can be read (None for the others); at least one
-    must be, else the error says why the first cannot."""
+    of the first two must be, else the error says why the first cannot."""
     stores = [None if name is None else project.store(source(name)) for name in GALLERY_SOURCES[role]]
     problems = [None if store is None else project.problem(store) for store in stores]
     readable = [store if store is not None and problem is None else None for store, problem in zip(stores, problems)]
-    if not any(readable):
+    if not any(readable[:2]):
         first = next(index for index, store in enumerate(stores) if store is not None)
         raise InputError(stores[first].path, str(problems[first]))
-    return readable[0], readable[1]
+    return readable
 
 
 def image_rows(project: Project, role: str, class_name: str | None = None) -> Iterator[ImageRow]:
     """The figures of every image of a split (only those tagged ``class_name`` if given), one at a time."""
-    partial, dense = gallery_stores(project, role)
+    partial, dense, *more = gallery_stores(project, role)
     wanted = None if class_name is None else project.manifest.class_index(class_name, "--class")
     for item in project.manifest.split(project.split(role)):
         if wanted is not None and wanted not in item.labels:
             continue
         gt = project.manifest.read_mask(item)
-        mined, predicted = _single(project, partial, item, gt), _single(project, dense, item, gt)
+        mined = _single(project, partial, item, gt)
+        predicted = [_single(project, store, item, gt) for store in (dense, *more)]
+        ious = tuple(nanmean(stats.iou()) if stats else math.nan for stats in predicted)
         yield ImageRow(
             item.id,
             tuple(project.manifest.classes[c] for c in item.labels),
             mined.score.precision() if mined else math.nan,
             mined.score.coverage() if mined else math.nan,
-            nanmean(predicted.iou()) if predicted else math.nan,
+            ious[0],
+            ious[1:],
         )
 
 
@@ -110,7 +116,7 @@ def _data_uri(pixels: np.ndarray) -> str:
 
 
 def row_pictures(manifest: Manifest, item: Item, stores: Sequence[ImageStore | None]) -> list[np.ndarray | None]:
-    """The gallery's pictures of one image (:data:`PICTURE_COLUMNS`): the image, its masks in the
+    """The gallery's pictures of one image (:func:`picture_columns`): the image, its masks in the
     :func:`gallery_stores` ``stores`` and its ground truth; None for a mask it does not have."""
     image = manifest.read_image(item.id)
     masks = [None if store is None or item.id not in store else store.read(item.id)[0] for store in stores]
@@ -127,7 +133,16 @@ def _package_file(name: str) -> str:
 
 NUMBER_COLUMNS = ("precision", "coverage", "iou")
 NO_GROUND_TRUTH = "No image of this split has a ground-truth mask"
-PICTURE_COLUMNS = ("image", "reliable", "prediction", "ground truth")
+
+
+def more_columns(role: str) -> tuple[str, ...]:
+    """The names of the further IoU columns of a split role's gallery (``iou_refined``)."""
+    return tuple(f"iou_{name}" for name in GALLERY_SOURCES[role][2:])
+
+
+def picture_columns(role: str) -> tuple[str, ...]:
+    """The headers of the picture columns of a split role's gallery (``reliable`` n/a on val)."""
+    return ("image", "reliable", "prediction", *GALLERY_SOURCES[role][2:], "ground truth")
 
 
 def _text_cell(name: str, value: str, shown: str) -> str:
@@ -153,23 +168,28 @@ def gallery_html(project: Project, role: str, rows: Sequence[ImageRow], title: s
     """A self-contained page (thumbnails embedded as PNG data) with one table row per image."""
     stores = gallery_stores(project, role)
     items = {item.id: item for item in project.manifest.split(project.split(role))}
-    header = "".join(f'<th class="sortable">{name}</th>' for name in ("rank", "id", "classes", *NUMBER_COLUMNS))
-    header += "".join(f"<th>{name}</th>" for name in PICTURE_COLUMNS)
+    numbers = (*NUMBER_COLUMNS, *more_columns(role))
+    header = "".join(f'<th class="sortable">{name}</th>' for name in ("rank", "id", "classes", *numbers))
+    header += "".join(f"<th>{name}</th>" for name in picture_columns(role))
     lines = []
     for rank, row in enumerate(rows, start=1):
         cells = [f'<td data-v="{rank}">{rank}</td>', _text_cell("id", row.id, row.id),
                  _text_cell("classes", " ".join(row.classes), ", ".join(row.classes))]
         cells += [_number_cell(name, getattr(row, name)) for name in NUMBER_COLUMNS]
+        cells += [_number_cell(name, value) for name, value in zip(more_columns(role), row.more_iou)]
         for pixels in row_pictures(project.manifest, items[row.id], stores):
             cells.append("<td>n/a</td>" if pixels is None else f'<td><img src="{_data_uri(pixels)}" alt=""></td>')
         lines.append(f'<tr data-id="{html.escape(row.id)}">{"".join(cells)}</tr>')
     legend = legend_entries([*range(project.manifest.num_classes + 1), IGNORE], project.manifest.label_names,
                             project.manifest.palette)
-    partial, dense = (None if name is None else source(name) for name in GALLERY_SOURCES[role])
+    partial, dense, *more = (None if name is None else source(name) for name in GALLERY_SOURCES[role])
     explanation = "" if partial is None else \
         f"Precision and coverage: the {partial.name} masks ({partial.store.stage} stage) against the ground truth. "
     explanation += (f"IoU: the {dense.store.stage} stage's predictions ({dense.store.name}) against it, mean over "
-                    "the labels in either. Click a header to sort.")
+                    "the labels in either")
+    explanation += "".join(f"; iou_{other.name}: the {other.store.stage} stage's labels ({other.store.name}) alike"
+                           for other in more)
+    explanation += ". Click a header to sort."
     if not any(item.has_mask for item in items.values()):
         explanation = f"{NO_GROUND_TRUTH}: precision, coverage and IoU are not computed. " + explanation
     return "\n".join([

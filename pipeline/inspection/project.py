@@ -22,6 +22,7 @@ from pipeline.core.registry import (
     DEEPLAB,
     MASKS,
     PSEUDO,
+    REFINED,
     ROLES,
     SEGMENT,
     STAGES,
@@ -46,6 +47,7 @@ class Source:
 
 SOURCES = (
     Source("reliable", MASKS, "reliable"),
+    Source("refined", REFINED, "refined"),
     Source("pseudo", PSEUDO, "segment"),
     Source("segment", SEGMENT, "segment"),
     Source("deeplab", DEEPLAB, "deeplab"),
@@ -122,6 +124,8 @@ def _digest(path: Path) -> Callable[[Project], str]:
 RECORDED: dict[str, dict[str, Callable[[Project], str | None]]] = {
     CAMS.name: {"classifier": _digest(CLASSIFIER_WEIGHTS)},
     MASKS.name: {"cams.zarr": lambda project: project.cams().fingerprint},
+    REFINED.name: {"weights": _digest(STAGES["refine"].weights),
+                   "cams.zarr": lambda project: project.cams().fingerprint},
     **{store.name: {"weights": _digest(STAGES[store.stage].weights)}
        for store in (PSEUDO, SEGMENT, DEEPLAB, SUPERVISED)},
 }

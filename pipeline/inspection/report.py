@@ -24,11 +24,19 @@ Metrics = Mapping[str, Mapping[str, Any] | None]
 
 @dataclass(frozen=True)
 class Score:
-    """A report row: the value at ``key`` (a path of nested keys) in the metrics file of ``stage``."""
+    """A report row: the value at ``key`` (a path of nested keys) in the metrics file of ``stage``.
+
+    ``settings``: keys of the metrics file whose values the label names, ``[name: value]``, where
+    the file has them (what the val predictions were restricted to, what the two-step learnt
+    from). ``optional``: a row left out where the stage ran and its file lacks the key (a
+    diagnostic of another setting).
+    """
 
     label: str
     stage: str
     key: tuple[str, ...]
+    settings: tuple[str, ...] = ()
+    optional: bool = False
 
 
 SCORES = (
@@ -37,10 +45,18 @@ SCORES = (
     Score("CAM mIoU (train)", "cams", ("train", "miou")),
     Score("Reliable-region precision (train)", "prune", ("precision",)),
     Score("Reliable-region coverage (train)", "prune", ("coverage",)),
-    Score("One-step mIoU without CRF (val)", "segment", ("miou_no_crf",)),
-    Score("One-step mIoU (val)", "segment", ("miou",)),
+    Score("Refined-label mIoU (train)", "refine", ("miou",)),
+    Score("One-step mIoU without CRF (val)", "segment", ("miou_no_crf",), ("test_tags",)),
+    Score("One-step mIoU (val)", "segment", ("miou",), ("test_tags", "labels")),
+    Score("One-step mIoU without CRF, every class (val)", "segment", ("miou_all_classes_no_crf",), optional=True),
+    Score("One-step mIoU without CRF, predicted tags (val)", "segment", ("miou_predicted_tags_no_crf",),
+          optional=True),
     Score("Pseudo-label mIoU (train)", "segment", ("pseudo", "miou")),
-    Score("Two-step mIoU, DeepLab (val)", "deeplab", ("miou",)),
+    Score("Two-step mIoU without CRF, DeepLab (val)", "deeplab", ("miou_no_crf",), ("test_tags",), optional=True),
+    Score("Two-step mIoU, DeepLab (val)", "deeplab", ("miou",), ("test_tags", "labels")),
+    Score("Two-step mIoU without CRF, every class (val)", "deeplab", ("miou_all_classes_no_crf",), optional=True),
+    Score("Two-step mIoU without CRF, predicted tags (val)", "deeplab", ("miou_predicted_tags_no_crf",),
+          optional=True),
     Score("Supervised reference mIoU (val)", "supervised", ("miou",)),
 )
 
@@ -103,10 +119,23 @@ def _ratio(metrics: Metrics) -> Row:
     return _row(label, numerator, top / bottom if bottom else None, "ok" if bottom else "n/a", "%", 100.0)
 
 
+def _label(score: Score, metrics: Mapping[str, Any] | None) -> str:
+    """The row's label, with the :attr:`Score.settings` the stage's metrics name."""
+    named = [f"{key}: {metrics[key]}" for key in score.settings if metrics is not None and key in metrics]
+    return f"{score.label} [{', '.join(named)}]" if named else score.label
+
+
+def _shown(score: Score, metrics: Mapping[str, Any] | None) -> bool:
+    """Whether the row is shown: always, but an optional one where its stage ran without the key."""
+    return not (score.optional and metrics is not None and metrics.get("enabled") is not False
+                and _lookup(metrics, score.key) is None)
+
+
 def report_rows(metrics: Metrics) -> list[Row]:
     """The score rows (percent) with the two-step / supervised ratio, the seconds of every stage in
     ``metrics``' order and their total."""
-    scores = [_row(s.label, s.stage, *_measured(metrics.get(s.stage), s.key), "%", 100.0) for s in SCORES]
+    scores = [_row(_label(s, metrics.get(s.stage)), s.stage, *_measured(metrics.get(s.stage), s.key), "%", 100.0)
+              for s in SCORES if _shown(s, metrics.get(s.stage))]
     scores.append(_ratio(metrics))
     seconds = {stage: _measured(data, ("seconds",)) for stage, data in metrics.items()}
     times = [_row(f"Time: {stage}", stage, *measured, "s") for stage, measured in seconds.items()]

@@ -186,3 +186,21 @@ def per_class_rows(report: dict[str, dict[str, Any]], label_names: Sequence[str]
         for name, entry in report.items()
         if entry["status"] == "ok"
     ]
+
+
+TRAINING_LABELS = ("reliable", "refined", "pseudo")
+"""The sources of :data:`~pipeline.inspection.project.SOURCES` that label the training split,
+which the plot of :func:`training_label_rows` sets beside the CAMs."""
+
+
+def training_label_rows(report: dict[str, dict[str, Any]], cam_iou: dict[str, float] | None,
+                        label_names: Sequence[str]) -> list[dict[str, Any]]:
+    """Per class, the IoU of each labelling of the training split, for one DVC bar plot: the CAMs
+    at their best background threshold (``cam_iou``, from the cams stage's metrics; None: not
+    scored) and the :data:`TRAINING_LABELS` that ran (an unlabelled pixel counts as a miss).
+    Rows ``{"class", "labels", "bar": "<class> / <labels>", "iou"}``, class by class."""
+    found = {"CAM": cam_iou} if cam_iou else {}
+    found |= {name: {label: figures["iou"] for label, figures in report[name]["per_class"].items()}
+              for name in TRAINING_LABELS if report.get(name, {}).get("status") == "ok"}
+    return [{"class": label, "labels": name, "bar": f"{label} / {name}", "iou": ious.get(label)}
+            for label in label_names for name, ious in found.items()]

@@ -41,6 +41,13 @@ from pipeline.method.metrics import SegmentationScore
 
 CamFn = Callable[[torch.Tensor], torch.Tensor]
 
+ScoreFn = Callable[[torch.Tensor], torch.Tensor]
+"""The classifier as a plain callable: a normalised batch (N, 3, h, w) in, (N, C) class logits out."""
+
+SCORES = "scores"
+"""Attribute of each CAM array: the classifier's probability of every class for the whole image
+(the sigmoid of its logits, in class order), from which untagged images get predicted tags."""
+
 
 @dataclass(frozen=True)
 class CamParams:
@@ -65,8 +72,10 @@ class CamParams:
 
 def cams_made_from(manifest: Manifest, splits: Sequence[str], params: CamParams, weights: Path) -> MadeFrom:
     """What a CAM store is made from: the images and tags of ``splits``, the `cams:` settings and
-    the classifier's weights."""
-    return MadeFrom.made(manifest, splits, settings("cams", params), {"classifier": file_digest(weights)})
+    the classifier's weights; ``contents`` names what each array holds, so that a store made
+    before the image scores were kept beside the maps is made anew."""
+    return MadeFrom.made(manifest, splits, settings("cams", params),
+                         {"classifier": file_digest(weights), "contents": f"cams, {SCORES}"})
 
 
 def image_size(path: Path | UPath) -> tuple[int, int]:
@@ -229,8 +238,11 @@ def extract_cams(
     world_size: int = 1,
     run: RunParams = DEFAULT_RUN,
     progress: bool = True,
+    score_fn: ScoreFn | None = None,
 ) -> list[str]:
-    """Write the CAMs of ``split`` to ``store``: float16 (k, H, W), ``attrs["classes"]`` the k classes.
+    """Write the CAMs of ``split`` to ``store``: float16 (k, H, W), ``attrs["classes"]`` the k
+    classes and, with ``score_fn`` (the classifier's logits), ``attrs["scores"]`` the probability
+    of every class for the whole image at scale 1 (see :data:`SCORES`).
 
     Images whose CAMs the store already holds in full are skipped, so a killed run resumes
     where it stopped. Process ``rank`` of ``world_size`` takes the ids ``[rank::world_size]``
@@ -273,8 +285,11 @@ def extract_cams(
             classes = [labels.nonzero().flatten().tolist() for labels in batch["labels"]]
             channels = padded_channels(classes, device)
             cams = multiscale_cams(cam_fn, images, params.scales, params.flip, run.batch_pixels, channels)
-            for image_id, image_classes, image_cams in zip(batch["id"], classes, cams, strict=True):
-                job = writer.submit(_write_cams, store, image_id, image_cams[: len(image_classes)], image_classes)
+            scores = [None] * len(classes) if score_fn is None else torch.sigmoid(score_fn(images).float())
+            for image_id, image_classes, image_cams, image_scores in zip(batch["id"], classes, cams, scores,
+                                                                        strict=True):
+                job = writer.submit(_write_cams, store, image_id, image_cams[: len(image_classes)], image_classes,
+                                    image_scores)
                 pending.append((image_id, job))
             while len(pending) > len(batch["id"]):
                 written.append(_finished(*pending.popleft()))
@@ -283,11 +298,13 @@ def extract_cams(
     return written
 
 
-def _write_cams(store: ImageStore, image_id: str, maps: torch.Tensor, classes: list[int]) -> None:
-    """Normalise one image's CAMs, copy them to the host and store them. Runs on the writer
-    thread, so that the next batch goes through the network meanwhile; on a GPU it is this
-    thread, not the main one, that waits for the copy."""
-    store.write(image_id, normalise(maps).half().cpu().numpy(), classes=classes)
+def _write_cams(store: ImageStore, image_id: str, maps: torch.Tensor, classes: list[int],
+                scores: torch.Tensor | None) -> None:
+    """Normalise one image's CAMs, copy them to the host and store them (with the image's class
+    scores, if given). Runs on the writer thread, so that the next batch goes through the
+    network meanwhile; on a GPU it is this thread, not the main one, that waits for the copy."""
+    extra = {} if scores is None else {SCORES: [round(float(score), 6) for score in scores.cpu()]}
+    store.write(image_id, normalise(maps).half().cpu().numpy(), classes=classes, **extra)
 
 
 def _finished(image_id: str, job: Future[None]) -> str:

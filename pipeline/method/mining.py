@@ -7,8 +7,10 @@ so threads would not run in parallel), or a running scheduler given by its addre
 same command runs on a cluster.
 
 - Tasks take a chunk of :class:`~pipeline.data.manifest.Item` (ids and labels), never arrays: each
-  worker reads the CAMs and the image, writes the mask into the mask store itself and returns
-  only small counts, so no process ever holds all masks.
+  worker reads the CAMs and the image, writes the reliable mask into the mask store and the
+  labels of the two CRFs alone (:func:`~pipeline.method.prune.crf_labels`, what the refine
+  stage learns its affinities from) into the CRF store itself, and returns only small counts,
+  so no process ever holds all masks.
 - The driver keeps a bounded number of tasks in flight and submits the next one as each
   finishes, so its memory does not grow with the number of images.
 - A mask already complete in the store is read back instead of recomputed: a run killed
@@ -54,7 +56,7 @@ from pipeline.core.store import ImageStore
 from pipeline.data.manifest import Item, Manifest
 from pipeline.method.crf import same_size
 from pipeline.method.metrics import PartialLabelScore, SegmentationScore
-from pipeline.method.prune import PruneParams, prune_images, stack_scores
+from pipeline.method.prune import PruneParams, mine_images, stack_scores
 
 if TYPE_CHECKING:
     import torch
@@ -83,18 +85,16 @@ class MiningJob:
     manifest: Manifest
     cams: ImageStore
     masks: ImageStore
+    crf: ImageStore
     params: PruneParams
     device: str = "cpu"
     """Where the torch backend's CRFs run."""
 
     @classmethod
-    def create(cls, manifest: Manifest, cams: ImageStore, masks: ImageStore, params: PruneParams) -> MiningJob:
-        return cls(
-            replace(manifest, splits={}),
-            ImageStore(cams.path.resolve(), cams.stage),
-            ImageStore(masks.path.resolve(), masks.stage),
-            params,
-        )
+    def create(cls, manifest: Manifest, cams: ImageStore, masks: ImageStore, crf: ImageStore,
+               params: PruneParams) -> MiningJob:
+        return cls(replace(manifest, splits={}),
+                   *(ImageStore(store.path.resolve(), store.stage) for store in (cams, masks, crf)), params)
 
 
 @dataclass
@@ -103,7 +103,8 @@ class MiningScore:
 
     ``computed``: ids whose masks were pruned (the others were read back from the store);
     ``images``: images seen; ``scored``: those with a ground-truth mask; ``masks``: the
-    reliable pixels against the ground truth; ``cams``: the plain CAM argmax against it.
+    reliable pixels against the ground truth; ``crf``: the labels of the two CRFs alone against
+    it; ``cams``: the plain CAM argmax against it.
     """
 
     num_labels: int
@@ -111,10 +112,12 @@ class MiningScore:
     images: int = 0
     scored: int = 0
     masks: PartialLabelScore = field(init=False)
+    crf: PartialLabelScore = field(init=False)
     cams: SegmentationScore = field(init=False)
 
     def __post_init__(self) -> None:
         self.masks = PartialLabelScore(self.num_labels)
+        self.crf = PartialLabelScore(self.num_labels)
         self.cams = SegmentationScore(self.num_labels)
 
     def add(self, other: MiningScore) -> None:
@@ -122,13 +125,17 @@ class MiningScore:
         self.images += other.images
         self.scored += other.scored
         self.masks.counts += other.masks.counts
+        self.crf.counts += other.crf.counts
         self.cams.confusion += other.cams.confusion
 
     def as_dict(self, label_names: Sequence[str]) -> dict[str, Any]:
-        """``{"precision", "coverage", "per_class", "cam_argmax": {"miou", ...}, "images", "scored_images"}``
-        for JSON (None for a ratio with nothing to count, e.g. without ground truth)."""
+        """``{"precision", "coverage", "per_class", "crf": {"precision", "coverage"}, "cam_argmax":
+        {"miou", ...}, "images", "scored_images"}`` for JSON (None for a ratio with nothing to
+        count, e.g. without ground truth)."""
+        crf = self.crf.as_dict(label_names)
         return {
             **self.masks.as_dict(label_names),
+            "crf": {key: crf[key] for key in ("precision", "coverage")},
             "cam_argmax": self.cams.as_dict(label_names),
             "images": self.images,
             "scored_images": self.scored,
@@ -161,32 +168,40 @@ def _check_size(where: Path, what: str, shape: tuple[int, ...], image: tuple[int
 
 
 def _masks(job: MiningJob, items: Sequence[Item], cams: Sequence[np.ndarray],
-           classes: Sequence[Sequence[int]]) -> list[tuple[np.ndarray, bool]]:
-    """Each image's mask and whether it was computed now (False: read back from the store).
+           classes: Sequence[Sequence[int]]) -> list[tuple[np.ndarray, np.ndarray, bool]]:
+    """Each image's reliable mask, its CRF labels and whether they were computed now (False:
+    read back from the stores, which hold both).
 
-    Each mask is written as soon as it is computed, so that a killed run loses little: with
-    pydensecrf one image at a time, with the torch backend one batch of the chunk's images of one
-    size at a time (:func:`prune_images`). An image without classes (k = 0) gets all 255: without
-    its tags nothing is known about it, and calling it all background would teach that any
-    untagged object is background.
+    Both are written as soon as they are computed, the CRF labels first, so that a killed run
+    loses little: with pydensecrf one image at a time, with the torch backend one batch of the
+    chunk's images of one size at a time (:func:`mine_images`). An image without classes (k = 0)
+    gets all 255: without its tags nothing is known about it, and calling it all background
+    would teach that any untagged object is background.
     """
-    masks = {index: (job.masks.read(item.id)[0], False) for index, item in enumerate(items) if item.id in job.masks}
-    todo = [index for index in range(len(items)) if index not in masks]
+    found = {index: (job.masks.read(item.id)[0], job.crf.read(item.id)[0], False)
+             for index, item in enumerate(items) if item.id in job.masks and item.id in job.crf}
+    todo = [index for index in range(len(items)) if index not in found]
     images = {index: job.manifest.read_image(items[index].id) for index in todo if cams[index].shape[0] > 0}
     for index, image in images.items():
         what = f"the CAM array of {items[index].id!r}"
         _check_size(job.cams.path, what, cams[index].shape[1:], image.shape[:2], "rerun the cams stage")
     for group in _prune_groups(images, job.params):
-        pruned = prune_images([images[index] for index in group], [cams[index] for index in group],
-                              [np.asarray(classes[index]) for index in group], job.params, job.device)
-        for index, mask in zip(group, pruned, strict=True):
-            job.masks.write(items[index].id, mask)
-            masks[index] = (mask, True)
+        mined = mine_images([images[index] for index in group], [cams[index] for index in group],
+                            [np.asarray(classes[index]) for index in group], job.params, job.device)
+        for index, (mask, crf) in zip(group, mined, strict=True):
+            _write(job, items[index].id, mask, crf)
+            found[index] = (mask, crf, True)
     for index in todo:
-        if index not in masks:
-            masks[index] = (np.full(cams[index].shape[1:], IGNORE, dtype=np.uint8), True)
-            job.masks.write(items[index].id, masks[index][0])
-    return [masks[index] for index in range(len(items))]
+        if index not in found:
+            unknown = np.full(cams[index].shape[1:], IGNORE, dtype=np.uint8)
+            _write(job, items[index].id, unknown, unknown)
+            found[index] = (unknown, unknown, True)
+    return [found[index] for index in range(len(items))]
+
+
+def _write(job: MiningJob, image_id: str, mask: np.ndarray, crf: np.ndarray) -> None:
+    job.crf.write(image_id, crf)
+    job.masks.write(image_id, mask)
 
 
 def _prune_groups(images: dict[int, np.ndarray], params: PruneParams) -> list[list[int]]:
@@ -203,7 +218,7 @@ def mine_chunk(job: MiningJob, items: Sequence[Item]) -> MiningScore:
     read = [job.cams.read(item.id) for item in items]
     cams = [array.astype(np.float32) for array, _ in read]
     classes = [attrs["classes"] for _, attrs in read]
-    for item, own_cams, own, (mask, computed) in zip(items, cams, classes, _masks(job, items, cams, classes)):
+    for item, own_cams, own, (mask, crf, computed) in zip(items, cams, classes, _masks(job, items, cams, classes)):
         score.images += 1
         if computed:
             score.computed.append(item.id)
@@ -214,6 +229,7 @@ def mine_chunk(job: MiningJob, items: Sequence[Item]) -> MiningScore:
         _check_size(job.manifest.mask_path(item.id), what, gt.shape, mask.shape, "a mask must match its image")
         score.scored += 1
         score.masks.update(gt, mask)
+        score.crf.update(gt, crf)
         score.cams.update(gt, cam_argmax(own_cams, own, job.params.ha_alpha))
     return score
 
@@ -314,6 +330,7 @@ def mine_split(
     split: str,
     cams: ImageStore,
     masks: ImageStore,
+    crf: ImageStore,
     params: PruneParams,
     run: RunParams,
     progress: bool = True,
@@ -321,16 +338,17 @@ def mine_split(
     rank: int = 0,
     world_size: int = 1,
 ) -> MiningScore:
-    """Write the reliable-region mask of every image of ``split`` into ``masks``, and score them.
+    """Write the reliable-region mask of every image of ``split`` into ``masks`` and the labels of
+    its two CRFs into ``crf``, and score them.
 
-    Refuses to start unless the CAM store is complete. Keeps the masks already in the store if
-    it was started from the same settings and CAMs, else starts it anew; marks it complete once
+    Refuses to start unless the CAM store is complete. Keeps what the stores hold if they were
+    started from the same settings and CAMs, else starts them anew; marks them complete once
     every image is in. Returns the summed counts (``computed`` sorted).
 
     Without ``device`` the images are spread over the dask cluster of :func:`connect`, chunks of
     ``run.chunk_size``; with one (the torch backend on a GPU, see :func:`in_process`) they are
     mined in this process, ``run.inference_batch`` at a time, and process ``rank`` of a job of
-    ``world_size`` takes the ids ``[rank::world_size]`` only: the store is then started and
+    ``world_size`` takes the ids ``[rank::world_size]`` only: the stores are then started and
     marked complete by the caller, and the counts are this process's share.
     """
     if world_size > 1 and device is None:
@@ -339,15 +357,17 @@ def mine_split(
     items = manifest.split(split)
     share = items[rank::world_size]
     if world_size == 1:
-        start(masks, masks_made_from(manifest, split, params, cams))
-    job = MiningJob.create(manifest, cams, masks, params)
+        for store in (masks, crf):
+            start(store, masks_made_from(manifest, split, params, cams))
+    job = MiningJob.create(manifest, cams, masks, crf, params)
     total = MiningScore(manifest.num_classes + 1)
     with tqdm(total=len(share), desc=f"prune {split}", unit="img", disable=not progress) as bar:
         for score in _chunk_scores(job, share, run, device):
             total.add(score)
             bar.update(score.images)
     if world_size == 1:
-        masks.mark_complete(item.id for item in items)
+        for store in (crf, masks):
+            store.mark_complete(item.id for item in items)
     total.computed.sort()
     return total
 

@@ -15,10 +15,12 @@ For one image with present classes c1..ck and max-normalised CAMs:
 - A pixel keeps its start label only if it is both CAM-sure and CRF-sure; otherwise 255.
 
 The CRF step (:func:`prune_images`) and the rule on its outputs (:func:`label_reliable`) are
-separate, so the rule can be checked on given probabilities. ``crf_backend`` chooses how the
-CRFs are computed (:mod:`pipeline.method.crf`): pydensecrf image by image, or the torch mean
-field, which runs both CRFs of each image together and images of one size as one batch, on the
-CPU or a GPU.
+separate, so the rule can be checked on given probabilities. :func:`crf_labels` is the rule's
+start before the two confidence filters: the labels of the two CRFs alone, which PSA and IRN
+learn their affinities from, and which :func:`mine_images` gives beside the reliable ones.
+``crf_backend`` chooses how the CRFs are computed (:mod:`pipeline.method.crf`): pydensecrf image
+by image, or the torch mean field, which runs both CRFs of each image together and images of one
+size as one batch, on the CPU or a GPU.
 """
 
 from __future__ import annotations
@@ -121,6 +123,17 @@ def crf_confident(la_probs: np.ndarray, ha_probs: np.ndarray, threshold: float) 
     return np.maximum(ha_probs[0], la_probs[1:].max(axis=0)) >= threshold
 
 
+def crf_labels(classes: np.ndarray, la_probs: np.ndarray, ha_probs: np.ndarray) -> np.ndarray:
+    """The labels of the two CRFs, uint8 (H, W): ``la_label`` where the low-alpha CRF says
+    foreground, background (0) where the high-alpha CRF says background, 255 between (PSA's
+    affinity labels). ``la_probs``, ``ha_probs`` as for :func:`label_reliable`."""
+    values = np.concatenate([[0], np.asarray(classes) + 1]).astype(np.uint8)
+    labels = values[la_probs.argmax(axis=0)]
+    labels[labels == 0] = IGNORE
+    labels[ha_probs.argmax(axis=0) == 0] = 0
+    return labels
+
+
 def label_reliable(
     cams: np.ndarray,
     classes: np.ndarray,
@@ -133,13 +146,9 @@ def label_reliable(
     ``la_probs`` and ``ha_probs`` are the (k + 1, H, W) marginals of the stack with the low and
     high alpha; ``cams`` (k, H, W) and ``classes`` (k,) as for :func:`reliable_regions`.
     """
-    la_label = la_probs.argmax(axis=0)
-    ha_label = ha_probs.argmax(axis=0)
-    values = np.concatenate([[0], np.asarray(classes) + 1]).astype(np.uint8)
-    labels = values[la_label]
-    labels[la_label == 0] = IGNORE
-    labels[ha_label == 0] = 0
-    sure = cam_confident(cams, la_label, params) & crf_confident(la_probs, ha_probs, params.crf_confidence)
+    labels = crf_labels(classes, la_probs, ha_probs)
+    sure = cam_confident(cams, la_probs.argmax(axis=0), params) & crf_confident(la_probs, ha_probs,
+                                                                                 params.crf_confidence)
     labels[~sure] = IGNORE
     return labels
 
@@ -172,6 +181,13 @@ def prune_images(images: Sequence[np.ndarray], cams: Sequence[np.ndarray], class
                  params: PruneParams, device: torch.device | str = "cpu") -> list[np.ndarray]:
     """:func:`prune_image` of each image; with the torch backend, the images of one size go
     through the CRFs as one batch on ``device`` (pydensecrf runs on this CPU core, image by image)."""
+    return [reliable for reliable, _ in mine_images(images, cams, classes, params, device)]
+
+
+def mine_images(images: Sequence[np.ndarray], cams: Sequence[np.ndarray], classes: Sequence[np.ndarray],
+                params: PruneParams, device: torch.device | str = "cpu") -> list[tuple[np.ndarray, np.ndarray]]:
+    """The reliable labels of each image and its :func:`crf_labels`, from one pass of both CRFs
+    (see :func:`prune_images`)."""
     classes = [np.asarray(own) for own in classes]
     for image, own_cams, own in zip(images, cams, classes, strict=True):
         _check_inputs(image, own_cams, own)
@@ -185,7 +201,7 @@ def prune_images(images: Sequence[np.ndarray], cams: Sequence[np.ndarray], class
 
         stacks = [np.stack([stack_scores(own, alpha) for alpha in alphas]) for own in cams]
         found = marginals(images, stacks, params.crf, device)
-    return [label_reliable(own_cams, own, la, ha, params)
+    return [(label_reliable(own_cams, own, la, ha, params), crf_labels(own, la, ha))
             for own_cams, own, (la, ha) in zip(cams, classes, found, strict=True)]
 
 

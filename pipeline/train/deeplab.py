@@ -16,7 +16,7 @@ in every trained stage here; the synthetic benchmark's ``params.yaml`` picks the
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,7 @@ from pipeline.core.errors import InputError
 from pipeline.core.io import file_digest, fingerprint
 from pipeline.core.params import check_choice, check_scales, load_params
 from pipeline.core.provenance import MadeFrom, forget, settings, start, write_record
-from pipeline.core.registry import Stage
+from pipeline.core.registry import CAMS, Stage
 from pipeline.core.run import DEFAULT_RUN, RunParams, load_run
 from pipeline.core.stage import screened_dataset, stopwatch
 from pipeline.core.store import ImageStore, StorageParams
@@ -39,6 +39,7 @@ from pipeline.method.cams import multiscale_cams
 from pipeline.method.crf import BACKENDS, inference_crf
 from pipeline.method.losses import reliable_counts, segmentation_ce
 from pipeline.method.metrics import write_metrics
+from pipeline.method.tags import TEST_TAGS, predicted_tags, val_restrictions
 from pipeline.models import OnBackbone, build_backbone, fold_batch_norms, save_checkpoint
 from pipeline.train.loop import (
     Checkpoint,
@@ -47,7 +48,7 @@ from pipeline.train.loop import (
     train,
     unwrap,
 )
-from pipeline.train.segment import ProbabilityFn, infer_split, predictions_made_from, upsample
+from pipeline.train.segment import ProbabilityFn, infer_split, predictions_made_from, training_key, upsample
 
 ASPP_RATES_AT_STRIDE_8 = (12, 24, 36)
 """torchvision's ASPP dilations, for output stride 8; other strides scale them to the same field of view."""
@@ -78,10 +79,23 @@ class DeepLabParams(TrainingParams):
     """Refine the val predictions with the dense CRF of the spec's inference settings."""
     crf_backend: str = "pydensecrf"
     """How that CRF is computed (:data:`pipeline.method.crf.BACKENDS`); torch on a GPU runs it there."""
+    labels: str = "pseudo"
+    """What the two-step learns from (:mod:`pipeline.train.labels`): the segment stage's ``pseudo``
+    labels, the refine stage's ``refined`` ones, or the prune stage's reliable ``masks``. The
+    supervised reference learns from the ground truth whatever this says."""
+    test_tags: str = "predicted"
+    """How the val predictions are restricted (:data:`pipeline.method.tags.TEST_TAGS`): to the
+    classes the classifier predicts for each image, or ``none``."""
+
+    INFERENCE = ("scales", "crf", "crf_backend", "test_tags")
+    """The fields that change only how the trained network predicts (see
+    :func:`pipeline.train.segment.training_key`)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_choice("crf_backend", self.crf_backend, BACKENDS)
+        check_choice("labels", self.labels, ("pseudo", "refined", "masks"))
+        check_choice("test_tags", self.test_tags, TEST_TAGS)
         check_scales("scales", self.scales)
         check_choice("output_stride", self.output_stride, (8, 16, 32))
         if self.batch_size < 2:
@@ -139,8 +153,8 @@ LabelReader = Callable[[str], np.ndarray]
 
 
 def pseudo_labels(store: ImageStore) -> tuple[LabelReader, str]:
-    """The two-step's targets: the segment stage's pseudo-labels, and what identifies them (the
-    store's fingerprint). The store must be complete."""
+    """The two-step's targets: a store of training labels (see :mod:`pipeline.train.labels`), and
+    what identifies them (the store's fingerprint). The store must be complete."""
     store.require_complete()
     return (lambda image_id: store.read(image_id)[0]), str(store.fingerprint)
 
@@ -177,7 +191,7 @@ def train_deeplab(manifest: Manifest, split: str, params: DeepLabParams, targets
         logits = upsample(model(batch["image"].to(device, non_blocking=True)), tuple(labels.shape[-2:]))
         return {"loss": pseudo_label_loss(logits, labels, ctx.average(reliable_counts(labels)))}
 
-    key = fingerprint(asdict(params), labels_key, manifest.name, split, len(dataset))
+    key = fingerprint(training_key(params), labels_key, manifest.name, split, len(dataset))
     train(model, loader, step, optimizer, params.loop(description, progress, run), Checkpoint(state, key), ctx, device)
     if ctx.is_main:
         save_checkpoint(unwrap(net), out)
@@ -217,9 +231,11 @@ def write_disabled(stage: Stage, storage: StorageParams) -> None:
     write_metrics(storage.file(stage.metrics_file), {"enabled": False})
 
 
-def run_deeplab(params_path: Path, stage: Stage, enabled: bool, targets: Targets, skip_bad: bool | None) -> None:
-    """Run ``stage``: train the `deeplab:` recipe on ``targets`` of the training split, predict
-    and score val; switched off, only :func:`write_disabled`."""
+def run_deeplab(params_path: Path, stage: Stage, enabled: bool, targets: Targets, trained_on: str,
+                skip_bad: bool | None) -> None:
+    """Run ``stage``: train the `deeplab:` recipe on ``targets`` of the training split (named
+    ``trained_on`` in its metrics), predict and score val; switched off, only
+    :func:`write_disabled`."""
     params = load_params(DeepLabParams, "deeplab", params_path)
     storage = load_params(StorageParams, "storage", params_path)
     if not enabled:
@@ -243,10 +259,16 @@ def run_deeplab(params_path: Path, stage: Stage, enabled: bool, targets: Targets
     write_record(weights, made)
     store = storage.store(stage.stores[0])
     start(store, predictions_made_from(manifest, dataset.val_split, "deeplab", params, weights))
+    cams = storage.store(CAMS)
+    cams.require_complete()
+    threshold, predicted = predicted_tags(cams, manifest, dataset.train_split, dataset.val_split)
+    val_tags, others = val_restrictions(params.test_tags, predicted)
     with stopwatch() as inference:
         val = infer_split(deeplab_probabilities(net, params.scales, params.flip), manifest, dataset.val_split, store,
-                          device, inference_crf(params.crf, params.crf_backend), run)
+                          device, inference_crf(params.crf, params.crf_backend), run, val_tags, others)
     write_metrics(storage.file(stage.metrics_file), {"enabled": True, **val, "backbone": params.backbone,
+                                                     "labels": trained_on,
+                                                     "test_tags": params.test_tags, "tag_threshold": threshold,
                                                      "rejected": rejected, "train_seconds": training["seconds"],
                                                      "infer_seconds": inference["seconds"],
                                                      "seconds": training["seconds"] + inference["seconds"]})

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import multiprocessing
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Executor, Future, ProcessPoolExecutor
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
@@ -51,6 +51,7 @@ from pipeline.method.meanfield import batch_crf
 from pipeline.method.metrics import SegmentationScore
 from pipeline.method.mining import scheduler_client
 from pipeline.method.prune import PruneParams, prune_image, prune_images
+from pipeline.method.tags import TEST_TAGS, given_tags
 from pipeline.models import SegNet, build_backbone, fold_batch_norms, load_checkpoint, save_checkpoint, seg_dilation
 from pipeline.train.classifier import ClassifierParams
 from pipeline.train.loop import Checkpoint, TrainingParams, data_parallel, train, unwrap
@@ -66,7 +67,11 @@ class SegmentParams(TrainingParams):
     none. A pretrained backbone keeps its features at its rate; 0.9 gives ten times the step."""
     weight_decay: float = 1e-5
     mode: str = "staged"
-    """staged: learn from the prune stage's masks; end_to_end: re-mine them every step (the paper)."""
+    """staged: learn from the stored training ``labels``; end_to_end: re-mine the reliable regions
+    every step (the paper)."""
+    labels: str = "masks"
+    """staged only: what the head learns from: the prune stage's reliable ``masks`` (the paper) or
+    the refine stage's dense ``refined`` labels (see :mod:`pipeline.train.labels`)."""
     checkpoint: str | None = None
     """A trained segmentation network to start from instead of the classifier's weights: this
     project's ``checkpoints/segment.pth`` or RRM's released weights (its flat key names). With
@@ -92,11 +97,20 @@ class SegmentParams(TrainingParams):
     """Refine val predictions and pseudo labels with the dense CRF of the spec's inference settings."""
     crf_backend: str = "pydensecrf"
     """How that CRF is computed (:data:`pipeline.method.crf.BACKENDS`); torch on a GPU runs it there."""
+    test_tags: str = "predicted"
+    """How the val predictions are restricted (:data:`pipeline.method.tags.TEST_TAGS`): to the
+    classes the classifier predicts for each image, or ``none``."""
+
+    INFERENCE = ("crf", "crf_backend", "test_tags")
+    """The fields that change only how the trained network predicts: a change to them keeps its
+    training (see :func:`training_key`)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_choice("crf_backend", self.crf_backend, BACKENDS)
         check_choice("mode", self.mode, ("staged", "end_to_end"))
+        check_choice("labels", self.labels, ("masks", "refined"))
+        check_choice("test_tags", self.test_tags, TEST_TAGS)
         check_method(self.energy_method)
         for name in ("dense_weight", "cls_weight"):
             check_range(name, getattr(self, name), 0)
@@ -111,6 +125,13 @@ class SegmentParams(TrainingParams):
         sigma_xy = crop_reach(self.sigma_xy, self.crop_size)
         weight = crop_weight(self.dense_weight, self.crop_size, self.energy_scale, sigma_xy)
         return DenseEnergyLoss(weight, self.sigma_rgb, sigma_xy, self.energy_scale, self.energy_method)
+
+
+def training_key(params: Any) -> dict[str, Any]:
+    """A stage's settings less those that change only how its trained network predicts (its
+    ``INFERENCE`` fields): the identity of its training state, so that a change to the inference
+    settings alone predicts again from the finished training instead of training anew."""
+    return {name: value for name, value in asdict(params).items() if name not in params.INFERENCE}
 
 
 def build_segnet(classifier: ClassifierParams, num_classes: int, init: Path | None,
@@ -234,32 +255,33 @@ class Miner:
 
 
 def train_segmentation(manifest: Manifest, split: str, classifier: ClassifierParams, params: SegmentParams,
-                       prune: PruneParams, init: Path, masks: ImageStore, out: Path, state: Path,
+                       prune: PruneParams, init: Path, targets: ImageStore | None, out: Path, state: Path,
                        ctx: Distributed, device: torch.device, run: RunParams = DEFAULT_RUN,
                        progress: bool = True) -> SegNet:
     """Train the segmentation branch (either mode) from ``params.checkpoint`` or else the
     classifier's weights ``init``, write its weights to ``out`` (rank 0); returns the network.
-    With ``steps: 0`` the checkpoint is written as it is."""
+    Staged, it learns from the labels of ``targets`` (see :mod:`pipeline.train.labels`). With
+    ``steps: 0`` the checkpoint is written as it is."""
     torch.manual_seed(params.seed)
     checkpoint = Path(params.checkpoint) if params.checkpoint else None
     net = build_segnet(classifier, manifest.num_classes, init, checkpoint).to(device)
     if params.steps > 0:
-        _fit(net, manifest, split, classifier, params, prune, masks, state, ctx, device, run, progress)
+        _fit(net, manifest, split, classifier, params, prune, targets, state, ctx, device, run, progress)
     if ctx.is_main:
         save_checkpoint(unwrap(net), out)
     return net
 
 
 def _fit(net: SegNet, manifest: Manifest, split: str, classifier: ClassifierParams, params: SegmentParams,
-         prune: PruneParams, masks: ImageStore, state: Path, ctx: Distributed, device: torch.device,
+         prune: PruneParams, targets: ImageStore | None, state: Path, ctx: Distributed, device: torch.device,
          run: RunParams, progress: bool) -> None:
     """The training loop of :func:`train_segmentation`."""
     staged = params.mode == "staged"
     if staged:
-        masks.require_complete()
+        targets.require_complete()
 
         def read_label(image_id: str) -> np.ndarray:
-            return masks.read(image_id)[0]
+            return targets.read(image_id)[0]
     else:
         def read_label(image_id: str) -> np.ndarray:  # mined anew at every step
             return np.full(image_size(manifest.image_path(image_id)), IGNORE, dtype=np.uint8)
@@ -286,7 +308,7 @@ def _fit(net: SegNet, manifest: Manifest, split: str, classifier: ClassifierPara
         return {"loss": sum(losses.values()), **losses}
 
     settings = params.loop(f"segment {params.mode}", progress, run)
-    key = fingerprint(asdict(params), asdict(prune) if miner else masks.fingerprint, asdict(classifier),
+    key = fingerprint(training_key(params), asdict(prune) if miner else targets.fingerprint, asdict(classifier),
                       manifest.name, split, len(dataset))
     try:
         train(model, loader, step, optimizer, settings, Checkpoint(state, key), ctx, device)
@@ -309,10 +331,10 @@ def tag_mask(tags: torch.Tensor) -> torch.Tensor:
     return torch.cat([torch.ones_like(tags[:, :1]), (tags > 0).to(tags.dtype)], dim=1)
 
 
-def tag_values(tags: torch.Tensor) -> np.ndarray:
+def tag_values(tags: torch.Tensor | np.ndarray) -> np.ndarray:
     """The label values an image with multi-hot ``tags`` (C,) may take: background (0) and its
     classes (index + 1), ascending, uint8."""
-    return np.concatenate([[0], tags.nonzero().flatten().numpy() + 1]).astype(np.uint8)
+    return np.concatenate([[0], np.flatnonzero(np.asarray(tags)) + 1]).astype(np.uint8)
 
 
 def restrict(probs: np.ndarray, values: np.ndarray) -> np.ndarray:
@@ -327,18 +349,23 @@ def _crf_labels(image: np.ndarray, probs: np.ndarray, params: CRFParams, values:
     return values[dense_crf(image, probs, params).argmax(axis=0)]
 
 
-def _batch_crf_labels(batch: dict[str, Any], probs: torch.Tensor, crf: CRFParams, restricted: bool) -> np.ndarray:
+def _batch_crf_labels(rgb: torch.Tensor, probs: torch.Tensor, crf: CRFParams, tags: torch.Tensor | None) -> np.ndarray:
     """The CRF labels, uint8 (N, H, W), of a batch's probabilities (N, K, H, W) on their device
-    by :func:`batch_crf`; ``restricted``: over background and each image's tags only,
+    by :func:`batch_crf`; with ``tags`` (N, C), over background and each image's tags only,
     renormalised as :func:`restrict` does."""
     valid = None
-    if restricted:
-        valid = tag_mask(batch["labels"]).bool().to(probs.device)
+    if tags is not None:
+        valid = tag_mask(tags).bool().to(probs.device)
         probs = probs * valid[:, :, None, None]
         probs = probs / probs.sum(dim=1, keepdim=True).clamp_min(torch.finfo(probs.dtype).tiny)
-    rgb = batch["rgb"].to(probs.device)
-    marginals = batch_crf(rgb, probs[:, None], crf, valid)[:, 0]
+    marginals = batch_crf(rgb.to(probs.device), probs[:, None], crf, valid)[:, 0]
     return marginals.argmax(dim=1).to(torch.uint8).cpu().numpy()
+
+
+TagMap = Mapping[str, np.ndarray]
+"""Image id -> the multi-hot (C,) classes the image may take besides background: the tags the
+manifest gives it (:func:`pipeline.method.tags.given_tags`) or those the classifier predicts
+(:func:`pipeline.method.tags.predicted_tags`)."""
 
 
 @contextmanager
@@ -377,28 +404,38 @@ class Prediction(NamedTuple):
 
     item: Item
     plain: np.ndarray
-    """The argmax of the network's probabilities (over the image's own labels where restricted)."""
+    """The argmax of the network's probabilities (over the labels its tags allow, where restricted)."""
     refined: np.ndarray
     """``plain`` refined by the dense CRF (``plain`` itself without a CRF)."""
-    tagged: np.ndarray
-    """The argmax over background and the image's tagged classes only, without CRF."""
+    others: dict[str, np.ndarray]
+    """The argmax under each other restriction asked for, without CRF (diagnostics)."""
+
+
+def _argmax(probs: np.ndarray, tags: np.ndarray | None) -> np.ndarray:
+    """The label of the most probable entry of (K, H, W) ``probs`` at each pixel, over every label
+    or, with multi-hot ``tags``, over background and those classes."""
+    if tags is None:
+        return probs.argmax(axis=0).astype(np.uint8)
+    values = tag_values(tags)
+    return values[probs[values].argmax(axis=0)]
 
 
 @torch.inference_mode()
 def predict(probabilities: ProbabilityFn, manifest: Manifest, split: str, device: torch.device,
-            crf: CRFParams | None, restricted: bool = False, run: RunParams = DEFAULT_RUN,
-            progress: bool = True) -> Iterator[Prediction]:
+            crf: CRFParams | None, tags: TagMap | None = None, run: RunParams = DEFAULT_RUN,
+            progress: bool = True, others: Mapping[str, TagMap | None] | None = None) -> Iterator[Prediction]:
     """The :class:`Prediction` of every image of ``split``.
 
     ``probabilities`` is the network's inference (one pass, or several scales averaged; a
-    network in eval mode). ``restricted``: the split's tags are known (the training split), so
-    each image may only take background and its tagged classes: the other classes' scores are
-    dropped before the argmax and before the CRF. Otherwise (val: tags are unknown at test
-    time) every class competes, and ``tagged`` is there as a diagnostic. Images of one size go
-    through the network together; the CRFs run while the network goes on, a bounded number in
-    flight, where ``run`` says (see :func:`crf_pool`), or on ``device`` with the network's
-    batch where :func:`on_device` says. Batches are sized by ``run`` as in the CAM stage (its
-    ``inference_batch`` and ``batch_pixels``).
+    network in eval mode). ``tags`` restricts each image to background and its classes there:
+    the other classes' scores are dropped before the argmax and before the CRF (the training
+    split, whose tags are known; or val, by the tags the classifier predicts). Without it every
+    class competes. ``others`` names further restrictions (None: every class) whose argmax
+    comes beside, as diagnostics. Images of one size go through the network together; the CRFs
+    run while the network goes on, a bounded number in flight, where ``run`` says (see
+    :func:`crf_pool`), or on ``device`` with the network's batch where :func:`on_device` says.
+    Batches are sized by ``run`` as in the CAM stage (its ``inference_batch`` and
+    ``batch_pixels``).
     """
     dataset = ImageDataset(manifest, split)
     items = {item.id: item for item in dataset.items}
@@ -406,12 +443,12 @@ def predict(probabilities: ProbabilityFn, manifest: Manifest, split: str, device
     loader = DataLoader(dataset, batch_sampler=size_grouped_batches(sizes, run.inference_batch, run.batch_pixels))
     batched = on_device(crf, device)
     pool = nullcontext((None, 1)) if crf is None or batched else crf_pool(run)
-    pending: deque[tuple[Item, np.ndarray, Future | None, np.ndarray]] = deque()
-    every = np.arange(manifest.num_classes + 1, dtype=np.uint8)
+    pending: deque[tuple[Item, np.ndarray, Future | None, dict[str, np.ndarray]]] = deque()
+    others = others or {}
 
-    def finished(item: Item, plain: np.ndarray, refined: Future | None, tagged: np.ndarray) -> Prediction:
+    def finished(item: Item, plain: np.ndarray, refined: Future | None, extra: dict[str, np.ndarray]) -> Prediction:
         bar.update(1)
-        return Prediction(item, plain, plain if refined is None else refined.result(), tagged)
+        return Prediction(item, plain, plain if refined is None else refined.result(), extra)
 
     bar = tqdm(total=len(dataset), desc=f"predict {split}", unit="img", disable=not progress)
     with pool as (executor, parallel), bar:
@@ -419,21 +456,25 @@ def predict(probabilities: ProbabilityFn, manifest: Manifest, split: str, device
             images = batch["image"].to(device)
             with torch.autocast(device.type, enabled=device.type == "cuda"):
                 probs_t = probabilities(images).float()
-            refined_batch = _batch_crf_labels(batch, probs_t, crf, restricted) if batched else None
+            own = None if tags is None else [tags[image_id] for image_id in batch["id"]]
+            refined_batch = (_batch_crf_labels(batch["rgb"], probs_t, crf, None if own is None else
+                                               torch.from_numpy(np.stack(own))) if batched else None)
             probs = probs_t.cpu().numpy()
             for index, image_id in enumerate(batch["id"]):
-                own = tag_values(batch["labels"][index])
-                tagged = own[probs[index][own].argmax(axis=0)]
-                values = own if restricted else every
-                scores = restrict(probs[index], own) if restricted else probs[index]
-                plain = tagged if restricted else probs[index].argmax(axis=0).astype(np.uint8)
+                allowed = None if own is None else own[index]
+                plain = _argmax(probs[index], allowed)
+                extra = {name: _argmax(probs[index], None if other is None else other[image_id])
+                         for name, other in others.items()}
                 if refined_batch is not None:
                     refined: Future | None = Future()
                     refined.set_result(refined_batch[index])
+                elif crf is None:
+                    refined = None
                 else:
-                    refined = None if crf is None else executor.submit(_crf_labels, batch["rgb"][index].numpy(),
-                                                                       scores, crf, values)
-                pending.append((items[image_id], plain, refined, tagged))
+                    values = np.arange(len(probs[index]), dtype=np.uint8) if allowed is None else tag_values(allowed)
+                    scores = probs[index] if allowed is None else restrict(probs[index], values)
+                    refined = executor.submit(_crf_labels, batch["rgb"][index].numpy(), scores, crf, values)
+                pending.append((items[image_id], plain, refined, extra))
             while pending and (len(pending) > 4 * parallel or pending[0][2] is None or pending[0][2].done()):
                 yield finished(*pending.popleft())
         while pending:
@@ -442,27 +483,31 @@ def predict(probabilities: ProbabilityFn, manifest: Manifest, split: str, device
 
 def infer_split(probabilities: ProbabilityFn, manifest: Manifest, split: str, store: ImageStore,
                 device: torch.device, crf: CRFParams | None, run: RunParams = DEFAULT_RUN,
-                restricted: bool = False, progress: bool = True) -> dict[str, Any]:
+                tags: TagMap | None = None, others: Mapping[str, TagMap | None] | None = None,
+                progress: bool = True) -> dict[str, Any]:
     """Write the (refined) predictions of ``split`` to ``store`` and score them against the ground
-    truth where it exists: ``{"miou", "miou_no_crf", "miou_tagged_no_crf", "iou", "scored_images"}``.
+    truth where it exists: ``{"miou", "miou_no_crf", "miou_tagged_no_crf", "miou_<name>_no_crf"
+    of each of ``others``, "iou", "scored_images"}``.
 
-    ``restricted``: predict each image's tagged classes only (see :func:`predict`); else
-    ``miou_tagged_no_crf`` scores the tag-restricted argmax beside, as a diagnostic of how much
-    is lost to telling the classes apart.
+    ``tags``: restrict each image to them (see :func:`predict`); ``miou_tagged_no_crf`` scores
+    the argmax over the manifest's tags beside, as a diagnostic of how much is lost to telling
+    the classes apart, and ``others`` (name -> tags, or None for every class) are scored alike.
     """
-    scores = {name: SegmentationScore(manifest.num_classes + 1) for name in ("plain", "refined", "tagged")}
+    restrictions = {"tagged": given_tags(manifest, split), **(others or {})}
+    scores = {name: SegmentationScore(manifest.num_classes + 1) for name in ("plain", "refined", *restrictions)}
     scored = 0
-    for prediction in predict(probabilities, manifest, split, device, crf, restricted, run, progress):
+    for prediction in predict(probabilities, manifest, split, device, crf, tags, run, progress, restrictions):
         store.write(prediction.item.id, prediction.refined)
         gt = manifest.read_mask(prediction.item)
         if gt is not None:
-            for name, score in scores.items():
-                score.update(gt, getattr(prediction, name))
+            for name, labels in (("plain", prediction.plain), ("refined", prediction.refined),
+                                 *prediction.others.items()):
+                scores[name].update(gt, labels)
             scored += 1
     store.mark_complete(item.id for item in manifest.split(split))
     names = manifest.label_names
     return {"miou": scores["refined"].miou() if scored else None,
             "miou_no_crf": scores["plain"].miou() if scored else None,
-            "miou_tagged_no_crf": scores["tagged"].miou() if scored else None,
+            **{f"miou_{name}_no_crf": scores[name].miou() if scored else None for name in restrictions},
             "iou": scores["refined"].as_dict(names)["iou"] if scored else None,
             "scored_images": scored}

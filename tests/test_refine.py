@@ -1,0 +1,218 @@
+"""The refine stage's parts: affinity labels from a mask, the affinities of both kinds, the random
+walk (a seed spreads inside a boundary and stops at it) and its dense reference, and the labels
+it writes (only the image's tags, resumable, recorded)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.core.io import IGNORE
+from pipeline.core.provenance import start
+from pipeline.core.store import ImageStore
+from pipeline.method.affinity import (
+    AFFINITIES,
+    affinity_loss,
+    boundary_affinities,
+    dense_transition,
+    feature_affinities,
+    label_grid,
+    offsets,
+    pair_labels,
+    path,
+    random_walk,
+    transition_weights,
+    walk_offsets,
+)
+from pipeline.models import CAMNet, build_backbone
+from pipeline.models.affinity import LEVELS, AffinityNet
+from pipeline.train.refine import (
+    RefineParams,
+    refine_split,
+    refined_made_from,
+    score_labels,
+    walk_scores,
+    walked_labels,
+)
+
+X = IGNORE
+
+
+def test_psa_s_neighbourhood_holds_each_pair_once():
+    half = offsets(5)
+    assert len(half) == 34 and (0, 1) in half and (0, -1) not in half and (4, 2) in half and (4, 3) not in half
+    assert len(walk_offsets(5)) == 69 and walk_offsets(5)[0] == (0, 0)
+    assert {(-dy, -dx) for dy, dx in half}.isdisjoint(half)
+
+
+def test_pairs_of_a_hand_made_mask():
+    labels = torch.tensor([[[0, 0, 2, 2],
+                            [X, 1, 1, 2]]])
+    background, foreground, different = pair_labels(labels, (0, 1))  # right neighbours
+    assert background.tolist() == [[[True, False, False], [False, False, False]]]
+    assert foreground.tolist() == [[[False, False, True], [False, True, False]]]
+    assert different.tolist() == [[[False, True, False], [False, False, True]]]  # the pair touching 255 is in none
+    background, foreground, different = pair_labels(labels, (1, -1))  # down and left
+    assert (background | foreground).sum() == 0 and different.tolist() == [[[False, True, True]]]
+
+
+def test_the_label_grid_samples_each_cell_at_its_centre():
+    labels = torch.arange(64).view(1, 8, 8)
+    assert label_grid(labels, 4).tolist() == [[[18, 22], [50, 54]]]
+    assert label_grid(torch.arange(30).view(1, 5, 6), 4).tolist() == [[[14, 17], [26, 29]]]  # last cells clamped
+
+
+def test_feature_affinity_is_one_for_equal_features_and_falls_with_their_distance():
+    features = torch.zeros(1, 2, 1, 3)
+    features[0, :, 0, 2] = 3.0
+    assert feature_affinities(features, (0, 1)).flatten().tolist() == pytest.approx([1.0, float(np.exp(-3))])
+
+
+def test_a_boundary_on_the_line_between_two_cells_parts_them():
+    assert path((0, 3)) == ((0, 0), (0, 1), (0, 2), (0, 3)) and path((2, -1)) == ((0, 0), (1, 0), (2, -1))
+    logits = torch.full((1, 1, 1, 5), -20.0)
+    logits[0, 0, 0, 2] = 20.0  # a wall in the middle column
+    affinity = boundary_affinities(logits, (0, 1))[0, 0]
+    assert affinity.tolist() == pytest.approx([1.0, 0.0, 0.0, 1.0], abs=1e-6)
+    assert boundary_affinities(logits, (0, 4))[0, 0].tolist() == pytest.approx([0.0], abs=1e-6)
+    assert boundary_affinities(logits, (0, 1)).shape == (1, 1, 4)
+
+
+@pytest.mark.parametrize("kind", list(AFFINITIES))
+def test_the_loss_pulls_same_labels_together_and_pushes_different_ones_apart(kind):
+    channels, pairs = AFFINITIES[kind]
+    labels = torch.tensor([[[0, 0, 0, X, 1, 1, 1]] * 4])  # unlabelled between, as in the masks
+    maps = torch.randn(1, channels, 4, 7, generator=torch.Generator().manual_seed(0)).requires_grad_(True)
+    optimizer = torch.optim.Adam([maps], lr=0.1)
+    for _ in range(300):
+        loss = affinity_loss(maps, labels, 3, pairs)
+        optimizer.zero_grad()
+        loss["loss"].backward()
+        optimizer.step()
+    with torch.no_grad():
+        across, within = pairs(maps, (0, 2))[0, :, 2], pairs(maps, (0, 1))[0, :, 0]
+    assert across.mean() < 0.1 and across.max() < 0.5 and within.min() > 0.9
+
+
+def _wall(size: int = 12, column: int = 6) -> torch.Tensor:
+    """Boundary logits of a size x size grid with a wall down one column."""
+    logits = torch.full((1, 1, size, size), -20.0)
+    logits[..., column] = 20.0
+    return logits
+
+
+def test_a_seed_spreads_inside_its_boundary_and_stops_at_it():
+    weights = transition_weights(_wall(), 5, 8.0, AFFINITIES["boundary"][1])
+    seed = torch.zeros(1, 1, 12, 12)
+    seed[0, 0, 5, 1] = 1.0
+    walked = random_walk(seed, weights, 5, 256)[0, 0]
+    left, right = walked[:, :6], walked[:, 7:]
+    assert right.max() < 1e-6 * left.max()  # nothing crosses the wall
+    assert left.min() > 0.5 * left.max()  # the seed has spread over its whole side
+    assert walked.max() < seed.max()  # each step averages
+
+
+def test_the_walk_is_the_dense_matrix_applied_again_and_again():
+    features = torch.randn(2, 8, 7, 9, generator=torch.Generator().manual_seed(0))
+    weights = transition_weights(features, 3, 4.0, AFFINITIES["feature"][1])
+    assert torch.allclose(weights.sum(dim=1), torch.ones(2, 7, 9))
+    maps = torch.rand(2, 3, 7, 9, generator=torch.Generator().manual_seed(1))
+    walked = random_walk(maps, weights, 3, 16)
+    for image in range(2):
+        matrix = dense_transition(weights[image], 3)
+        expected = maps[image].reshape(3, -1)
+        for _ in range(16):
+            expected = expected @ matrix.T
+        torch.testing.assert_close(walked[image].reshape(3, -1), expected, rtol=1e-4, atol=1e-6)
+
+
+def test_the_walked_scores_are_the_cams_on_the_grid_with_psa_s_background_in_front():
+    cams = torch.tensor([[[[1.0, 0.5], [0.0, 0.0]]]])
+    psa = RefineParams(background="power", bg_power=2.0)
+    scores = walk_scores(cams, (2, 2), psa)
+    assert scores[0, 0].tolist() == [[0.0, 0.25], [1.0, 1.0]] and scores[0, 1].tolist() == cams[0, 0].tolist()
+    assert walk_scores(torch.zeros(1, 0, 4, 4), (2, 2), psa).tolist() == [[[[1.0, 1.0], [1.0, 1.0]]]]
+    assert torch.equal(walk_scores(cams, (2, 2), RefineParams(background="threshold")), cams)
+    assert walk_scores(torch.ones(1, 1, 4, 4), (2, 2), RefineParams()).shape == (1, 1, 2, 2)
+
+
+def test_background_is_irn_s_threshold_on_each_image_s_walked_maps_divided_by_their_largest():
+    walked = torch.tensor([[[[4.0, 1.0]], [[0.0, 2.0]]],  # two classes: the largest value 4
+                           [[[0.0, 0.0]], [[0.0, 0.0]]]])  # nothing walked here: background
+    labels = walked_labels(walked, (1, 2), RefineParams(bg_threshold=0.4))
+    assert labels.tolist() == [[[1, 2]], [[0, 0]]]  # 1/4 < 0.4 < 2/4
+    assert walked_labels(walked, (1, 2), RefineParams(bg_threshold=0.6)).tolist() == [[[1, 0]], [[0, 0]]]
+
+
+@pytest.fixture
+def affinity_net() -> AffinityNet:
+    torch.manual_seed(0)
+    backbone = CAMNet(build_backbone("small"), 3, freeze_bn=False).eval().backbone
+    return AffinityNet(backbone, LEVELS["small"], 4, AFFINITIES["boundary"][0])
+
+
+def test_the_affinity_network_learns_only_its_new_layers(affinity_net):
+    features = affinity_net(torch.randn(2, 3, 20, 24))
+    assert features.shape == (2, 1, 5, 6)
+    trainable = {name.split(".", 1)[0] for name, p in affinity_net.named_parameters() if p.requires_grad}
+    assert trainable == {"head"}
+    affinity_net.train()
+    assert not affinity_net.backbone.training
+
+
+def _cams_store(manifest, folder: Path) -> ImageStore:
+    """Each image's CAM: its ground truth's object, one map per tag."""
+    store = ImageStore(folder / "cams.zarr")
+    store.reset_unless("test")
+    for items in manifest.splits.values():
+        for item in items:
+            store.write(item.id, (manifest.read_mask(item) > 0)[None].astype(np.float16), classes=list(item.labels))
+    store.mark_complete(item.id for items in manifest.splits.values() for item in items)
+    return store
+
+
+def test_refined_labels_hold_only_background_and_the_image_s_tags(tiny_manifest, tmp_path, affinity_net):
+    cams = _cams_store(tiny_manifest, tmp_path)
+    store = ImageStore(tmp_path / "refined.zarr")
+    store.reset_unless("test")
+    params = RefineParams(log_steps=3)
+    written = refine_split(affinity_net, tiny_manifest, "train", cams, store, params, torch.device("cpu"),
+                           progress=False)
+    assert written == [item.id for item in tiny_manifest.split("train")]
+    for item in tiny_manifest.split("train"):
+        labels, _ = store.read(item.id)
+        assert labels.dtype == np.uint8 and labels.shape == (20, 24)
+        assert set(np.unique(labels)) <= {0, *(c + 1 for c in item.labels)}
+    assert score_labels(store, tiny_manifest, "train")["scored_images"] == 4
+
+
+def test_a_killed_walk_resumes_with_the_images_not_yet_written(tiny_manifest, tmp_path, affinity_net):
+    cams = _cams_store(tiny_manifest, tmp_path)
+    store = ImageStore(tmp_path / "refined.zarr")
+    store.reset_unless("test")
+    first = tiny_manifest.split("train")[0].id
+    store.write(first, np.zeros((20, 24), dtype=np.uint8))
+    written = refine_split(affinity_net, tiny_manifest, "train", cams, store, RefineParams(log_steps=2),
+                           torch.device("cpu"), progress=False)
+    assert first not in written and len(written) == 3
+    assert refine_split(affinity_net, tiny_manifest, "train", cams, store, RefineParams(log_steps=2),
+                        torch.device("cpu"), progress=False) == []
+
+
+def test_the_refined_store_records_its_settings_network_and_cams(tiny_manifest, tmp_path):
+    cams = _cams_store(tiny_manifest, tmp_path)
+    weights = tmp_path / "refine.pth"
+    weights.write_bytes(b"trained")
+    store = ImageStore(tmp_path / "refined.zarr")
+    made = refined_made_from(tiny_manifest, "train", RefineParams(), weights, cams)
+    start(store, made)
+    assert store.made_from["settings"]["refine.beta"] == 10.0
+    assert set(store.made_from["inputs"]) == {"weights", "cams.zarr"}
+    store.write("im0", np.zeros((20, 24), dtype=np.uint8))
+    start(store, refined_made_from(tiny_manifest, "train", RefineParams(), weights, cams))
+    assert "im0" in store  # the same settings keep what was walked
+    start(store, refined_made_from(tiny_manifest, "train", RefineParams(beta=12.0), weights, cams))
+    assert store.is_empty()  # another beta walks anew
