@@ -13,6 +13,9 @@ On one GPU, in under 8 minutes:
   the CPU cores) on VOC-sized synthetic images over a local cluster of every core;
 - ``prune_torch``: the same rule with the torch CRF backend on the device, batches of 16
   500x375 images (target: at least 50 images per second on a GPU; see ``bench/crf.py``);
+- ``refine_walk``: the refine stage's random walk (transition weights and ``2 ** log_steps``
+  steps, the stage's defaults) on batches of 8 500x375 images on the device, three maps each
+  (see ``bench/refine.py`` for the dense-matrix reference);
 
 each with the peak GPU memory it took (null on a CPU). ``--smoke`` runs the same code at toy
 sizes with the small backbone, on whatever device is given, in seconds: the test of this script.
@@ -45,9 +48,14 @@ from prune import make_dataset, on_cluster
 
 from pipeline.core.run import RunParams
 from pipeline.core.store import ImageStore
+from pipeline.method.affinity import AFFINITIES, grid_size, random_walk, transition_weights
 from pipeline.method.cams import CamParams
 from pipeline.method.losses import DenseEnergyLoss
 from pipeline.models import CAMNet, SegNet, build_backbone, param_groups
+from pipeline.train.refine import RefineParams
+
+REFINE = RefineParams()
+"""The refine stage's defaults: stride, radius, beta, walk length, kind of affinity."""
 
 
 @dataclass(frozen=True)
@@ -69,10 +77,12 @@ class Sizes:
     """None: one per CPU core."""
     crf_size: tuple[int, int]
     crf_batch: int
+    walk_images: int
+    walk_batch: int
 
 
-FULL = Sizes("resnet38", "VOC-like mix", 32, 321, 448, 8, 321, 4, 20, 400, 64, None, VOC_SIZE, 16)
-SMOKE = Sizes("small", "synthetic 96x96", 2, 64, 64, 2, 64, 2, 2, 48, 2, 1, (48, 64), 2)
+FULL = Sizes("resnet38", "VOC-like mix", 32, 321, 448, 8, 321, 4, 20, 400, 64, None, VOC_SIZE, 16, 32, 8)
+SMOKE = Sizes("small", "synthetic 96x96", 2, 64, 64, 2, 64, 2, 2, 48, 2, 1, (48, 64), 2, 2, 2)
 
 
 @contextmanager
@@ -169,6 +179,27 @@ def bench_prune_torch(sizes: Sizes, device: torch.device) -> dict[str, Any]:
     return {**result, "img_per_s": round(rate, 2)}
 
 
+def bench_refine_walk(sizes: Sizes, device: torch.device) -> dict[str, Any]:
+    channels, pairs = AFFINITIES[REFINE.affinity]
+    grid = grid_size(sizes.crf_size, REFINE.stride)
+    generator = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(sizes.walk_batch, channels, *grid, generator=generator).to(device),
+                torch.rand(sizes.walk_batch, 3, *grid, generator=generator).to(device))
+               for _ in range(max(1, sizes.walk_images // sizes.walk_batch))]
+    result: dict[str, Any] = {"size": list(sizes.crf_size), "grid": list(grid), "batch": sizes.walk_batch,
+                              "images": len(batches) * sizes.walk_batch, "steps": REFINE.walk_steps}
+    wait = synchronised(device)
+    with gpu_memory(device, result), torch.inference_mode():
+        wait()
+        start = time.perf_counter()
+        for features, maps in batches:
+            random_walk(maps, transition_weights(features, REFINE.radius, REFINE.beta, pairs), REFINE.radius,
+                        REFINE.walk_steps)
+        wait()
+        seconds = time.perf_counter() - start
+    return {**result, "img_per_s": round(result["images"] / seconds, 2)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -185,6 +216,7 @@ def main() -> None:
         "training": bench_training(sizes, device),
         "prune": bench_prune(sizes),
         "prune_torch": bench_prune_torch(sizes, device),
+        "refine_walk": bench_refine_walk(sizes, device),
     }
     report["seconds"] = round(time.perf_counter() - start, 1)
     json.dump(report, sys.stdout, indent=1)

@@ -22,14 +22,14 @@ from pathlib import Path
 from pipeline.core.distributed import default_device, init_distributed
 from pipeline.core.io import write_json
 from pipeline.core.params import load_params
-from pipeline.core.provenance import check, start
+from pipeline.core.provenance import check
 from pipeline.core.registry import CAMS, CLASSIFIER_WEIGHTS, CRF, MASKS, STAGES
 from pipeline.core.run import load_run
 from pipeline.core.stage import run, screened_dataset, stopwatch
 from pipeline.core.store import StorageParams
 from pipeline.method.cams import CamParams, cams_made_from
 from pipeline.method.metrics import write_metrics
-from pipeline.method.mining import in_process, masks_made_from, mine_split, per_class_rows
+from pipeline.method.mining import in_process, mine_split, per_class_rows, start_mining
 from pipeline.method.prune import PruneParams
 
 PLOT = Path("plots/prune_per_class.json")
@@ -56,8 +56,7 @@ def main(params_path: Path, scheduler: str | None = None, skip_bad: bool | None 
             device = default_device(ctx)
             if ctx.enabled:  # each rank mines its share; rank 0 then reads every mask back and scores it all
                 if ctx.is_main:
-                    for store in (masks, crf):
-                        start(store, masks_made_from(manifest, split, params, cams))
+                    start_mining(manifest, split, params, cams, masks, crf)
                 ctx.barrier()
                 mine_split(manifest, split, cams, masks, crf, params, run_params, ctx.is_main, device, ctx.rank,
                            ctx.world_size)

@@ -6,7 +6,8 @@ the refine stage's refined labels), refused unless made from the current dataset
 It starts from the classifier stage's weights, refused unless made from the current dataset and
 `classifier:` settings, or from `segment.checkpoint`; with `steps: 0` it only predicts and scores
 that checkpoint. Val images, whose tags are unknown at test time, are restricted to the classes
-the classifier predicts for them (`segment.test_tags`), from the CAM store's class scores.
+the classifier predicts for them (`segment.test_tags`), from the CAM store's class scores; with
+a checkpoint and no classifier weights (released weights alone) the CAM store is taken as it is.
 """
 
 from __future__ import annotations
@@ -55,8 +56,9 @@ def main(params_path: Path, skip_bad: bool | None = None) -> None:
         check_checkpoint(init, classifier_made_from(manifest, train_split, classifier), manifest, "classifier")
         start_from = {"classifier": file_digest(init)}
     cams.require_complete()
-    check(cams, cams_made_from(manifest, (train_split, val_split), load_params(CamParams, "cams", params_path),
-                               init), manifest)
+    if not (params.checkpoint and not init.exists()):  # released weights alone: their CAM store taken as it is
+        check(cams, cams_made_from(manifest, (train_split, val_split), load_params(CamParams, "cams", params_path),
+                                   init), manifest)
     staged, mined = params.steps > 0 and params.mode == "staged", params.steps > 0 and params.mode == "end_to_end"
     targets = checked_labels(params.labels, manifest, train_split, storage, params_path) if staged else None
     made = MadeFrom.made(manifest, (train_split,), {**settings("segment", params),

@@ -26,7 +26,9 @@ def test_the_gpu_benchmark_runs_in_its_cpu_smoke_mode_and_prints_one_json():
     assert report["smoke"] and report["cams"]["speed_ratio"] > 0 and report["dense_energy"]["forward_backward_ms"] > 0
     assert set(report["training"]) == {f"{net}_amp_{amp}" for net in ("classifier", "segment") for amp in ("on", "off")}
     assert report["prune"]["img_per_s"] > 0 and report["prune_torch"]["img_per_s"] > 0
-    assert all(report[name]["peak_gpu_mb"] is None for name in ("cams", "dense_energy", "prune", "prune_torch"))
+    assert report["refine_walk"]["img_per_s"] > 0
+    assert all(report[name]["peak_gpu_mb"] is None for name in ("cams", "dense_energy", "prune", "prune_torch",
+                                                                "refine_walk"))
 
 
 def test_the_crf_benchmark_compares_the_backends_and_their_agreement():

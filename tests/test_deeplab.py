@@ -14,7 +14,7 @@ import yaml
 from pipeline.core.errors import InputError
 from pipeline.core.io import IGNORE
 from pipeline.core.params import build_params, load_params
-from pipeline.core.registry import DEEPLAB, PSEUDO, STAGES, SUPERVISED
+from pipeline.core.registry import CAMS, DEEPLAB, PSEUDO, STAGES, SUPERVISED
 from pipeline.core.store import StorageParams
 from pipeline.data.manifest import load_manifest
 from pipeline.train.deeplab import DeepLabParams, build_deeplab, deeplab_probabilities, pseudo_label_loss
@@ -30,7 +30,8 @@ PARAMS = tiny_params(data={"train_images": 8, "val_images": 4},
 @pytest.fixture(scope="module")
 def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A project after the data stage, with pseudo labels standing in for the segment stage's:
-    the ground truth with its left quarter unlabelled, recorded as made by a stand-in network."""
+    the ground truth with its left quarter unlabelled, recorded as made by a stand-in network;
+    and a CAM store whose class scores (the val images' predicted tags) are the true tags."""
     root = tmp_path_factory.mktemp("project")
     (root / "params.yaml").write_text(yaml.safe_dump(PARAMS))
     with pytest.MonkeyPatch.context() as patch:
@@ -49,6 +50,11 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
             label[:, : label.shape[1] // 4] = IGNORE
             pseudo.write(item.id, label)
         pseudo.mark_complete(item.id for item in manifest.split("train"))
+        cams, every_item = StorageParams().store(CAMS), manifest.split("train") + manifest.split("val")
+        for item in every_item:
+            cams.write(item.id, np.zeros((0, 48, 48), dtype=np.float16), classes=[],
+                       scores=manifest.label_vector(item).tolist())
+        cams.mark_complete(item.id for item in every_item)
     return root
 
 

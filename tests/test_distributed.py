@@ -34,7 +34,6 @@ from pipeline.method.mining import environ_restored, mine_split
 from pipeline.method.prune import PruneParams
 from pipeline.train.segment import infer_split
 from stages import data, prune
-from tests.conftest import beside
 from tests.test_faults import PARAMS as FAULTS_PARAMS
 from tests.test_faults import outputs, store_digest
 
@@ -210,15 +209,18 @@ def test_prune_of_two_processes_with_the_torch_crf_equals_one_process_and_rank_0
     single = fresh(reference / "cams", tmp_path / "single")
     manifest = load_manifest(single / "manifests/synth.json")
     masks = ImageStore(single / "artifacts/masks.zarr", "prune")
-    expected = mine_split(manifest, "train", ImageStore(single / "artifacts/cams.zarr"), masks, beside(masks),
+    crf = ImageStore(single / "artifacts/crf.zarr", "prune")
+    expected = mine_split(manifest, "train", ImageStore(single / "artifacts/cams.zarr"), masks, crf,
                           PruneParams(crf_backend="torch"), RunParams(), progress=False,
                           device=torch.device("cpu"))  # one process, no cluster
 
     assert store_digest(project / "artifacts/masks.zarr") == store_digest(masks.path)
+    assert store_digest(project / "artifacts/crf.zarr") == store_digest(crf.path)
     metrics, scores = json.loads((project / "metrics/prune.json").read_text()), expected.as_dict(manifest.label_names)
     assert [metrics["precision"], metrics["coverage"]] == pytest.approx([scores["precision"], scores["coverage"]],
                                                                         abs=1e-6)  # the file's are rounded
-    assert writes(project, 0) == ["complete masks.zarr", "metrics/prune.json", "plots/prune_per_class.json"]
+    assert writes(project, 0) == ["complete crf.zarr", "complete masks.zarr", "metrics/prune.json",
+                                  "plots/prune_per_class.json"]
     assert writes(project, 1) == []
     assert "prune train" in rank_log(project, 0) and "prune" not in rank_log(project, 1)
 

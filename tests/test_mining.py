@@ -23,6 +23,7 @@ from pipeline.core.store import ImageStore
 from pipeline.data.manifest import Item, Manifest
 from pipeline.method.mining import (
     MiningJob,
+    crf_made_from,
     masks_made_from,
     mine_chunk,
     mine_split,
@@ -89,10 +90,11 @@ def test_a_killed_run_resumes_with_only_the_missing_masks(tiny_manifest, cams, s
     assert first.computed == ["im0", "im1", "im2", "im3"]
 
     killed = ImageStore(tmp_path / "killed.zarr")
-    shutil.copytree(whole.path, killed.path)
-    shutil.rmtree(killed.path / "im1")  # killed before it started
+    for source, copy in ((whole, killed), (beside(whole), beside(killed))):
+        shutil.copytree(source.path, copy.path)
+        shutil.rmtree(copy.path / "im1")  # killed before it started
     half = zarr.open_group(killed.path, mode="a").create_array("im3", shape=(20, 24), dtype=np.uint8, overwrite=True)
-    half[...] = 7  # killed after writing the data, before the completion mark
+    half[...] = 7  # killed after writing the mask, before the completion mark
     resumed = mine_split(tiny_manifest, "train", cams, killed, beside(killed), PARAMS, cluster, progress=False)
 
     assert resumed.computed == ["im1", "im3"]
@@ -103,13 +105,14 @@ def test_a_killed_run_resumes_with_only_the_missing_masks(tiny_manifest, cams, s
 def test_other_cluster_settings_keep_the_masks_and_other_rule_settings_redo_them(
     tiny_manifest, cams, scheduler, tmp_path
 ):
-    masks = ImageStore(tmp_path / "masks.zarr")
+    masks, crf = ImageStore(tmp_path / "masks.zarr"), ImageStore(tmp_path / "crf.zarr")
     cluster = RunParams(scheduler=scheduler)
-    mine_split(tiny_manifest, "train", cams, masks, beside(masks), PARAMS, cluster, progress=False)
-    again = mine_split(tiny_manifest, "train", cams, masks, beside(masks), PARAMS, replace(cluster, chunk_size=1),
+    mine_split(tiny_manifest, "train", cams, masks, crf, PARAMS, cluster, progress=False)
+    crf_labels = stored(crf)
+    again = mine_split(tiny_manifest, "train", cams, masks, crf, PARAMS, replace(cluster, chunk_size=1),
                        progress=False)
     stricter = replace(PARAMS, cam_quantile=0.9)
-    redone = mine_split(tiny_manifest, "train", cams, masks, beside(masks), stricter, cluster, progress=False)
+    redone = mine_split(tiny_manifest, "train", cams, masks, crf, stricter, cluster, progress=False)
 
     assert again.computed == []
     assert redone.computed == ["im0", "im1", "im2", "im3"]
@@ -117,6 +120,13 @@ def test_other_cluster_settings_keep_the_masks_and_other_rule_settings_redo_them
     assert masks.fingerprint == made.fingerprint != masks_made_from(tiny_manifest, "train", PARAMS, cams).fingerprint
     assert masks.made_from == made.as_json() and made.settings["prune.cam_quantile"] == 0.9
     assert redone.masks.coverage() < again.masks.coverage()
+    # The CRFs' labels do not depend on the rule's thresholds: the same record, the same bytes.
+    assert crf.fingerprint == crf_made_from(tiny_manifest, "train", PARAMS, cams).fingerprint
+    assert stored(crf) == crf_labels and "prune.cam_quantile" not in crf.made_from["settings"]
+    softer = replace(PARAMS, la_alpha=2.0)  # a CRF's setting starts both stores anew
+    assert mine_split(tiny_manifest, "train", cams, masks, crf, softer, cluster, progress=False).computed == [
+        "im0", "im1", "im2", "im3"]
+    assert crf.fingerprint == crf_made_from(tiny_manifest, "train", softer, cams).fingerprint
 
 
 @pytest.mark.parametrize("given_in", ["params", "dask config"])
@@ -144,7 +154,7 @@ def test_an_incomplete_cam_store_is_refused(tiny_manifest, tmp_path):
 @pytest.fixture
 def hand_made(tmp_path: Path) -> tuple[MiningJob, tuple[Item, ...]]:
     """Two 2x4 images over classes a (label 1) and b (label 2): "gt" with a mask, "nogt" without;
-    their CAMs and masks already in the stores, so the task only scores."""
+    their CAMs, masks and CRF labels already in the stores, so the task only scores."""
     gt = np.array([[0, 0, 1, 1], [0, 2, 2, 1]], dtype=np.uint8)
     palette = np.array([[0, 0, 0], [255, 0, 0], [0, 255, 0]], dtype=np.uint8)
     write_mask(tmp_path / "masks" / "gt.png", gt, palette)
@@ -154,10 +164,12 @@ def hand_made(tmp_path: Path) -> tuple[MiningJob, tuple[Item, ...]]:
     cam_a = np.array([[0, 0, 1, 1], [0.9, 0, 0, 1]], dtype=np.float16)  # (1, 0): a where the truth is background
     cam_b = np.array([[0, 0, 0, 0], [0, 1, 1, 0]], dtype=np.float16)
     mask = np.array([[0, IGNORE, 1, 1], [1, IGNORE, 2, IGNORE]], dtype=np.uint8)
+    crf = beside(masks)
     for item in items:
         cams.write(item.id, np.stack([cam_a, cam_b]), classes=[0, 1])
+        crf.write(item.id, mask)
         masks.write(item.id, mask)
-    return MiningJob.create(manifest, cams, masks, beside(masks), PARAMS), items
+    return MiningJob.create(manifest, cams, masks, crf, PARAMS), items
 
 
 def test_scores_of_a_hand_made_mask_and_cam(hand_made):

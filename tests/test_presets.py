@@ -18,6 +18,7 @@ from pipeline.method.cams import CamParams
 from pipeline.method.prune import PruneParams
 from pipeline.train.classifier import ClassifierParams
 from pipeline.train.deeplab import DeepLabParams, SupervisedParams
+from pipeline.train.refine import RefineParams
 from pipeline.train.segment import SegmentParams
 
 PRESETS = Path(__file__).resolve().parents[1] / "presets"
@@ -27,6 +28,7 @@ SECTIONS = {
     "classifier": lambda path: load_params(ClassifierParams, "classifier", path),
     "cams": lambda path: load_params(CamParams, "cams", path),
     "prune": lambda path: load_params(PruneParams, "prune", path),
+    "refine": lambda path: load_params(RefineParams, "refine", path),
     "run": load_run,
     "segment": lambda path: load_params(SegmentParams, "segment", path),
     "deeplab": lambda path: load_params(DeepLabParams, "deeplab", path),
@@ -34,6 +36,10 @@ SECTIONS = {
 }
 METHOD = ("mode", "dense_weight", "sigma_rgb", "sigma_xy", "energy_scale", "energy_tags", "cls_weight", "crf")
 """The segment stage's method parameters, which no preset changes but VOC's mode (the paper's end to end)."""
+REFINE_METHOD = ("labels", "affinity", "stride", "radius", "beta", "log_steps", "background", "bg_threshold",
+                 "bg_power")
+"""The refine stage's method parameters, the same in every preset; presets set its crops and schedule."""
+ALL = sorted([PRESETS.parent / "params.yaml", *PRESETS.glob("*.yaml")])
 
 
 @pytest.mark.parametrize("preset", sorted(PRESETS.glob("*.yaml")), ids=lambda path: path.stem)
@@ -55,6 +61,21 @@ def tracked_sections() -> set[str]:
 @pytest.mark.parametrize("preset", sorted(PRESETS.glob("*.yaml")), ids=lambda path: path.stem)
 def test_a_preset_holds_every_section_the_pipeline_tracks(preset):
     assert tracked_sections() - set(yaml.safe_load(preset.read_text())) == set()
+
+
+@pytest.mark.parametrize("preset", ALL, ids=lambda path: path.stem)
+def test_a_params_file_holds_every_key_dvc_yaml_reads_from_it(preset):
+    """DVC resolves ``${section.key}`` from the params file alone: a key left to its default would stop it."""
+    sections = yaml.safe_load(preset.read_text())
+    named = set(re.findall(r"\$\{(\w+)\.(\w+)\}", (PRESETS.parent / "dvc.yaml").read_text()))
+    assert {("segment", "labels"), ("deeplab", "labels"), ("refine", "labels")} <= named
+    assert [f"{section}.{key}" for section, key in sorted(named) if key not in (sections.get(section) or {})] == []
+
+
+@pytest.mark.parametrize("preset", ALL, ids=lambda path: path.stem)
+def test_every_params_file_keeps_the_refine_stage_s_method(preset):
+    refine, default = asdict(load_params(RefineParams, "refine", preset)), asdict(RefineParams())
+    assert {key: refine[key] for key in REFINE_METHOD} == {key: default[key] for key in REFINE_METHOD}
 
 
 def test_the_voc_preset_holds_the_papers_settings():

@@ -104,7 +104,7 @@ def test_report_json_holds_the_table_values(tmp_path):
     assert result.exit_code == 0, result.output
     rows = {row["label"]: row for row in json.loads(result.output)}
     assert rows["One-step mIoU (val)"] == {"label": "One-step mIoU (val)", "stage": "segment", "value": 82.4,
-                                           "unit": "%", "status": "ok"}
+                                           "unit": "%", "status": "ok", "settings": ""}
     assert rows["Two-step mIoU, DeepLab (val)"]["status"] == "not run"
     assert rows["Time: total"]["value"] == 204.8
 
@@ -113,11 +113,14 @@ def test_rows_name_the_settings_that_made_them_and_the_other_restriction_beside(
     metrics = {**METRICS, "segment": {**METRICS["segment"], "test_tags": "predicted", "labels": "refined",
                                       "miou_all_classes_no_crf": 0.70111},
                "deeplab": {**METRICS["deeplab"], "test_tags": "predicted", "labels": "refined"}}
-    rows = values(write_metrics_dir(tmp_path / "m", metrics))
-    assert rows["One-step mIoU (val) [test_tags: predicted, labels: refined]"] == 82.4
-    assert rows["One-step mIoU without CRF, every class (val)"] == 70.1
-    assert rows["Two-step mIoU, DeepLab (val) [test_tags: predicted, labels: refined]"] == 66.3
+    folder = write_metrics_dir(tmp_path / "m", metrics)
+    rows = {row.label: row for row in report_rows(read_metrics(folder))}
+    assert (rows["One-step mIoU (val)"].value, rows["One-step mIoU (val)"].settings) == (
+        82.4, "test_tags: predicted, labels: refined")
+    assert rows["One-step mIoU without CRF, every class (val)"].value == 70.1
     assert "One-step mIoU without CRF, predicted tags (val)" not in rows  # a diagnostic of the other setting
+    shown = table(format_rows(list(rows.values())))
+    assert shown["Two-step mIoU, DeepLab (val) [test_tags: predicted, labels: refined]"] == "66.3 %"
 
 
 def test_report_prints_the_table(tmp_path):

@@ -11,7 +11,7 @@ import pytest
 from pipeline.core.params import load_params
 from pipeline.core.store import ImageStore
 from pipeline.data.manifest import load_manifest
-from pipeline.method.mining import masks_made_from
+from pipeline.method.mining import crf_made_from, masks_made_from
 from pipeline.method.prune import PruneParams
 from stages import cams, classifier, data, refine, segment
 from tests.conftest import write_tiny_project
@@ -119,16 +119,19 @@ def test_segment_and_deeplab_learn_from_the_labels_their_setting_names(project, 
 
 
 def _write_masks_from_cams() -> None:
-    """Stand-in masks for the staged mode: CAM argmax with a background threshold, recorded as
-    made by the prune stage's current settings (which the segment stage checks)."""
-    cams_store, masks = ImageStore("artifacts/cams.zarr"), ImageStore("artifacts/masks.zarr")
-    made = masks_made_from(load_manifest("manifests/synth.json"), "train",
-                           load_params(PruneParams, "prune", Path("params.yaml")), cams_store)
-    masks.reset_unless(made.fingerprint, made.as_json())
-    manifest = json.loads(Path("manifests/synth.json").read_text())
-    ids = [item["id"] for item in manifest["splits"]["train"]]
-    for image_id in ids:
-        maps, attrs = cams_store.read(image_id)
-        stacked = np.concatenate([np.full((1, *maps.shape[1:]), 0.3), maps])
-        masks.write(image_id, np.concatenate([[0], np.array(attrs["classes"]) + 1])[stacked.argmax(0)].astype(np.uint8))
-    masks.mark_complete(ids)
+    """Stand-in masks and CRF labels for the staged mode and the refine stage: CAM argmax with a
+    background threshold, recorded as made by the prune stage's current settings (which the
+    segment and refine stages check)."""
+    cams_store, manifest = ImageStore("artifacts/cams.zarr"), load_manifest("manifests/synth.json")
+    prune = load_params(PruneParams, "prune", Path("params.yaml"))
+    ids = [item.id for item in manifest.split("train")]
+    for store, made_from in ((ImageStore("artifacts/masks.zarr"), masks_made_from),
+                             (ImageStore("artifacts/crf.zarr"), crf_made_from)):
+        made = made_from(manifest, "train", prune, cams_store)
+        store.reset_unless(made.fingerprint, made.as_json())
+        for image_id in ids:
+            maps, attrs = cams_store.read(image_id)
+            stacked = np.concatenate([np.full((1, *maps.shape[1:]), 0.3), maps])
+            labels = np.concatenate([[0], np.array(attrs["classes"]) + 1])[stacked.argmax(0)]
+            store.write(image_id, labels.astype(np.uint8))
+        store.mark_complete(ids)

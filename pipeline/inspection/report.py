@@ -11,7 +11,7 @@ could not compute reads "no ground truth" where no image it scores has a mask (`
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,10 +26,11 @@ Metrics = Mapping[str, Mapping[str, Any] | None]
 class Score:
     """A report row: the value at ``key`` (a path of nested keys) in the metrics file of ``stage``.
 
-    ``settings``: keys of the metrics file whose values the label names, ``[name: value]``, where
-    the file has them (what the val predictions were restricted to, what the two-step learnt
-    from). ``optional``: a row left out where the stage ran and its file lacks the key (a
-    diagnostic of another setting).
+    ``settings``: keys of the metrics file whose values the row names beside its label, where the
+    file has them (what the val predictions were restricted to, what the two-step learnt from);
+    the label itself stays the same, so that a reader of ``--json`` finds a row by it.
+    ``optional``: a row left out where the stage ran and its file lacks the key (a diagnostic of
+    another setting).
     """
 
     label: str
@@ -66,13 +67,15 @@ RATIO = ("Two-step / supervised", "deeplab", "supervised")
 
 @dataclass(frozen=True)
 class Row:
-    """One line of the report: ``value`` rounded for display, or None and ``status`` says why."""
+    """One line of the report: ``value`` rounded for display, or None and ``status`` says why;
+    ``settings`` the settings that made it (``name: value, ...``; empty where none is named)."""
 
     label: str
     stage: str
     value: float | None
     unit: str
     status: str
+    settings: str = ""
 
 
 def read_metrics(metrics_dir: Path) -> dict[str, dict[str, Any] | None]:
@@ -119,10 +122,9 @@ def _ratio(metrics: Metrics) -> Row:
     return _row(label, numerator, top / bottom if bottom else None, "ok" if bottom else "n/a", "%", 100.0)
 
 
-def _label(score: Score, metrics: Mapping[str, Any] | None) -> str:
-    """The row's label, with the :attr:`Score.settings` the stage's metrics name."""
-    named = [f"{key}: {metrics[key]}" for key in score.settings if metrics is not None and key in metrics]
-    return f"{score.label} [{', '.join(named)}]" if named else score.label
+def _settings(score: Score, metrics: Mapping[str, Any] | None) -> str:
+    """The :attr:`Score.settings` the stage's metrics name, ``name: value, ...``."""
+    return ", ".join(f"{key}: {metrics[key]}" for key in score.settings if metrics is not None and key in metrics)
 
 
 def _shown(score: Score, metrics: Mapping[str, Any] | None) -> bool:
@@ -134,7 +136,8 @@ def _shown(score: Score, metrics: Mapping[str, Any] | None) -> bool:
 def report_rows(metrics: Metrics) -> list[Row]:
     """The score rows (percent) with the two-step / supervised ratio, the seconds of every stage in
     ``metrics``' order and their total."""
-    scores = [_row(_label(s, metrics.get(s.stage)), s.stage, *_measured(metrics.get(s.stage), s.key), "%", 100.0)
+    scores = [replace(_row(s.label, s.stage, *_measured(metrics.get(s.stage), s.key), "%", 100.0),
+                      settings=_settings(s, metrics.get(s.stage)))
               for s in SCORES if _shown(s, metrics.get(s.stage))]
     scores.append(_ratio(metrics))
     seconds = {stage: _measured(data, ("seconds",)) for stage, data in metrics.items()}
@@ -145,8 +148,9 @@ def report_rows(metrics: Metrics) -> list[Row]:
 
 
 def format_rows(rows: Sequence[Row]) -> str:
-    """The rows as an aligned two-column text table."""
-    cells = [(row.label, row.status if row.value is None else f"{row.value:.1f} {row.unit}") for row in rows]
+    """The rows as an aligned two-column text table, each row's settings in brackets after its label."""
+    cells = [(f"{row.label} [{row.settings}]" if row.settings else row.label,
+              row.status if row.value is None else f"{row.value:.1f} {row.unit}") for row in rows]
     width = max(len(label) for label, _ in cells)
     value_width = max(len(value) for _, value in cells)
     return "\n".join(f"{label:<{width}}  {value:>{value_width}}" for label, value in cells)

@@ -74,6 +74,27 @@ def masks_made_from(manifest: Manifest, split: str, params: PruneParams, cams: I
     return MadeFrom.made(manifest, (split,), settings("prune", params), {"cams.zarr": cams.fingerprint})
 
 
+CRF_SETTINGS = ("la_alpha", "ha_alpha", "crf_iterations", "crf_gaussian_sxy", "crf_gaussian_compat",
+                "crf_bilateral_sxy", "crf_bilateral_srgb", "crf_bilateral_compat", "crf_backend")
+"""The settings of :class:`~pipeline.method.prune.PruneParams` the labels of the two CRFs depend on."""
+
+
+def crf_made_from(manifest: Manifest, split: str, params: PruneParams, cams: ImageStore) -> MadeFrom:
+    """What a store of CRF labels is made from: as :func:`masks_made_from`, but of the settings
+    only :data:`CRF_SETTINGS`, so that a threshold of the rule keeps the store (rewritten with the
+    same bytes) and the refine stage that learns from it has nothing to redo."""
+    crf_settings = {key: value for key, value in settings("prune", params).items()
+                    if key.removeprefix("prune.") in CRF_SETTINGS}
+    return MadeFrom.made(manifest, (split,), crf_settings, {"cams.zarr": cams.fingerprint})
+
+
+def start_mining(manifest: Manifest, split: str, params: PruneParams, cams: ImageStore, masks: ImageStore,
+                 crf: ImageStore) -> None:
+    """Start the mask and CRF-label stores of ``split`` (see :func:`~pipeline.core.provenance.start`)."""
+    start(crf, crf_made_from(manifest, split, params, cams))
+    start(masks, masks_made_from(manifest, split, params, cams))
+
+
 @dataclass(frozen=True)
 class MiningJob:
     """What every task needs besides its items; small, so it travels with each task.
@@ -357,8 +378,7 @@ def mine_split(
     items = manifest.split(split)
     share = items[rank::world_size]
     if world_size == 1:
-        for store in (masks, crf):
-            start(store, masks_made_from(manifest, split, params, cams))
+        start_mining(manifest, split, params, cams, masks, crf)
     job = MiningJob.create(manifest, cams, masks, crf, params)
     total = MiningScore(manifest.num_classes + 1)
     with tqdm(total=len(share), desc=f"prune {split}", unit="img", disable=not progress) as bar:

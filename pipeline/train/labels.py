@@ -15,7 +15,7 @@ from pipeline.core.provenance import MadeFrom, check
 from pipeline.core.registry import CAMS, LABELS, SEGMENT_WEIGHTS, STAGES
 from pipeline.core.store import ImageStore, StorageParams
 from pipeline.data.manifest import Manifest
-from pipeline.method.mining import masks_made_from
+from pipeline.method.mining import crf_made_from, masks_made_from
 from pipeline.method.prune import PruneParams
 from pipeline.train.refine import RefineParams, refined_made_from
 from pipeline.train.segment import SegmentParams, predictions_made_from
@@ -25,6 +25,10 @@ Expected = Callable[[Manifest, str, StorageParams, Path], MadeFrom]
 
 def _masks(manifest: Manifest, split: str, storage: StorageParams, params_path: Path) -> MadeFrom:
     return masks_made_from(manifest, split, load_params(PruneParams, "prune", params_path), storage.store(CAMS))
+
+
+def _crf(manifest: Manifest, split: str, storage: StorageParams, params_path: Path) -> MadeFrom:
+    return crf_made_from(manifest, split, load_params(PruneParams, "prune", params_path), storage.store(CAMS))
 
 
 def _refined(manifest: Manifest, split: str, storage: StorageParams, params_path: Path) -> MadeFrom:
@@ -37,7 +41,7 @@ def _pseudo(manifest: Manifest, split: str, storage: StorageParams, params_path:
                                  storage.file(SEGMENT_WEIGHTS))
 
 
-EXPECTED: dict[str, Expected] = {"masks": _masks, "crf": _masks, "refined": _refined, "pseudo": _pseudo}
+EXPECTED: dict[str, Expected] = {"masks": _masks, "crf": _crf, "refined": _refined, "pseudo": _pseudo}
 """What each store of labels must be made from now."""
 
 
