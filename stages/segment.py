@@ -89,7 +89,7 @@ def main(params_path: Path, skip_bad: bool | None = None) -> None:
         for name, store, split, tags, also in (
                 ("val", storage.store(SEGMENT), val_split, val_tags, others),
                 ("pseudo", storage.store(PSEUDO), train_split, given_tags(manifest, train_split), {})):
-            start(store, predictions_made_from(manifest, split, "segment", params, weights))
+            start(store, predictions_made_from(manifest, split, settings("segment", params), weights))
             results[name] = infer_split(probabilities, manifest, split, store, device, crf, run_params, tags, also)
     write_metrics(storage.file(STAGE.metrics_file), {**results["val"], "mode": params.mode, "labels": params.labels,
                                                      "test_tags": params.test_tags, "tag_threshold": threshold,

@@ -14,6 +14,7 @@ import yaml
 from pipeline.core.errors import InputError
 from pipeline.core.io import IGNORE
 from pipeline.core.params import build_params, load_params
+from pipeline.core.provenance import settings
 from pipeline.core.registry import CAMS, DEEPLAB, PSEUDO, STAGES, SUPERVISED
 from pipeline.core.store import StorageParams
 from pipeline.data.manifest import load_manifest
@@ -42,8 +43,8 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
         segment_weights = Path("checkpoints/segment.pth")
         segment_weights.parent.mkdir(parents=True, exist_ok=True)
         segment_weights.write_bytes(b"a stand-in for the segment stage's network")
-        made = predictions_made_from(manifest, "train", "segment", load_params(SegmentParams, "segment",
-                                                                               Path("params.yaml")), segment_weights)
+        segment = load_params(SegmentParams, "segment", Path("params.yaml"))
+        made = predictions_made_from(manifest, "train", settings("segment", segment), segment_weights)
         pseudo.reset_unless(made.fingerprint, made.as_json())
         for item in manifest.split("train"):
             label = manifest.read_mask(item).copy()
@@ -153,3 +154,11 @@ def test_aspp_keeps_its_field_of_view_at_output_stride_16_and_needs_batches_of_t
     assert [branch[0].dilation for branch in list(net.head[0].convs)[1:4]] == [(6, 6), (12, 12), (18, 18)]
     with pytest.raises(InputError, match=r"deeplab\]: parameter batch_size must be at least 2"):
         build_params(DeepLabParams, {"batch_size": 1}, "params.yaml [deeplab]")
+
+
+def test_the_recipe_leaves_the_labels_to_the_targets_fingerprint():
+    """Which labels the two-step learns is recorded as their store's fingerprint: the supervised
+    reference, trained by the same recipe on the ground truth, keeps its network when they change."""
+    refined = DeepLabParams(labels="refined")
+    assert refined.recipe() == DeepLabParams(labels="pseudo").recipe()
+    assert "deeplab.labels" not in refined.recipe() and refined.recipe()["deeplab.steps"] == refined.steps

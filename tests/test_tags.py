@@ -17,7 +17,7 @@ from pipeline.core.store import ImageStore
 from pipeline.method.cams import SCORES
 from pipeline.method.crf import INFERENCE_CRF
 from pipeline.method.losses import dense_energy
-from pipeline.method.tags import choose_threshold, given_tags, mean_f1, predicted_tags, val_restrictions
+from pipeline.method.tags import choose_threshold, given_tags, predicted_tags, tag_recall, val_restrictions
 from pipeline.train.segment import (
     _batch_crf_labels,
     _crf_labels,
@@ -100,13 +100,14 @@ def test_infer_split_scores_the_tag_restricted_argmax_as_a_diagnostic(tiny_manif
     assert store.is_complete()
 
 
-def test_the_tag_threshold_is_the_middle_of_the_best_run_on_the_training_tags():
-    tags = np.array([[1, 0], [0, 1], [0, 0]])
-    scores = np.array([[0.9, 0.2], [0.1, 0.8], [0.3, 0.05]])
-    assert mean_f1(scores, tags, 0.5) == 1.0  # the image with no tag and no prediction counts as right
-    assert mean_f1(scores, tags, 0.95) == pytest.approx(1 / 3)  # only the untagged image is right
-    assert choose_threshold(scores, tags) == 0.55  # 0.35 to 0.8 all score 1: the middle of that run
-    assert choose_threshold(scores, tags, (0.1, 0.2)) == 0.2
+def test_the_tag_threshold_is_the_highest_that_keeps_the_training_tags():
+    tags = np.array([[1, 0], [0, 1], [1, 1], [0, 0]])
+    scores = np.array([[0.9, 0.2], [0.1, 0.8], [0.3, 0.6], [0.4, 0.05]])
+    assert tag_recall(scores, tags, 0.3) == 1.0  # an extra class (0.4 on the untagged image) costs no recall
+    assert tag_recall(scores, tags, 0.35) == pytest.approx(3 / 4)
+    assert choose_threshold(scores, tags) == 0.3  # every given tag kept; above it 0.3 is missed
+    assert choose_threshold(scores, tags, recall=0.7) == 0.6
+    assert choose_threshold(scores, tags, (0.95,)) == 0.95  # none keeps them: the lowest tried
 
 
 def test_predicted_tags_come_from_the_classifier_scores_beside_the_cams(tiny_manifest, tmp_path):

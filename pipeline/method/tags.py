@@ -3,10 +3,11 @@
 The cams stage keeps, beside each image's CAMs, the classifier's probability of every class for
 the whole image (:data:`~pipeline.method.cams.SCORES`). An image's predicted tags are the
 classes whose probability reaches a threshold, and the threshold is chosen on the training
-split, whose tags are known, never on a ground truth: the one that gives the best mean per-image
-F1 between predicted and given tags (an image with neither counts as right), the middle one of
-a run of equally good thresholds. A network trained on the training images is surer of them than
-of new ones, so many thresholds tie there; the middle keeps away from both ends of the run.
+split, whose tags are known, never on a ground truth: the highest that still keeps
+:data:`TAG_RECALL` of the given tags. The two ways of being wrong cost differently: a tag the
+classifier misses takes its whole object from the prediction (it can only be called another
+class or background), while a class it adds only competes with the others, as every class does
+without the restriction. So the threshold is set for recall, not for the best F1 of the tags.
 """
 
 from __future__ import annotations
@@ -22,6 +23,9 @@ from pipeline.method.cams import SCORES
 
 THRESHOLDS = tuple(round(0.05 * step, 2) for step in range(1, 20))
 """The thresholds tried: 0.05 to 0.95."""
+
+TAG_RECALL = 0.99
+"""The share of the training split's given tags the chosen threshold keeps."""
 
 TEST_TAGS = ("predicted", "none")
 """How val predictions are restricted: to background and the classes the classifier predicts for
@@ -39,21 +43,19 @@ def image_scores(store: ImageStore, ids: Sequence[str]) -> np.ndarray:
     return np.asarray(rows, dtype=np.float64)
 
 
-def mean_f1(scores: np.ndarray, tags: np.ndarray, threshold: float) -> float:
-    """Mean over images of the F1 of the classes scored at least ``threshold`` against ``tags``
-    (both (N, C)); an image with no tag and no predicted class scores 1."""
-    predicted, given = scores >= threshold, tags > 0
-    hits = (predicted & given).sum(axis=1)
-    total = predicted.sum(axis=1) + given.sum(axis=1)
-    return float(np.mean(np.where(total > 0, 2 * hits / np.maximum(total, 1), 1.0)))
+def tag_recall(scores: np.ndarray, tags: np.ndarray, threshold: float) -> float:
+    """The share of the given ``tags`` (N, C) whose ``scores`` (N, C) reach ``threshold``; 1 where
+    no image is tagged."""
+    given = tags > 0
+    return float((given & (scores >= threshold)).sum() / given.sum()) if given.any() else 1.0
 
 
-def choose_threshold(scores: np.ndarray, tags: np.ndarray, thresholds: Sequence[float] = THRESHOLDS) -> float:
-    """The threshold of ``thresholds`` (ascending) with the best :func:`mean_f1`; of a run of equal
-    ones, the middle (the lower of two)."""
-    f1 = np.array([mean_f1(scores, tags, threshold) for threshold in thresholds])
-    best = np.flatnonzero(np.isclose(f1, f1.max(), rtol=0, atol=1e-12))
-    return float(thresholds[best[(len(best) - 1) // 2]])
+def choose_threshold(scores: np.ndarray, tags: np.ndarray, thresholds: Sequence[float] = THRESHOLDS,
+                     recall: float = TAG_RECALL) -> float:
+    """The highest of ``thresholds`` at which the :func:`tag_recall` of ``scores`` against ``tags``
+    reaches ``recall``; the lowest threshold where none does."""
+    kept = [threshold for threshold in thresholds if tag_recall(scores, tags, threshold) >= recall]
+    return float(max(kept, default=min(thresholds)))
 
 
 def predicted_tags(store: ImageStore, manifest: Manifest, train_split: str,
@@ -80,12 +82,3 @@ def val_restrictions(test_tags: str, predicted: Mapping[str, np.ndarray]
 def given_tags(manifest: Manifest, split: str) -> dict[str, np.ndarray]:
     """The multi-hot tags (C,) float32 the manifest gives each image of ``split``."""
     return {item.id: manifest.label_vector(item) for item in manifest.split(split)}
-
-
-def tag_scores(predicted: Mapping[str, np.ndarray], manifest: Manifest, split: str) -> dict[str, float]:
-    """How well ``predicted`` tags match the manifest's for ``split``: mean per-image F1 and the
-    share of images whose tags are predicted exactly."""
-    given_by_id = given_tags(manifest, split)
-    found = np.stack([predicted[image_id] for image_id in given_by_id])
-    given = np.stack(list(given_by_id.values()))
-    return {"f1": mean_f1(found, given, 0.5), "exact": float(np.mean(((found > 0) == (given > 0)).all(axis=1)))}

@@ -90,6 +90,15 @@ class DeepLabParams(TrainingParams):
     INFERENCE = ("scales", "crf", "crf_backend", "test_tags")
     """The fields that change only how the trained network predicts (see
     :func:`pipeline.train.segment.training_key`)."""
+    TARGETS = ("labels",)
+    """The fields that name what the network learns from: its record and its training state hold
+    the fingerprint of those labels instead, so that the supervised reference, which learns the
+    ground truth, keeps its network when they change."""
+
+    def recipe(self) -> dict[str, Any]:
+        """The recorded ``deeplab.*`` settings of a network trained by this recipe (less :attr:`TARGETS`)."""
+        return {key: value for key, value in settings("deeplab", self).items()
+                if key.removeprefix("deeplab.") not in self.TARGETS}
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -191,7 +200,8 @@ def train_deeplab(manifest: Manifest, split: str, params: DeepLabParams, targets
         logits = upsample(model(batch["image"].to(device, non_blocking=True)), tuple(labels.shape[-2:]))
         return {"loss": pseudo_label_loss(logits, labels, ctx.average(reliable_counts(labels)))}
 
-    key = fingerprint(training_key(params), labels_key, manifest.name, split, len(dataset))
+    recipe = {name: value for name, value in training_key(params).items() if name not in params.TARGETS}
+    key = fingerprint(recipe, labels_key, manifest.name, split, len(dataset))
     train(model, loader, step, optimizer, params.loop(description, progress, run), Checkpoint(state, key), ctx, device)
     if ctx.is_main:
         save_checkpoint(unwrap(net), out)
@@ -243,7 +253,7 @@ def run_deeplab(params_path: Path, stage: Stage, enabled: bool, targets: Targets
         return
     manifest, dataset, rejected = screened_dataset(params_path, stage.name, skip_bad)
     labels = targets(manifest, dataset.train_split, storage)
-    made = MadeFrom.made(manifest, (dataset.train_split,), settings("deeplab", params),
+    made = MadeFrom.made(manifest, (dataset.train_split,), params.recipe(),
                          {"targets": labels[1], "init": file_digest(params.weights) if params.weights else None})
     run = load_run(params_path)
     ctx = init_distributed()
@@ -258,7 +268,7 @@ def run_deeplab(params_path: Path, stage: Stage, enabled: bool, targets: Targets
         return
     write_record(weights, made)
     store = storage.store(stage.stores[0])
-    start(store, predictions_made_from(manifest, dataset.val_split, "deeplab", params, weights))
+    start(store, predictions_made_from(manifest, dataset.val_split, params.recipe(), weights))
     cams = storage.store(CAMS)
     cams.require_complete()
     threshold, predicted = predicted_tags(cams, manifest, dataset.train_split, dataset.val_split)

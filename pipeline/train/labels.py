@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from pipeline.core.params import load_params
-from pipeline.core.provenance import MadeFrom, check
+from pipeline.core.provenance import MadeFrom, check, settings
 from pipeline.core.registry import CAMS, LABELS, SEGMENT_WEIGHTS, STAGES
 from pipeline.core.store import ImageStore, StorageParams
 from pipeline.data.manifest import Manifest
@@ -37,8 +37,8 @@ def _refined(manifest: Manifest, split: str, storage: StorageParams, params_path
 
 
 def _pseudo(manifest: Manifest, split: str, storage: StorageParams, params_path: Path) -> MadeFrom:
-    return predictions_made_from(manifest, split, "segment", load_params(SegmentParams, "segment", params_path),
-                                 storage.file(SEGMENT_WEIGHTS))
+    segment = load_params(SegmentParams, "segment", params_path)
+    return predictions_made_from(manifest, split, settings("segment", segment), storage.file(SEGMENT_WEIGHTS))
 
 
 EXPECTED: dict[str, Expected] = {"masks": _masks, "crf": _crf, "refined": _refined, "pseudo": _pseudo}

@@ -31,7 +31,7 @@ from tqdm import tqdm
 from pipeline.core.distributed import Distributed
 from pipeline.core.io import IGNORE, file_digest, fingerprint
 from pipeline.core.params import check_choice, check_range, check_scales
-from pipeline.core.provenance import MadeFrom, settings
+from pipeline.core.provenance import MadeFrom
 from pipeline.core.run import DEFAULT_RUN, RunParams
 from pipeline.core.store import ImageStore
 from pipeline.data.datasets import ImageDataset, SegmentationDataset
@@ -382,10 +382,11 @@ def crf_pool(run: RunParams) -> Iterator[tuple[Executor, int]]:
         yield pool, max(1, sum(client.nthreads().values()))
 
 
-def predictions_made_from(manifest: Manifest, split: str, section: str, params: Any, weights: Path) -> MadeFrom:
-    """What a store of predictions of ``split`` is made from: its images and tags, the settings of
-    the stage that trained the network (its params ``section``) and the network's weights."""
-    return MadeFrom.made(manifest, (split,), settings(section, params), {"weights": file_digest(weights)})
+def predictions_made_from(manifest: Manifest, split: str, recorded: dict[str, Any], weights: Path) -> MadeFrom:
+    """What a store of predictions of ``split`` is made from: its images and tags, the ``recorded``
+    settings of the stage that trained the network (:func:`~pipeline.core.provenance.settings`)
+    and the network's weights."""
+    return MadeFrom.made(manifest, (split,), recorded, {"weights": file_digest(weights)})
 
 
 ProbabilityFn = Callable[[torch.Tensor], torch.Tensor]
