@@ -27,10 +27,12 @@ from pipeline.method.affinity import (
     transition_weights,
     walk_offsets,
 )
-from pipeline.models import CAMNet, build_backbone
+from pipeline.models import CAMNet, build_backbone, save_checkpoint
 from pipeline.models.affinity import LEVELS, AffinityNet
+from pipeline.train.classifier import ClassifierParams, build_classifier
 from pipeline.train.refine import (
     RefineParams,
+    build_affinity_net,
     refine_split,
     refined_made_from,
     score_labels,
@@ -216,3 +218,17 @@ def test_the_refined_store_records_its_settings_network_and_cams(tiny_manifest, 
     assert "im0" in store  # the same settings keep what was walked
     start(store, refined_made_from(tiny_manifest, "train", RefineParams(beta=12.0), weights, cams))
     assert store.is_empty()  # another beta walks anew
+
+
+def test_the_affinity_network_starts_from_its_seed_whatever_ran_before(tmp_path):
+    classifier = ClassifierParams()
+    save_checkpoint(build_classifier(classifier, 3), tmp_path / "classifier.pth")
+    heads = []
+    for draws in (1, 5):  # the process's random state before differs
+        torch.rand(draws)
+        net = build_affinity_net(classifier, 3, tmp_path / "classifier.pth", RefineParams())
+        heads.append(net.head.state_dict())
+    assert all(torch.equal(heads[0][name], heads[1][name]) for name in heads[0])
+    assert not torch.equal(build_affinity_net(classifier, 3, tmp_path / "classifier.pth",
+                                              RefineParams(seed=1)).head.state_dict()["mix.weight"],
+                           heads[0]["mix.weight"])

@@ -112,7 +112,8 @@ class RefineParams(TrainingParams):
 def build_affinity_net(classifier: ClassifierParams, num_classes: int, weights: Path,
                        params: RefineParams) -> AffinityNet:
     """The affinity network of ``params`` on the trained classifier's backbone (batch norms
-    folded: it only infers)."""
+    folded: it only infers), its new layers drawn from ``params.seed``."""
+    torch.manual_seed(params.seed)
     backbone = fold_batch_norms(load_classifier(classifier, num_classes, weights)).backbone
     return AffinityNet(backbone, LEVELS[classifier.backbone], params.stride, AFFINITIES[params.affinity][0])
 
