@@ -15,14 +15,15 @@ from pathlib import Path
 from pipeline.core.distributed import default_device, init_distributed
 from pipeline.core.params import load_params
 from pipeline.core.provenance import check, check_checkpoint, forget, start, write_record
-from pipeline.core.registry import CAMS, CLASSIFIER_WEIGHTS, REFINED, STAGES
+from pipeline.core.registry import CAMS, CLASSIFIER_WEIGHTS, LABELS, REFINED, STAGES
 from pipeline.core.run import load_run
 from pipeline.core.stage import run, screened_dataset, stopwatch
 from pipeline.core.store import StorageParams
 from pipeline.method.cams import CamParams, cams_made_from
 from pipeline.method.metrics import write_metrics
+from pipeline.method.mining import MADE_FROM
+from pipeline.method.prune import PruneParams
 from pipeline.train.classifier import ClassifierParams, classifier_made_from
-from pipeline.train.labels import checked_labels
 from pipeline.train.refine import (
     RefineParams,
     affinity_made_from,
@@ -49,7 +50,10 @@ def main(params_path: Path, skip_bad: bool | None = None) -> None:
     cams.require_complete()
     check(cams, cams_made_from(manifest, (split, dataset.val_split), load_params(CamParams, "cams", params_path),
                                init), manifest)
-    labels = checked_labels(params.labels, manifest, split, storage, params_path)
+    labels = storage.store(LABELS[params.labels])
+    labels.require_complete()
+    check(labels, MADE_FROM[params.labels](manifest, split, load_params(PruneParams, "prune", params_path), cams),
+          manifest)
     ctx = init_distributed()
     device = default_device(ctx)
     weights = storage.file(STAGE.weights)

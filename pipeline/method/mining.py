@@ -88,11 +88,15 @@ def crf_made_from(manifest: Manifest, split: str, params: PruneParams, cams: Ima
     return MadeFrom.made(manifest, (split,), crf_settings, {"cams.zarr": cams.fingerprint})
 
 
+MADE_FROM = {"masks": masks_made_from, "crf": crf_made_from}
+"""What each store of the prune stage is made from, by the name :data:`~pipeline.core.registry.LABELS` gives it."""
+
+
 def start_mining(manifest: Manifest, split: str, params: PruneParams, cams: ImageStore, masks: ImageStore,
                  crf: ImageStore) -> None:
     """Start the mask and CRF-label stores of ``split`` (see :func:`~pipeline.core.provenance.start`)."""
-    start(crf, crf_made_from(manifest, split, params, cams))
-    start(masks, masks_made_from(manifest, split, params, cams))
+    for name, store in (("crf", crf), ("masks", masks)):
+        start(store, MADE_FROM[name](manifest, split, params, cams))
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from pipeline.core.provenance import MadeFrom, check, settings
 from pipeline.core.registry import CAMS, LABELS, SEGMENT_WEIGHTS, STAGES
 from pipeline.core.store import ImageStore, StorageParams
 from pipeline.data.manifest import Manifest
-from pipeline.method.mining import crf_made_from, masks_made_from
+from pipeline.method.mining import MADE_FROM
 from pipeline.method.prune import PruneParams
 from pipeline.train.refine import RefineParams, refined_made_from
 from pipeline.train.segment import SegmentParams, predictions_made_from
@@ -23,12 +23,12 @@ from pipeline.train.segment import SegmentParams, predictions_made_from
 Expected = Callable[[Manifest, str, StorageParams, Path], MadeFrom]
 
 
-def _masks(manifest: Manifest, split: str, storage: StorageParams, params_path: Path) -> MadeFrom:
-    return masks_made_from(manifest, split, load_params(PruneParams, "prune", params_path), storage.store(CAMS))
+def _pruned(name: str) -> Expected:
+    """The record a store of the prune stage (``masks`` or ``crf``) must hold now."""
 
-
-def _crf(manifest: Manifest, split: str, storage: StorageParams, params_path: Path) -> MadeFrom:
-    return crf_made_from(manifest, split, load_params(PruneParams, "prune", params_path), storage.store(CAMS))
+    def expected(manifest: Manifest, split: str, storage: StorageParams, params_path: Path) -> MadeFrom:
+        return MADE_FROM[name](manifest, split, load_params(PruneParams, "prune", params_path), storage.store(CAMS))
+    return expected
 
 
 def _refined(manifest: Manifest, split: str, storage: StorageParams, params_path: Path) -> MadeFrom:
@@ -41,7 +41,8 @@ def _pseudo(manifest: Manifest, split: str, storage: StorageParams, params_path:
     return predictions_made_from(manifest, split, settings("segment", segment), storage.file(SEGMENT_WEIGHTS))
 
 
-EXPECTED: dict[str, Expected] = {"masks": _masks, "crf": _crf, "refined": _refined, "pseudo": _pseudo}
+EXPECTED: dict[str, Expected] = {**{name: _pruned(name) for name in MADE_FROM}, "refined": _refined,
+                                 "pseudo": _pseudo}
 """What each store of labels must be made from now."""
 
 
