@@ -7,7 +7,6 @@ Heavy modules are imported inside each command so that ``rrm --help`` answers at
 from __future__ import annotations
 
 import importlib
-import inspect
 from pathlib import Path
 
 import click
@@ -228,14 +227,30 @@ def _report_manifest(built, out: Path, rejects: Path | None) -> None:
               "rejects/NAME.json, instead of stopping at the first (overrides dataset.skip_bad).")
 def stage(name: str, params_path: Path, scheduler: str | None, skip_bad: bool) -> None:
     """Run one pipeline stage directly, as `dvc repro` would (without DVC's bookkeeping)."""
-    main = importlib.import_module(STAGES[name].module).main
-    takes = inspect.signature(main).parameters
+    takes = STAGES[name].options
     if scheduler is not None and "scheduler" not in takes:
         raise click.UsageError("--scheduler is for the prune stage")
     if skip_bad and "skip_bad" not in takes:
         raise click.UsageError("--skip-bad is for the stages that read the dataset's images")
     options = {"scheduler": scheduler, "skip_bad": skip_bad or None}
+    main = importlib.import_module(STAGES[name].module).main
     main(params_path, **{option: value for option, value in options.items() if value is not None})
+
+
+@main.command("dvc-yaml")
+@click.option("--check", is_flag=True, help="Write nothing; exit 1 if dvc.yaml differs from what it would be.")
+def dvc_yaml(check: bool) -> None:
+    """Write dvc.yaml from the stage declarations (pipeline/core/registry.py) and the code each
+    stage imports: run it after adding a stage, an input or an import to a stage's code."""
+    from pipeline.core.dvcfile import DVC_FILE, render
+
+    text = render()
+    if check:
+        if DVC_FILE.read_text() != text:
+            raise click.ClickException(f"{DVC_FILE} is out of date: run `rrm dvc-yaml`")
+        return
+    DVC_FILE.write_text(text)
+    click.echo(f"wrote {DVC_FILE}")
 
 
 @main.command()

@@ -3,41 +3,29 @@ what they were trained from beside them, and its validation mAP."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from pipeline.core.distributed import default_device, init_distributed
-from pipeline.core.params import load_params
 from pipeline.core.provenance import forget, write_record
-from pipeline.core.registry import STAGES
-from pipeline.core.run import load_run
-from pipeline.core.stage import run, screened_dataset, stopwatch
-from pipeline.core.store import StorageParams
-from pipeline.method.metrics import write_metrics
+from pipeline.core.stage import Context, run, stage_main, stopwatch
 from pipeline.train.classifier import ClassifierParams, classifier_made_from, evaluate_classifier, train_classifier
 
-STAGE = STAGES["classifier"]
 
-
-def main(params_path: Path, skip_bad: bool | None = None) -> None:
-    """Run the stage; ``skip_bad`` (``--skip-bad``) overrides ``dataset.skip_bad``."""
-    manifest, dataset, rejected = screened_dataset(params_path, "classifier", skip_bad)
-    params = load_params(ClassifierParams, "classifier", params_path)
-    storage = load_params(StorageParams, "storage", params_path)
-    run = load_run(params_path)
-    ctx = init_distributed()
-    device = default_device(ctx)
-    weights = storage.file(STAGE.weights)
-    made = classifier_made_from(manifest, dataset.train_split, params)
-    if ctx.is_main:
+def body(ctx: Context) -> None:
+    """Train and score the classifier; ``--skip-bad`` overrides ``dataset.skip_bad``."""
+    manifest, params, train_split = ctx.manifest, ctx.params(ClassifierParams, "classifier"), ctx.dataset.train_split
+    weights = ctx.file(ctx.stage.weights)
+    made = classifier_made_from(manifest, train_split, params)
+    if ctx.dist.is_main:
         forget(weights)
     with stopwatch() as timing:
-        net = train_classifier(manifest, dataset.train_split, params, weights, storage.file(STAGE.state), ctx, device,
-                               run)
-    if ctx.is_main:
+        net = train_classifier(manifest, train_split, params, weights, ctx.file(ctx.stage.state), ctx.dist,
+                               ctx.device, ctx.run)
+    if ctx.dist.is_main:
         write_record(weights, made)
-        scores = evaluate_classifier(net, manifest, dataset.val_split, device, run.loader_processes(device))
-        write_metrics(storage.file(STAGE.metrics_file), {**scores, "rejected": rejected, **timing})
+        scores = evaluate_classifier(net, manifest, ctx.dataset.val_split, ctx.device,
+                                     ctx.run.loader_processes(ctx.device))
+        ctx.write_metrics({**scores, "rejected": ctx.rejected, **timing})
 
+
+main = stage_main("classifier", body)
 
 if __name__ == "__main__":
-    run(main, "skip_bad")
+    run("classifier", main)

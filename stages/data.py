@@ -2,23 +2,19 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from pipeline.core.params import load_params
-from pipeline.core.registry import STAGES
-from pipeline.core.stage import run, stopwatch
-from pipeline.core.store import StorageParams
+from pipeline.core.stage import Context, run, stage_main, stopwatch
 from pipeline.data.synth import generate, read_data_params
-from pipeline.method.metrics import write_metrics
 
 
-def main(params_path: Path) -> None:
-    params, root, manifest_path = read_data_params(params_path)
+def body(ctx: Context) -> None:
+    """Generate the images, masks and manifest the `data:` section describes."""
+    params, root, manifest_path = read_data_params(ctx.params_path)
     with stopwatch() as timing:
         _, stats = generate(params, root, manifest_path)
-    storage = load_params(StorageParams, "storage", params_path)
-    write_metrics(storage.file(STAGES["data"].metrics_file), {**stats, **timing})
+    ctx.write_metrics({**stats, **timing})
 
+
+main = stage_main("data", body)
 
 if __name__ == "__main__":
-    run(main)
+    run("data", main)

@@ -333,7 +333,7 @@ def test_a_stage_entry_point_takes_skip_bad_as_a_flag(monkeypatch):
 
     for argv in (["prune"], ["prune", "p.yaml", "--skip-bad", "--scheduler", "tcp://x:1"]):
         monkeypatch.setattr(sys, "argv", argv)
-        run(main, "scheduler", "skip_bad")
+        run("prune", main)
     assert calls == [
         {"params": Path("params.yaml"), "scheduler": None, "skip_bad": None},
         {"params": Path("p.yaml"), "scheduler": "tcp://x:1", "skip_bad": True},

@@ -17,7 +17,7 @@ from PIL import Image
 
 from pipeline.cli import main
 from pipeline.core.io import IGNORE, read_mask
-from pipeline.core.registry import CAMS
+from pipeline.core.registry import CAMS, OVERLAYS, STATS_PER_CLASS, TRAINING_LABELS
 from pipeline.core.stage import DatasetParams
 from pipeline.core.store import ImageStore, StorageParams
 from pipeline.data.manifest import Manifest
@@ -289,12 +289,12 @@ def test_overlays_stage_draws_samples_and_per_class_figures(project, artifacts, 
                                                       "overlays": {"samples": 1}}))
     monkeypatch.chdir(root)
     overlays.main(Path("params.yaml"))
-    assert sorted(p.name for p in overlays.OVERLAYS.iterdir()) == ["im0.png", "im4.png"]
-    rows = json.loads(overlays.PER_CLASS.read_text())
+    assert sorted(p.name for p in OVERLAYS.path.iterdir()) == ["im0.png", "im4.png"]
+    rows = json.loads(STATS_PER_CLASS.path.read_text())
     assert [row["bar"] for row in rows[:4]] == ["background / reliable", "background / refined", "background / pseudo",
                                                 "background / segment"]
     assert len(rows) == 4 * 4  # no deeplab rows: that stage has not run
-    labels = json.loads(overlays.TRAINING_LABELS.read_text())
+    labels = json.loads(TRAINING_LABELS.path.read_text())
     assert [row["bar"] for row in labels[:3]] == ["background / reliable", "background / refined",
                                                   "background / pseudo"]  # no CAM rows: the cams stage wrote no metrics
     assert {row["iou"] for row in labels if row["labels"] == "pseudo" and row["class"] == "red"} == {1.0}

@@ -1,14 +1,19 @@
-"""The stages of the pipeline and what each one writes: the one table of names and paths that the
-stage scripts, the command line, inspection and the tests read.
+"""The stages of the pipeline, each declared once: what it reads, which params sections change its
+outputs, what it writes, what it reports. Everything else reads this table: the runner that
+gives each stage's body its context and checks its inputs (:mod:`pipeline.core.stage`),
+``dvc.yaml``, which is generated from it (``rrm dvc-yaml``, :mod:`pipeline.core.dvcfile`),
+inspection and the report.
 
-DVC reads its own copy of these facts, ``dvc.yaml``; ``tests/test_registry.py`` holds the two to
-each other (the same stages in the same order, each writing the outputs listed here).
+It holds data alone and imports nothing of the method: a store or a checkpoint names the
+function that gives the record it must hold now (``module:function``, see
+:mod:`pipeline.core.provenance`), which the runner imports only for a stage that reads it.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 DVC_ARTIFACTS = Path("artifacts")
 """The folder of the stores as dvc.yaml tracks them (its outs), relative to the project root:
@@ -22,53 +27,190 @@ ROLES = ("train", "val")
 
 
 @dataclass(frozen=True)
+class Checkpoint:
+    """A network a stage trains, under ``storage.root``, with its record beside it
+    (``classifier.pth`` -> ``classifier.json``); ``record``: the function that gives the record
+    it must hold now, for the stages that start from it."""
+
+    path: Path
+    stage: str
+    record: str | None = None
+
+    @property
+    def outs(self) -> tuple[Path, ...]:
+        """What DVC tracks of it: the weights and their record, or the folder of its own that a
+        switched-off stage leaves empty (a DVC output must exist after every run)."""
+        own_folder = self.path.parent.name == self.stage
+        return (self.path.parent,) if own_folder else (self.path, self.path.with_suffix(".json"))
+
+
+@dataclass(frozen=True)
 class Store:
     """A zarr store of one array per image: its folder name in ``storage.artifacts``, the stage
-    that writes it, the split it covers (a role of :data:`ROLES`, None for both), and the params
-    section whose settings its record of what it was made from holds (see
-    :mod:`pipeline.core.provenance`)."""
+    that writes it, the split it covers (a role of :data:`ROLES`, None for both), the params
+    section its record of settings holds, and how inspection names it (``shown``, ``title``).
+
+    ``record``: the function that gives the record a reader must find in it now; ``inputs``: the
+    inputs that record names, by the names it gives them (what inspection looks up to hold a
+    store to the current run). ``cache``: whether DVC keeps a copy of each version.
+    """
 
     name: str
     stage: str
     role: str | None
     section: str
+    record: str | None = None
+    inputs: tuple[tuple[str, Checkpoint | Store], ...] = ()
+    shown: str | None = None
+    title: str | None = None
+    cache: bool = True
 
 
-CAMS = Store("cams.zarr", "cams", None, "cams")
-MASKS = Store("masks.zarr", "prune", "train", "prune")
-CRF = Store("crf.zarr", "prune", "train", "prune")
-REFINED = Store("refined.zarr", "refine", "train", "refine")
-PSEUDO = Store("pseudo.zarr", "segment", "train", "segment")
-SEGMENT = Store("segment.zarr", "segment", "val", "segment")
-DEEPLAB = Store("deeplab.zarr", "deeplab", "val", "deeplab")
-SUPERVISED = Store("supervised.zarr", "supervised", "val", "deeplab")
-"""The cams stage's CAMs, the prune stage's reliable masks and the labels of its two CRFs alone
-(before the confidence filters), the refine stage's dense labels of the training split, the
-segment stage's training-split pseudo labels and val predictions, DeepLab's val predictions, and
-those of the supervised reference (trained by the `deeplab:` recipe, hence its section)."""
+@dataclass(frozen=True)
+class Labels:
+    """Training-split labels a stage learns from, the store that ``setting`` names among
+    ``choices`` (dvc.yaml reads ``artifacts/${setting}.zarr``)."""
+
+    setting: str
+    choices: tuple[Store, ...]
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(label_name(store) for store in self.choices)
+
+
+@dataclass(frozen=True)
+class File:
+    """A file a stage reads that no store or checkpoint stands for (under the project root)."""
+
+    path: str
+
+
+@dataclass(frozen=True)
+class Plot:
+    """A plot file a stage writes (JSON rows, or a folder of PNGs), with how DVC draws it."""
+
+    path: Path
+    options: dict[str, Any] = field(default_factory=dict, hash=False)
+
+
+@dataclass(frozen=True)
+class Score:
+    """A report row: the value at ``key`` (a path of nested keys) in the stage's metrics file.
+
+    ``settings``: keys of the metrics file whose values the row names beside its label, where the
+    file has them (what the val predictions were restricted to, what the two-step learnt from);
+    the label itself stays the same, so that a reader of ``--json`` finds a row by it.
+    ``optional``: a row left out where the stage ran and its file lacks the key (a diagnostic of
+    another setting).
+    """
+
+    label: str
+    key: tuple[str, ...]
+    settings: tuple[str, ...] = ()
+    optional: bool = False
+
+
+MANIFEST = File("${dataset.manifest}")
+
+CLASSIFIER_WEIGHTS = Path("checkpoints/classifier.pth")
+REFINE_WEIGHTS = Path("checkpoints/refine.pth")
+SEGMENT_WEIGHTS = Path("checkpoints/segment.pth")
+CLASSIFIER = Checkpoint(CLASSIFIER_WEIGHTS, "classifier", "pipeline.train.classifier:expected_classifier")
+AFFINITY = Checkpoint(REFINE_WEIGHTS, "refine")
+SEGNET = Checkpoint(SEGMENT_WEIGHTS, "segment")
+DEEPLAB_NET = Checkpoint(Path("checkpoints/deeplab/model.pth"), "deeplab")
+SUPERVISED_NET = Checkpoint(Path("checkpoints/supervised/model.pth"), "supervised")
+"""The trained networks; the classifier is the one other stages start from and check."""
+
+CAMS = Store("cams.zarr", "cams", None, "cams", "pipeline.method.cams:expected_cams",
+             (("classifier", CLASSIFIER),), cache=False)
+MASKS = Store("masks.zarr", "prune", "train", "prune", "pipeline.method.mining:expected_masks",
+              (("cams.zarr", CAMS),), "reliable", "reliable")
+CRF = Store("crf.zarr", "prune", "train", "prune", "pipeline.method.mining:expected_crf", (("cams.zarr", CAMS),))
+REFINED = Store("refined.zarr", "refine", "train", "refine", "pipeline.train.refine:expected_refined",
+                (("weights", AFFINITY), ("cams.zarr", CAMS)), "refined", "refined")
+PSEUDO = Store("pseudo.zarr", "segment", "train", "segment", "pipeline.train.segment:expected_pseudo",
+               (("weights", SEGNET),), "pseudo", "segment")
+SEGMENT = Store("segment.zarr", "segment", "val", "segment", None, (("weights", SEGNET),), "segment", "segment")
+DEEPLAB = Store("deeplab.zarr", "deeplab", "val", "deeplab", None, (("weights", DEEPLAB_NET),), "deeplab", "deeplab")
+SUPERVISED = Store("supervised.zarr", "supervised", "val", "deeplab", None, (("weights", SUPERVISED_NET),),
+                   "supervised", "supervised")
+"""The cams stage's CAMs (and each image's class scores), the prune stage's reliable masks and the
+labels of its two CRFs alone (before the confidence filters), the refine stage's dense labels of
+the training split, the segment stage's training-split pseudo labels and val predictions,
+DeepLab's val predictions, and those of the supervised reference (trained by the `deeplab:`
+recipe, hence its section). The CAM store is left out of DVC's cache (a copy per version would
+double the largest store)."""
 
 STORES = (CAMS, MASKS, CRF, REFINED, PSEUDO, SEGMENT, DEEPLAB, SUPERVISED)
 
-LABELS: dict[str, Store] = {store.name.removesuffix(".zarr"): store for store in (MASKS, CRF, REFINED, PSEUDO)}
-"""The stores of training-split labels a network may learn from, by their name in a setting
-(``segment.labels``, ``deeplab.labels``, ``refine.labels``): the store's own name, so that
-dvc.yaml names the one a stage reads as ``artifacts/${segment.labels}.zarr``."""
+SHOWN = tuple(store for store in STORES if store.shown is not None)
+"""Every store of masks that inspection shows, in pipeline order."""
+
+
+def label_name(store: Store) -> str:
+    """A store of training labels by its name in a setting: the store's own name (``masks``)."""
+    return store.name.removesuffix(".zarr")
+
+
+LABELS: dict[str, Store] = {label_name(store): store for store in (MASKS, CRF, REFINED, PSEUDO)}
+"""The stores of training-split labels a network may learn from, by their name in a setting."""
+
+REFINE_LABELS = Labels("refine.labels", (CRF, MASKS))
+SEGMENT_LABELS = Labels("segment.labels", (MASKS, REFINED))
+DEEPLAB_LABELS = Labels("deeplab.labels", (PSEUDO, REFINED, MASKS))
+"""What each trained stage may learn from, the default first."""
+
+CAMS_CURVE = Plot(Path("plots/cams_threshold.json"), {"cache": False, "x": "threshold", "y": "val"})
+PRUNE_PER_CLASS = Plot(Path("plots/prune_per_class.json"), {
+    "cache": False, "template": "bar_horizontal", "title": "Precision of the reliable pixels per class",
+    "x": "precision", "y": "class"})
+OVERLAYS = Plot(Path("plots/overlays"))
+STATS_PER_CLASS = Plot(Path("plots/stats_per_class.json"))
+TRAINING_LABELS = Plot(Path("plots/train_labels_per_class.json"))
+"""The plot files the stages write, under ``storage.root``."""
+
+Read = Store | Checkpoint | Labels | File
 
 
 @dataclass(frozen=True)
 class Stage:
-    """One DVC stage, run as ``python -m stages.<name>``: the stores it writes and, under
-    ``storage.root``, its trained network (``weights``, beside which its record is written), its
-    resumable training state, its metrics."""
+    """One DVC stage, run as ``python -m stages.<name>`` (its body, over the runner's context).
+
+    ``params``: the params sections (or ``section.key``) that change its outputs, DVC's params;
+    ``reads``: its inputs besides the code, each checked by the runner when the body asks for it
+    (the function that checks it is part of the stage's code), unless ``checks`` is false (the
+    overlays, which inspection reads as they are); ``stores``, ``checkpoint``, ``plots``, ``outs``:
+    what it writes (``outs``, other paths as dvc.yaml names them); ``metrics``: whether it writes
+    ``metrics/<name>.json``; ``options``: its command-line options (``skip_bad``, ``scheduler``);
+    ``scores``: the report's rows read from its metrics.
+    """
 
     name: str
+    params: tuple[str, ...] = ()
+    reads: tuple[Read, ...] = ()
     stores: tuple[Store, ...] = ()
-    weights: Path | None = None
+    checkpoint: Checkpoint | None = None
+    plots: tuple[Plot, ...] = ()
+    outs: tuple[str, ...] = ()
     metrics: bool = True
+    options: tuple[str, ...] = ("skip_bad",)
+    checks: bool = True
+    scores: tuple[Score, ...] = ()
+    comment: str = ""
 
     @property
     def module(self) -> str:
         return f"stages.{self.name}"
+
+    @property
+    def script(self) -> Path:
+        return Path("stages") / f"{self.name}.py"
+
+    @property
+    def weights(self) -> Path | None:
+        return None if self.checkpoint is None else self.checkpoint.path
 
     @property
     def metrics_file(self) -> Path | None:
@@ -77,23 +219,64 @@ class Stage:
     @property
     def state(self) -> Path | None:
         """Where a trained stage keeps its last training state, from which a killed run resumes."""
-        return None if self.weights is None else Path(f"checkpoints/state/{self.name}.pt")
+        return None if self.checkpoint is None else Path(f"checkpoints/state/{self.name}.pt")
 
 
 STAGES = {stage.name: stage for stage in (
-    Stage("data"),
-    Stage("classifier", weights=Path("checkpoints/classifier.pth")),
-    Stage("cams", (CAMS,)),
-    Stage("prune", (MASKS, CRF)),
-    Stage("refine", (REFINED,), weights=Path("checkpoints/refine.pth")),
-    Stage("segment", (PSEUDO, SEGMENT), weights=Path("checkpoints/segment.pth")),
-    Stage("deeplab", (DEEPLAB,), weights=Path("checkpoints/deeplab/model.pth")),
-    Stage("supervised", (SUPERVISED,), weights=Path("checkpoints/supervised/model.pth")),
-    Stage("overlays", metrics=False),
+    Stage("data", params=("data",), outs=("${data.root}", "${data.manifest}"), options=(),
+          comment="the synthetic benchmark; a dataset of one's own starts at the classifier"),
+    Stage("classifier", params=("dataset", "classifier"), reads=(MANIFEST,), checkpoint=CLASSIFIER,
+          scores=(Score("Classifier mAP (val)", ("map",)),)),
+    Stage("cams", params=("dataset", "classifier.backbone", "classifier.output_stride", "cams"),
+          reads=(MANIFEST, CLASSIFIER), stores=(CAMS,), plots=(CAMS_CURVE,),
+          scores=(Score("CAM mIoU (val)", ("miou",)), Score("CAM mIoU (train)", ("train", "miou")))),
+    Stage("prune", params=("dataset", "prune"), reads=(MANIFEST, CAMS), stores=(MASKS, CRF),
+          plots=(PRUNE_PER_CLASS,), options=("scheduler", "skip_bad"),
+          scores=(Score("Reliable-region precision (train)", ("precision",)),
+                  Score("Reliable-region coverage (train)", ("coverage",)))),
+    Stage("refine", params=("dataset", "classifier.backbone", "classifier.output_stride", "refine"),
+          reads=(MANIFEST, CLASSIFIER, CAMS, REFINE_LABELS), stores=(REFINED,), checkpoint=AFFINITY,
+          scores=(Score("Refined-label mIoU (train)", ("miou",)),)),
+    Stage("segment", params=("dataset", "classifier.backbone", "classifier.output_stride", "classifier.freeze_bn",
+                             "prune", "segment"),
+          reads=(MANIFEST, CLASSIFIER, CAMS, SEGMENT_LABELS), stores=(PSEUDO, SEGMENT), checkpoint=SEGNET,
+          scores=(Score("One-step mIoU without CRF (val)", ("miou_no_crf",), ("test_tags",)),
+                  Score("One-step mIoU (val)", ("miou",), ("test_tags", "labels")),
+                  Score("One-step mIoU without CRF, every class (val)", ("miou_all_classes_no_crf",), optional=True),
+                  Score("One-step mIoU without CRF, predicted tags (val)", ("miou_predicted_tags_no_crf",),
+                        optional=True),
+                  Score("Pseudo-label mIoU (train)", ("pseudo", "miou")))),
+    Stage("deeplab", params=("dataset", "deeplab"), reads=(MANIFEST, CAMS, DEEPLAB_LABELS, File(str(SEGMENT_WEIGHTS))),
+          stores=(DEEPLAB,), checkpoint=DEEPLAB_NET,
+          comment="the optional two-step; off (deeplab.enabled: false) it only writes {enabled: false}",
+          scores=(Score("Two-step mIoU without CRF, DeepLab (val)", ("miou_no_crf",), ("test_tags",), optional=True),
+                  Score("Two-step mIoU, DeepLab (val)", ("miou",), ("test_tags", "labels")),
+                  Score("Two-step mIoU without CRF, every class (val)", ("miou_all_classes_no_crf",), optional=True),
+                  Score("Two-step mIoU without CRF, predicted tags (val)", ("miou_predicted_tags_no_crf",),
+                        optional=True))),
+    Stage("supervised", params=("dataset", "deeplab", "supervised"), reads=(MANIFEST, CAMS, File(str(SEGMENT_WEIGHTS))),
+          stores=(SUPERVISED,), checkpoint=SUPERVISED_NET,
+          comment="the optional fully supervised reference: the deeplab recipe on the ground truth",
+          scores=(Score("Supervised reference mIoU (val)", ("miou",)),)),
+    Stage("overlays", params=("dataset", "cams", "prune", "refine", "segment", "deeplab", "overlays"),
+          reads=(MANIFEST, File("metrics/cams.json"), CAMS, *SHOWN), plots=(OVERLAYS, STATS_PER_CLASS, TRAINING_LABELS),
+          metrics=False, options=(), checks=False,
+          comment="pictures and per-class figures of every stage's masks, for `dvc plots show`"),
 )}
-"""The stages in pipeline order. The weights of deeplab and supervised live in a folder of their
-own, which a disabled stage leaves empty (a DVC output must exist after every run)."""
+"""The stages in pipeline order. deeplab and supervised read ``checkpoints/segment.pth`` as the
+``deeplab.weights`` of the synthetic default and the MSRC preset."""
 
-CLASSIFIER_WEIGHTS = STAGES["classifier"].weights
-SEGMENT_WEIGHTS = STAGES["segment"].weights
-"""The networks other stages start from or check their inputs against."""
+PLOTS = (
+    ("CAM mIoU by background threshold", {"template": "linear", "x": "threshold",
+                                           "y": {str(CAMS_CURVE.path): ["train", "val"]}}),
+    ("Reliable-region coverage per class", {"template": "bar_horizontal", "x": "coverage",
+                                            "y": {str(PRUNE_PER_CLASS.path): "class"}}),
+    ("IoU per class and stage (unreliable pixels count as misses)", {
+        "template": "bar_horizontal", "x": "iou", "y": {str(STATS_PER_CLASS.path): "bar"}}),
+    ("IoU per class of the training-split labels (CAM, reliable, refined, one-step pseudo)", {
+        "template": "bar_horizontal", "x": "iou", "y": {str(TRAINING_LABELS.path): "bar"}}),
+    ("Precision per class and stage", {"template": "bar_horizontal", "x": "precision",
+                                       "y": {str(STATS_PER_CLASS.path): "bar"}}),
+    (str(OVERLAYS.path), None),
+)
+"""dvc.yaml's plots: what ``dvc plots show`` draws, by title (the overlays: a folder of panels)."""

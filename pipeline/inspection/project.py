@@ -16,20 +16,7 @@ from pipeline.core.errors import InputError
 from pipeline.core.io import file_digest
 from pipeline.core.params import load_params, read_params_file
 from pipeline.core.provenance import dataset_identity, same_dataset, stated_difference
-from pipeline.core.registry import (
-    CAMS,
-    CLASSIFIER_WEIGHTS,
-    DEEPLAB,
-    MASKS,
-    PSEUDO,
-    REFINED,
-    ROLES,
-    SEGMENT,
-    STAGES,
-    STORES,
-    SUPERVISED,
-    Store,
-)
+from pipeline.core.registry import CAMS, ROLES, SHOWN, STORES, Checkpoint, Store
 from pipeline.core.stage import DatasetParams, load_dataset
 from pipeline.core.store import ImageStore, StorageParams
 from pipeline.data.manifest import Item, Manifest
@@ -45,15 +32,8 @@ class Source:
     title: str
 
 
-SOURCES = (
-    Source("reliable", MASKS, "reliable"),
-    Source("refined", REFINED, "refined"),
-    Source("pseudo", PSEUDO, "segment"),
-    Source("segment", SEGMENT, "segment"),
-    Source("deeplab", DEEPLAB, "deeplab"),
-    Source("supervised", SUPERVISED, "supervised"),
-)
-"""Every store of masks, in pipeline order."""
+SOURCES = tuple(Source(store.shown, store, store.title) for store in SHOWN)
+"""Every store of masks, in pipeline order (the registry's :data:`~pipeline.core.registry.SHOWN`)."""
 
 
 @dataclass(frozen=True)
@@ -93,15 +73,21 @@ class Project:
         problem = store_problem(store, self.manifest, self.identity)
         if problem is not None or store.made_from is None or self.params is None:
             return problem
-        section, inputs = next(s.section for s in STORES if s.name == store.path.name), RECORDED[store.path.name]
-        given = self.params.get(section) or {}
+        declared = next(s for s in STORES if s.name == store.path.name)
+        given = self.params.get(declared.section) or {}
         try:
-            found = {name: make(self) for name, make in inputs.items()}
+            found = {name: self.current(source) for name, source in declared.inputs}
         except InputError as error:  # an input the record names is gone (e.g. the weights)
             return f"cannot be checked ({error})"
-        differs = stated_difference(store.made_from, {f"{section}.{key}": value for key, value in given.items()},
-                                    found)
+        stated = {f"{declared.section}.{key}": value for key, value in given.items()}
+        differs = stated_difference(store.made_from, stated, found)
         return None if differs is None else f"{differs} (rerun the {store.stage} stage)"
+
+    def current(self, source: Checkpoint | Store) -> str | None:
+        """What a record names an input by now: a network's digest, a store's fingerprint."""
+        if isinstance(source, Checkpoint):
+            return file_digest(self.storage.file(source.path))
+        return self.storage.store(source).fingerprint
 
     def split(self, role: str) -> str:
         """The dataset's split name for a role, ``train`` or ``val``."""
@@ -115,21 +101,6 @@ class Project:
                     return role, item
         splits = f"{self.split('train')!r} or {self.split('val')!r}"
         raise InputError(self.manifest.source or self.manifest.name, f"no image id {image_id!r} in split {splits}")
-
-
-def _digest(path: Path) -> Callable[[Project], str]:
-    return lambda project: file_digest(project.storage.file(path))
-
-
-RECORDED: dict[str, dict[str, Callable[[Project], str | None]]] = {
-    CAMS.name: {"classifier": _digest(CLASSIFIER_WEIGHTS)},
-    MASKS.name: {"cams.zarr": lambda project: project.cams().fingerprint},
-    REFINED.name: {"weights": _digest(STAGES["refine"].weights),
-                   "cams.zarr": lambda project: project.cams().fingerprint},
-    **{store.name: {"weights": _digest(STAGES[store.stage].weights)}
-       for store in (PSEUDO, SEGMENT, DEEPLAB, SUPERVISED)},
-}
-"""Per store: how to find now each input its record names (as the stage that writes it names them)."""
 
 
 def open_project(params_path: str | Path, artifacts: str | Path | None = None) -> Project:

@@ -16,50 +16,14 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.core.io import read_json_object
-from pipeline.core.registry import STAGES
+from pipeline.core.registry import STAGES, Score
 
 Metrics = Mapping[str, Mapping[str, Any] | None]
 """The metrics file of each stage by stage name; None for a stage that has not run."""
 
 
-@dataclass(frozen=True)
-class Score:
-    """A report row: the value at ``key`` (a path of nested keys) in the metrics file of ``stage``.
-
-    ``settings``: keys of the metrics file whose values the row names beside its label, where the
-    file has them (what the val predictions were restricted to, what the two-step learnt from);
-    the label itself stays the same, so that a reader of ``--json`` finds a row by it.
-    ``optional``: a row left out where the stage ran and its file lacks the key (a diagnostic of
-    another setting).
-    """
-
-    label: str
-    stage: str
-    key: tuple[str, ...]
-    settings: tuple[str, ...] = ()
-    optional: bool = False
-
-
-SCORES = (
-    Score("Classifier mAP (val)", "classifier", ("map",)),
-    Score("CAM mIoU (val)", "cams", ("miou",)),
-    Score("CAM mIoU (train)", "cams", ("train", "miou")),
-    Score("Reliable-region precision (train)", "prune", ("precision",)),
-    Score("Reliable-region coverage (train)", "prune", ("coverage",)),
-    Score("Refined-label mIoU (train)", "refine", ("miou",)),
-    Score("One-step mIoU without CRF (val)", "segment", ("miou_no_crf",), ("test_tags",)),
-    Score("One-step mIoU (val)", "segment", ("miou",), ("test_tags", "labels")),
-    Score("One-step mIoU without CRF, every class (val)", "segment", ("miou_all_classes_no_crf",), optional=True),
-    Score("One-step mIoU without CRF, predicted tags (val)", "segment", ("miou_predicted_tags_no_crf",),
-          optional=True),
-    Score("Pseudo-label mIoU (train)", "segment", ("pseudo", "miou")),
-    Score("Two-step mIoU without CRF, DeepLab (val)", "deeplab", ("miou_no_crf",), ("test_tags",), optional=True),
-    Score("Two-step mIoU, DeepLab (val)", "deeplab", ("miou",), ("test_tags", "labels")),
-    Score("Two-step mIoU without CRF, every class (val)", "deeplab", ("miou_all_classes_no_crf",), optional=True),
-    Score("Two-step mIoU without CRF, predicted tags (val)", "deeplab", ("miou_predicted_tags_no_crf",),
-          optional=True),
-    Score("Supervised reference mIoU (val)", "supervised", ("miou",)),
-)
+SCORES = tuple((stage.name, score) for stage in STAGES.values() for score in stage.scores)
+"""The report's rows, each stage's declared :class:`~pipeline.core.registry.Score` in pipeline order."""
 
 RATIO = ("Two-step / supervised", "deeplab", "supervised")
 """The figure WSSS papers quote: the two-step mIoU as a share of the fully supervised one."""
@@ -136,9 +100,9 @@ def _shown(score: Score, metrics: Mapping[str, Any] | None) -> bool:
 def report_rows(metrics: Metrics) -> list[Row]:
     """The score rows (percent) with the two-step / supervised ratio, the seconds of every stage in
     ``metrics``' order and their total."""
-    scores = [replace(_row(s.label, s.stage, *_measured(metrics.get(s.stage), s.key), "%", 100.0),
-                      settings=_settings(s, metrics.get(s.stage)))
-              for s in SCORES if _shown(s, metrics.get(s.stage))]
+    scores = [replace(_row(s.label, stage, *_measured(metrics.get(stage), s.key), "%", 100.0),
+                      settings=_settings(s, metrics.get(stage)))
+              for stage, s in SCORES if _shown(s, metrics.get(stage))]
     scores.append(_ratio(metrics))
     seconds = {stage: _measured(data, ("seconds",)) for stage, data in metrics.items()}
     times = [_row(f"Time: {stage}", stage, *measured, "s") for stage, measured in seconds.items()]

@@ -19,7 +19,7 @@ from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -33,11 +33,15 @@ from pipeline.core.errors import InputError
 from pipeline.core.io import IGNORE, TURNED, file_digest, orientation
 from pipeline.core.params import check_range, check_scales
 from pipeline.core.provenance import MadeFrom, settings
+from pipeline.core.registry import CLASSIFIER_WEIGHTS
 from pipeline.core.run import DEFAULT_RUN, RunParams
 from pipeline.core.store import ImageStore
 from pipeline.data.datasets import ImageDataset
 from pipeline.data.manifest import Manifest
 from pipeline.method.metrics import SegmentationScore
+
+if TYPE_CHECKING:
+    from pipeline.core.stage import Context
 
 CamFn = Callable[[torch.Tensor], torch.Tensor]
 
@@ -76,6 +80,11 @@ def cams_made_from(manifest: Manifest, splits: Sequence[str], params: CamParams,
     before the image scores were kept beside the maps is made anew."""
     return MadeFrom.made(manifest, splits, settings("cams", params),
                          {"classifier": file_digest(weights), "contents": f"cams, {SCORES}"})
+
+
+def expected_cams(ctx: Context) -> MadeFrom:
+    """The record a reader must find in the CAM store now (registered in :mod:`pipeline.core.registry`)."""
+    return cams_made_from(ctx.manifest, ctx.splits, ctx.params(CamParams, "cams"), ctx.file(CLASSIFIER_WEIGHTS))
 
 
 def image_size(path: Path | UPath) -> tuple[int, int]:

@@ -51,6 +51,7 @@ from tqdm import tqdm
 from pipeline.core.errors import InputError, ignore_interrupt
 from pipeline.core.io import IGNORE
 from pipeline.core.provenance import MadeFrom, settings, start
+from pipeline.core.registry import CAMS
 from pipeline.core.run import RunParams
 from pipeline.core.store import ImageStore
 from pipeline.data.manifest import Item, Manifest
@@ -60,6 +61,9 @@ from pipeline.method.prune import PruneParams, mine_images, stack_scores
 
 if TYPE_CHECKING:
     import torch
+
+    from pipeline.core.distributed import Distributed
+    from pipeline.core.stage import Context
 
 PRE_SPAWN_ENVIRON = "distributed.nanny.pre-spawn-environ"
 """Dask's setting of the environment its worker processes start with (None unsets a variable)."""
@@ -88,15 +92,23 @@ def crf_made_from(manifest: Manifest, split: str, params: PruneParams, cams: Ima
     return MadeFrom.made(manifest, (split,), crf_settings, {"cams.zarr": cams.fingerprint})
 
 
-MADE_FROM = {"masks": masks_made_from, "crf": crf_made_from}
-"""What each store of the prune stage is made from, by the name :data:`~pipeline.core.registry.LABELS` gives it."""
+def expected_masks(ctx: Context) -> MadeFrom:
+    """The record a reader must find in the mask store now (registered in :mod:`pipeline.core.registry`)."""
+    return masks_made_from(ctx.manifest, ctx.dataset.train_split, ctx.params(PruneParams, "prune"),
+                           ctx.storage.store(CAMS))
+
+
+def expected_crf(ctx: Context) -> MadeFrom:
+    """The record a reader must find in the store of CRF labels now (registered in :mod:`pipeline.core.registry`)."""
+    return crf_made_from(ctx.manifest, ctx.dataset.train_split, ctx.params(PruneParams, "prune"),
+                         ctx.storage.store(CAMS))
 
 
 def start_mining(manifest: Manifest, split: str, params: PruneParams, cams: ImageStore, masks: ImageStore,
                  crf: ImageStore) -> None:
     """Start the mask and CRF-label stores of ``split`` (see :func:`~pipeline.core.provenance.start`)."""
-    for name, store in (("crf", crf), ("masks", masks)):
-        start(store, MADE_FROM[name](manifest, split, params, cams))
+    start(crf, crf_made_from(manifest, split, params, cams))
+    start(masks, masks_made_from(manifest, split, params, cams))
 
 
 @dataclass(frozen=True)
@@ -405,6 +417,26 @@ def in_process(params: PruneParams, run: RunParams, several: bool = False) -> bo
     import torch  # the workers of a pydensecrf run never need it
 
     return several or torch.cuda.is_available()
+
+
+def mine_stage(manifest: Manifest, split: str, cams: ImageStore, masks: ImageStore, crf: ImageStore,
+               params: PruneParams, run: RunParams, dist: Distributed, device: torch.device) -> MiningScore | None:
+    """:func:`mine_split` as the prune stage runs it, deciding where the CRFs run: with the torch
+    backend on a GPU (see :func:`in_process`) in the stage's own process on ``device``; under
+    ``torchrun`` every process mines its share there and rank 0 then reads every mask back and
+    scores them all; otherwise rank 0 alone, over the dask cluster. The score on rank 0, None on
+    the others."""
+    if not in_process(params, run, dist.enabled):
+        return mine_split(manifest, split, cams, masks, crf, params, run) if dist.is_main else None
+    if dist.enabled:
+        if dist.is_main:
+            start_mining(manifest, split, params, cams, masks, crf)
+        dist.barrier()
+        mine_split(manifest, split, cams, masks, crf, params, run, dist.is_main, device, dist.rank, dist.world_size)
+        dist.barrier()
+        if not dist.is_main:
+            return None
+    return mine_split(manifest, split, cams, masks, crf, params, run, device=device)
 
 
 def _chunk_scores(job: MiningJob, items: Sequence[Item], run: RunParams,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -38,6 +38,9 @@ from pipeline.train.loop import (
     train,
     unwrap,
 )
+
+if TYPE_CHECKING:
+    from pipeline.core.stage import Context
 
 
 @dataclass(frozen=True)
@@ -82,6 +85,11 @@ def classifier_made_from(manifest: Manifest, split: str, params: ClassifierParam
     starts = {"weights": params.weights, "checkpoint": params.checkpoint}
     return MadeFrom.made(manifest, (split,), settings("classifier", params),
                          {name: file_digest(path) if path else None for name, path in starts.items()})
+
+
+def expected_classifier(ctx: Context) -> MadeFrom:
+    """The record the classifier's weights must have now (registered in :mod:`pipeline.core.registry`)."""
+    return classifier_made_from(ctx.manifest, ctx.dataset.train_split, ctx.params(ClassifierParams, "classifier"))
 
 
 def build_classifier(params: ClassifierParams, num_classes: int) -> CAMNet:

@@ -24,22 +24,20 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from pipeline.core.distributed import Distributed, default_device, init_distributed
+from pipeline.core.distributed import Distributed
 from pipeline.core.errors import InputError
 from pipeline.core.io import file_digest, fingerprint
-from pipeline.core.params import check_choice, check_scales, load_params
-from pipeline.core.provenance import MadeFrom, forget, settings, start, write_record
-from pipeline.core.registry import CAMS, Stage
-from pipeline.core.run import DEFAULT_RUN, RunParams, load_run
-from pipeline.core.stage import screened_dataset, stopwatch
-from pipeline.core.store import ImageStore, StorageParams
+from pipeline.core.params import check_choice, check_scales
+from pipeline.core.provenance import settings
+from pipeline.core.registry import DEEPLAB_LABELS
+from pipeline.core.run import DEFAULT_RUN, RunParams
+from pipeline.core.store import ImageStore
 from pipeline.data.datasets import SegmentationDataset
 from pipeline.data.manifest import Manifest
 from pipeline.method.cams import multiscale_cams
-from pipeline.method.crf import BACKENDS, inference_crf
+from pipeline.method.crf import BACKENDS
 from pipeline.method.losses import reliable_counts, segmentation_ce
-from pipeline.method.metrics import write_metrics
-from pipeline.method.tags import TEST_TAGS, predicted_tags, val_restrictions
+from pipeline.method.tags import TEST_TAGS
 from pipeline.models import OnBackbone, build_backbone, fold_batch_norms, save_checkpoint
 from pipeline.train.loop import (
     Checkpoint,
@@ -48,7 +46,7 @@ from pipeline.train.loop import (
     train,
     unwrap,
 )
-from pipeline.train.segment import ProbabilityFn, infer_split, predictions_made_from, training_key, upsample
+from pipeline.train.segment import ProbabilityFn, training_key, upsample
 
 ASPP_RATES_AT_STRIDE_8 = (12, 24, 36)
 """torchvision's ASPP dilations, for output stride 8; other strides scale them to the same field of view."""
@@ -103,7 +101,7 @@ class DeepLabParams(TrainingParams):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_choice("crf_backend", self.crf_backend, BACKENDS)
-        check_choice("labels", self.labels, ("pseudo", "refined", "masks"))
+        check_choice("labels", self.labels, DEEPLAB_LABELS.names)
         check_choice("test_tags", self.test_tags, TEST_TAGS)
         check_scales("scales", self.scales)
         check_choice("output_stride", self.output_stride, (8, 16, 32))
@@ -219,66 +217,3 @@ def deeplab_probabilities(net: DeepLab, scales: Sequence[float], flip: bool) -> 
         return upsample(folded(images), tuple(images.shape[-2:])).softmax(1)
 
     return lambda images: multiscale_cams(softmax, images, scales, flip) / passes
-
-
-# The stage body that the deeplab and supervised stages share.
-
-DISABLED = "disabled"
-"""The fingerprint of the empty predictions store of a disabled run."""
-
-Targets = Callable[[Manifest, str, StorageParams], tuple[LabelReader, str]]
-"""(manifest, training split, storage) -> what to train on (see :func:`train_deeplab`)."""
-
-
-def write_disabled(stage: Stage, storage: StorageParams) -> None:
-    """What DVC expects of a switched-off stage, at once: an empty predictions store marked
-    complete, an empty weights folder and ``{"enabled": false}`` as its metrics. (A stage frozen
-    in ``dvc.yaml`` would not do: ``dvc repro`` fails on a frozen stage whose outputs are missing.)"""
-    store = storage.store(stage.stores[0])
-    store.reset_unless(DISABLED)
-    store.mark_complete([])
-    storage.file(stage.weights).parent.mkdir(parents=True, exist_ok=True)
-    write_metrics(storage.file(stage.metrics_file), {"enabled": False})
-
-
-def run_deeplab(params_path: Path, stage: Stage, enabled: bool, targets: Targets, trained_on: str,
-                skip_bad: bool | None) -> None:
-    """Run ``stage``: train the `deeplab:` recipe on ``targets`` of the training split (named
-    ``trained_on`` in its metrics), predict and score val; switched off, only
-    :func:`write_disabled`."""
-    params = load_params(DeepLabParams, "deeplab", params_path)
-    storage = load_params(StorageParams, "storage", params_path)
-    if not enabled:
-        write_disabled(stage, storage)
-        return
-    manifest, dataset, rejected = screened_dataset(params_path, stage.name, skip_bad)
-    labels = targets(manifest, dataset.train_split, storage)
-    made = MadeFrom.made(manifest, (dataset.train_split,), params.recipe(),
-                         {"targets": labels[1], "init": file_digest(params.weights) if params.weights else None})
-    run = load_run(params_path)
-    ctx = init_distributed()
-    device = default_device(ctx)
-    weights = storage.file(stage.weights)
-    if ctx.is_main:
-        forget(weights)
-    with stopwatch() as training:
-        net = train_deeplab(manifest, dataset.train_split, params, labels, weights, storage.file(stage.state), ctx,
-                            device, run, description=stage.name)
-    if not ctx.is_main:
-        return
-    write_record(weights, made)
-    store = storage.store(stage.stores[0])
-    start(store, predictions_made_from(manifest, dataset.val_split, params.recipe(), weights))
-    cams = storage.store(CAMS)
-    cams.require_complete()
-    threshold, predicted = predicted_tags(cams, manifest, dataset.train_split, dataset.val_split)
-    val_tags, others = val_restrictions(params.test_tags, predicted)
-    with stopwatch() as inference:
-        val = infer_split(deeplab_probabilities(net, params.scales, params.flip), manifest, dataset.val_split, store,
-                          device, inference_crf(params.crf, params.crf_backend), run, val_tags, others)
-    write_metrics(storage.file(stage.metrics_file), {"enabled": True, **val, "backbone": params.backbone,
-                                                     "labels": trained_on,
-                                                     "test_tags": params.test_tags, "tag_threshold": threshold,
-                                                     "rejected": rejected, "train_seconds": training["seconds"],
-                                                     "infer_seconds": inference["seconds"],
-                                                     "seconds": training["seconds"] + inference["seconds"]})

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -33,6 +33,7 @@ from pipeline.core.distributed import Distributed
 from pipeline.core.io import file_digest, fingerprint
 from pipeline.core.params import check_choice, check_range
 from pipeline.core.provenance import MadeFrom, settings
+from pipeline.core.registry import CAMS, REFINE_LABELS, REFINE_WEIGHTS
 from pipeline.core.run import DEFAULT_RUN, RunParams
 from pipeline.core.store import ImageStore
 from pipeline.data.datasets import ImageDataset, SegmentationDataset
@@ -44,6 +45,9 @@ from pipeline.models import fold_batch_norms, save_checkpoint
 from pipeline.models.affinity import LEVELS, AffinityNet, to_grid
 from pipeline.train.classifier import ClassifierParams, load_classifier
 from pipeline.train.loop import Checkpoint, TrainingParams, data_parallel, train, unwrap
+
+if TYPE_CHECKING:
+    from pipeline.core.stage import Context
 
 BACKGROUNDS = ("threshold", "power")
 
@@ -87,7 +91,7 @@ class RefineParams(TrainingParams):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_choice("labels", self.labels, ("crf", "masks"))
+        check_choice("labels", self.labels, REFINE_LABELS.names)
         check_choice("affinity", self.affinity, tuple(AFFINITIES))
         check_choice("background", self.background, BACKGROUNDS)
         check_range("stride", self.stride, 1)
@@ -132,6 +136,12 @@ def refined_made_from(manifest: Manifest, split: str, params: RefineParams, weig
     settings, the affinity network and the CAMs it walks."""
     return MadeFrom.made(manifest, (split,), settings("refine", params),
                          {"weights": file_digest(weights), "cams.zarr": cams.fingerprint})
+
+
+def expected_refined(ctx: Context) -> MadeFrom:
+    """The record a reader must find in the refined labels now (registered in :mod:`pipeline.core.registry`)."""
+    return refined_made_from(ctx.manifest, ctx.dataset.train_split, ctx.params(RefineParams, "refine"),
+                             ctx.file(REFINE_WEIGHTS), ctx.storage.store(CAMS))
 
 
 def train_affinity(net: AffinityNet, manifest: Manifest, split: str, params: RefineParams, labels: ImageStore,

@@ -19,7 +19,7 @@ from concurrent.futures import Executor, Future, ProcessPoolExecutor
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import torch
@@ -31,7 +31,8 @@ from tqdm import tqdm
 from pipeline.core.distributed import Distributed
 from pipeline.core.io import IGNORE, file_digest, fingerprint
 from pipeline.core.params import check_choice, check_range, check_scales
-from pipeline.core.provenance import MadeFrom
+from pipeline.core.provenance import MadeFrom, settings
+from pipeline.core.registry import SEGMENT_LABELS, SEGMENT_WEIGHTS
 from pipeline.core.run import DEFAULT_RUN, RunParams
 from pipeline.core.store import ImageStore
 from pipeline.data.datasets import ImageDataset, SegmentationDataset
@@ -55,6 +56,9 @@ from pipeline.method.tags import TEST_TAGS, given_tags
 from pipeline.models import SegNet, build_backbone, fold_batch_norms, load_checkpoint, save_checkpoint, seg_dilation
 from pipeline.train.classifier import ClassifierParams
 from pipeline.train.loop import Checkpoint, TrainingParams, data_parallel, train, unwrap
+
+if TYPE_CHECKING:
+    from pipeline.core.stage import Context
 
 
 @dataclass(frozen=True)
@@ -109,7 +113,7 @@ class SegmentParams(TrainingParams):
         super().__post_init__()
         check_choice("crf_backend", self.crf_backend, BACKENDS)
         check_choice("mode", self.mode, ("staged", "end_to_end"))
-        check_choice("labels", self.labels, ("masks", "refined"))
+        check_choice("labels", self.labels, SEGMENT_LABELS.names)
         check_choice("test_tags", self.test_tags, TEST_TAGS)
         check_method(self.energy_method)
         for name in ("dense_weight", "cls_weight"):
@@ -387,6 +391,12 @@ def predictions_made_from(manifest: Manifest, split: str, recorded: dict[str, An
     settings of the stage that trained the network (:func:`~pipeline.core.provenance.settings`)
     and the network's weights."""
     return MadeFrom.made(manifest, (split,), recorded, {"weights": file_digest(weights)})
+
+
+def expected_pseudo(ctx: Context) -> MadeFrom:
+    """The record a reader must find in the pseudo-labels now (registered in :mod:`pipeline.core.registry`)."""
+    return predictions_made_from(ctx.manifest, ctx.dataset.train_split,
+                                 settings("segment", ctx.params(SegmentParams, "segment")), ctx.file(SEGMENT_WEIGHTS))
 
 
 ProbabilityFn = Callable[[torch.Tensor], torch.Tensor]
