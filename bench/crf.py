@@ -31,7 +31,8 @@ from common import load_average
 from scipy.ndimage import gaussian_filter
 
 from pipeline.data.synth import SynthParams, render, sample_rng
-from pipeline.method.crf import BACKENDS, dense_crf
+from pipeline.method.crf import BACKENDS
+from pipeline.method.crf_runner import dense_crf
 from pipeline.method.prune import PruneParams, prune_images, stack_scores
 
 STRIDE = 8

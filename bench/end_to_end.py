@@ -28,7 +28,9 @@ from dense_energy import make_batch, timed
 from pipeline.method.losses import segmentation_ce
 from pipeline.method.prune import PruneParams
 from pipeline.models import SegNet, build_backbone, param_groups
-from pipeline.train.segment import Miner, SegmentParams, fused_cams, running_statistics_kept, upsample
+from pipeline.train.miner import Miner, fused_cams, running_statistics_kept
+from pipeline.train.segment import SegmentParams
+from pipeline.train.segnet import upsample
 
 REFERENCE_STEPS = 20_000
 """RRM's `train_from_cls_weight.py` schedule."""

@@ -43,7 +43,8 @@ from pipeline.core.run import DEFAULT_RUN, RunParams
 from pipeline.core.store import ImageStore
 from pipeline.data.manifest import Manifest
 from pipeline.data.synth import SynthParams, generate
-from pipeline.method.mining import connect, mine_split
+from pipeline.method.crf_runner import connect
+from pipeline.method.mining import mine_split
 from pipeline.method.prune import PruneParams, prune_image
 
 SPLIT = "train"

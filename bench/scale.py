@@ -51,7 +51,7 @@ from pipeline.method.cams import CamParams, extract_cams
 from pipeline.method.crf import INFERENCE_CRF
 from pipeline.method.tags import given_tags
 from pipeline.models import CAMNet, SegNet, build_backbone, fold_batch_norms
-from pipeline.train.segment import infer_split, segnet_probabilities
+from pipeline.train.predict import infer_split, segnet_probabilities
 
 SPLIT = "train"
 STEPS = ("data", "identity", "cams", "prune", "dvc", "stats", "gallery", "infer")

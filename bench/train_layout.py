@@ -26,7 +26,7 @@ from common import load_average
 from pipeline.core.params import load_params
 from pipeline.models import CAMNet, SegNet
 from pipeline.train.classifier import ClassifierParams, build_classifier
-from pipeline.train.segment import build_segnet
+from pipeline.train.segnet import build_segnet
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = (ROOT / "params.yaml", ROOT / "presets" / "msrc.yaml")

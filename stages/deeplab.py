@@ -17,7 +17,7 @@ from pipeline.core.stage import Context, run, stage_main, stopwatch
 from pipeline.method.crf import inference_crf
 from pipeline.method.tags import predicted_tags, val_restrictions
 from pipeline.train.deeplab import DeepLabParams, LabelReader, deeplab_probabilities, pseudo_labels, train_deeplab
-from pipeline.train.segment import infer_split, predictions_made_from
+from pipeline.train.predict import infer_split, predictions_made_from
 
 DISABLED = "disabled"
 """The fingerprint of the empty predictions store of a disabled run."""

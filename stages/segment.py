@@ -22,13 +22,8 @@ from pipeline.method.crf import inference_crf
 from pipeline.method.prune import PruneParams
 from pipeline.method.tags import given_tags, predicted_tags, val_restrictions
 from pipeline.train.classifier import ClassifierParams
-from pipeline.train.segment import (
-    SegmentParams,
-    infer_split,
-    predictions_made_from,
-    segnet_probabilities,
-    train_segmentation,
-)
+from pipeline.train.predict import infer_split, predictions_made_from, segnet_probabilities
+from pipeline.train.segment import SegmentParams, train_segmentation
 
 
 def body(ctx: Context) -> None:

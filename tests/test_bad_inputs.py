@@ -377,10 +377,10 @@ def test_a_refused_permission_and_ctrl_c_end_a_command_in_one_line(monkeypatch, 
 
 
 def test_an_unreachable_scheduler_is_one_line_after_the_timeout(monkeypatch):
-    from pipeline.method import mining
+    from pipeline.method import crf_runner
 
-    monkeypatch.setattr(mining, "SCHEDULER_TIMEOUT", 1)
-    with pytest.raises(InputError) as error, mining.scheduler_client("tcp://127.0.0.1:1"):
+    monkeypatch.setattr(crf_runner, "SCHEDULER_TIMEOUT", 1)
+    with pytest.raises(InputError) as error, crf_runner.scheduler_client("tcp://127.0.0.1:1"):
         pass
     assert one_line(error) == "tcp://127.0.0.1:1: no dask scheduler answered within 1 s (OSError)"
 

@@ -8,7 +8,8 @@ import pydensecrf.densecrf as dcrf
 import pytest
 import torch
 
-from pipeline.method.crf import BACKENDS, INFERENCE_CRF, PRUNE_CRF, CRFParams, dense_crf
+from pipeline.method.crf import BACKENDS, INFERENCE_CRF, PRUNE_CRF, CRFParams
+from pipeline.method.crf_runner import dense_crf
 from pipeline.method.meanfield import batch_crf
 from pipeline.method.prune import stack_scores
 from tests.conftest import synthetic_cams

@@ -19,7 +19,8 @@ from pipeline.core.registry import CAMS, DEEPLAB, PSEUDO, STAGES, SUPERVISED
 from pipeline.core.store import StorageParams
 from pipeline.data.manifest import load_manifest
 from pipeline.train.deeplab import DeepLabParams, build_deeplab, deeplab_probabilities, pseudo_label_loss
-from pipeline.train.segment import SegmentParams, predictions_made_from
+from pipeline.train.predict import predictions_made_from
+from pipeline.train.segment import SegmentParams
 from stages import data, deeplab, supervised
 from tests.conftest import tiny_params
 

@@ -30,9 +30,10 @@ from pipeline.core.run import RunParams
 from pipeline.core.store import ImageStore
 from pipeline.data.manifest import load_manifest
 from pipeline.method.crf import INFERENCE_CRF
-from pipeline.method.mining import environ_restored, mine_split
+from pipeline.method.crf_runner import environ_restored
+from pipeline.method.mining import mine_split
 from pipeline.method.prune import PruneParams
-from pipeline.train.segment import infer_split
+from pipeline.train.predict import infer_split
 from stages import data, prune
 from tests.test_faults import PARAMS as FAULTS_PARAMS
 from tests.test_faults import outputs, store_digest

@@ -21,14 +21,7 @@ from pipeline.core.params import load_params
 from pipeline.core.run import RunParams, load_run
 from pipeline.core.store import ImageStore
 from pipeline.data.manifest import Item, Manifest
-from pipeline.method.mining import (
-    MiningJob,
-    crf_made_from,
-    masks_made_from,
-    mine_chunk,
-    mine_split,
-    per_class_rows,
-)
+from pipeline.method.mining import MiningJob, crf_made_from, masks_made_from, mine_chunk, mine_split, per_class_rows
 from pipeline.method.prune import PruneParams, prune_image
 from tests.conftest import beside
 

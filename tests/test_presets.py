@@ -117,3 +117,10 @@ def test_the_coco_preset_is_the_voc_recipe_with_the_coco_classifier_schedule():
     eps = (classifier.crop_size, classifier.resize_long, classifier.batch_size, classifier.steps)
     assert eps == (321, (256, 448), 16, 256500)  # EPS script/coco_cls.sh
     assert load_params(DatasetParams, "dataset", coco).manifest == "manifests/coco.json"
+
+
+def test_the_msrc_preset_is_the_photo_preset_on_msrc_s_manifest():
+    photos, msrc = (yaml.safe_load((PRESETS / name).read_text()) for name in ("photos.yaml", "msrc.yaml"))
+    assert {section: value for section, value in msrc.items() if section != "dataset"} == {
+        section: value for section, value in photos.items() if section != "dataset"}
+    assert msrc["dataset"]["manifest"] == "manifests/msrc.json"

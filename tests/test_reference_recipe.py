@@ -16,7 +16,9 @@ from pipeline.method.cams import select_and_normalise
 from pipeline.method.prune import PruneParams, prune_image
 from pipeline.models import SegNet, build_backbone
 from pipeline.train.classifier import ClassifierParams, build_classifier, train_classifier
-from pipeline.train.segment import Miner, SegmentParams, build_segnet, fused_cams, train_segmentation
+from pipeline.train.miner import Miner, fused_cams
+from pipeline.train.segment import SegmentParams, train_segmentation
+from pipeline.train.segnet import build_segnet
 
 
 def plain_fusion(cam_fn, images, cams, scales):

@@ -18,15 +18,8 @@ from pipeline.method.cams import SCORES
 from pipeline.method.crf import INFERENCE_CRF
 from pipeline.method.losses import dense_energy
 from pipeline.method.tags import choose_threshold, given_tags, predicted_tags, tag_recall, val_restrictions
-from pipeline.train.segment import (
-    _batch_crf_labels,
-    _crf_labels,
-    infer_split,
-    predict,
-    restrict,
-    tag_mask,
-    tag_values,
-)
+from pipeline.train.predict import _batch_crf_labels, _crf_labels, infer_split, predict, restrict, tag_values
+from pipeline.train.segnet import tag_mask
 
 FAVOURITE = 1
 """The label the stand-in network below likes best everywhere: class 0, which no val image is tagged with."""

@@ -31,7 +31,7 @@ HEADER = """\
 # each stage's script imports: edit those, not this file. Each stage is a thin script in stages/
 # over params.yaml; `dvc repro` runs what changed and what follows it. The stores are the local
 # artifacts/*.zarr of `storage.artifacts: artifacts`: DVC cannot track a store in a bucket as an
-# output (README "Running bigger").
+# output (docs/scaling.md, "Stores and datasets on S3").
 """
 
 

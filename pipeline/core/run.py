@@ -54,7 +54,7 @@ class RunParams:
         ``loader_workers``, or else none on a CPU and one per core up to 8 on a GPU.
 
         On a CPU the network's threads already hold every core, and processes decoding and
-        augmenting beside them only take turns with it (README, "Running bigger"); reading in
+        augmenting beside them only take turns with it (docs/scaling.md, "Running bigger"); reading in
         the stage's own process, between the steps, costs less than they slow it. A GPU's steps
         leave the cores free, and the images must come as fast as it takes them.
         """

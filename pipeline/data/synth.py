@@ -58,7 +58,7 @@ PART_OFFSET = 0.4
 """Where a part sits: its centre is this share of the way from the object's centre to its edge.
 
 Closer to the rim, more of a CAM's blur falls on the background, and the benchmark would test
-the blur more than the method (README, "Measurements behind the design").
+the blur more than the method (docs/method-notes.md, "Measurements behind the design").
 """
 
 TEXTURE_CONTRAST = 0.18

@@ -104,7 +104,7 @@ def image_size(path: Path | UPath) -> tuple[int, int]:
 MIN_CAM_CELLS = 12
 """The fewest cells a scale's CAM should have on a typical image's shorter side. Coarser maps,
 upsampled, spread every CAM over the background, above the pruning's background threshold
-(README "Notes on the method's parameters")."""
+(docs/method-notes.md)."""
 
 
 SIZE_SAMPLE = 256
@@ -133,7 +133,7 @@ def coarse_scales_warning(setting: str, sizes: Sequence[tuple[int, int]], scales
     cells = " and ".join(f"{side * scale / output_stride:.0f}" for scale in coarse)
     return (f"{setting}: at {at} the median image ({side:.0f} pixels on its shorter side, output stride"
             f" {output_stride}) gives CAMs {cells} cells across, under {MIN_CAM_CELLS}: upsampled, they spread"
-            f" over the background and the pruning keeps little of it (README \"Your own data\")")
+            f" over the background and the pruning keeps little of it (README \"Your own photos\")")
 
 
 def warn_of_coarse_scales(setting: str, manifest: Manifest, split: str, scales: Sequence[float],

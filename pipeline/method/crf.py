@@ -3,8 +3,7 @@ backends that compute one model:
 
 - ``pydensecrf``: Krähenbühl's C++ code, one image at a time on one CPU core.
 - ``torch``: the same mean field in PyTorch over batches of images of one size, on the CPU or a
-  GPU (:mod:`pipeline.method.meanfield`, loaded only when asked for, so that processes that run
-  pydensecrf alone never load torch). It follows pydensecrf step by step: the unary below; a
+  GPU (:mod:`pipeline.method.meanfield`). It follows pydensecrf step by step: the unary below; a
   Gaussian kernel on position ``(x / sxy, y / sxy)`` and a bilateral one on ``(x / sxy, y / sxy,
   r / srgb, g / srgb, b / srgb)``, each filtered on the permutohedral lattice of the occupied
   vertices (as pydensecrf builds it, :class:`~pipeline.method.lattice.Lattice` with
@@ -13,7 +12,10 @@ backends that compute one model:
   negative unary); each iteration computes both messages from the same Q, then ``Q = softmax``.
   The lattice's vertices are found in float arithmetic of another order than pydensecrf's, so a
   pixel on the border of a lattice cell may fall on the other side: the marginals agree closely,
-  not bit for bit (README "Dense CRF").
+  not bit for bit (docs/scaling.md, "Dense CRF").
+
+Which backend runs, and where (CPU processes, a dask cluster, batched on a GPU):
+:mod:`pipeline.method.crf_runner`.
 
 The unary is the negative log of the given scores, clipped to [``UNARY_CLIP``, 1] and *not*
 renormalised: pruning feeds a background score and CAMs that do not sum to one, and RRM's
@@ -22,8 +24,6 @@ reference relies on exactly that unary (pydensecrf's ``unary_from_softmax`` with
 
 from __future__ import annotations
 
-import os
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
@@ -31,7 +31,6 @@ import numpy as np
 import pydensecrf.densecrf as dcrf
 from pydensecrf.utils import unary_from_softmax
 
-from pipeline.core.errors import ignore_interrupt
 from pipeline.core.params import check_choice, check_range
 
 BACKENDS = ("pydensecrf", "torch")
@@ -99,26 +98,16 @@ def inference_crf(enabled: bool, backend: str) -> CRFParams | None:
     return replace(INFERENCE_CRF, backend=backend) if enabled else None
 
 
-def _check_inputs(image: np.ndarray, scores: np.ndarray) -> None:
+def check_inputs(image: np.ndarray, scores: np.ndarray) -> None:
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"image must be uint8 (H, W, 3), got {image.dtype} {image.shape}")
     if scores.ndim != 3 or scores.shape[1:] != image.shape[:2] or scores.shape[0] < 1:
         raise ValueError(f"scores must be (K, {image.shape[0]}, {image.shape[1]}), K >= 1, got {scores.shape}")
 
 
-def dense_crf(image: np.ndarray, scores: np.ndarray, params: CRFParams) -> np.ndarray:
-    """Mean-field marginals Q, float32 (K, H, W), of a dense CRF on ``scores`` (K, H, W) over ``image``.
-
-    ``image`` is uint8 (H, W, 3) RGB; ``scores`` are per-label scores in [0, 1] whose clipped
-    negative log is the unary. Each pixel's marginals sum to one. By ``params.backend``; the
-    torch backend on the CPU here (:func:`pipeline.method.meanfield.batch_crf` takes batches and
-    devices).
-    """
-    _check_inputs(image, scores)
-    if params.backend == "torch":
-        from pipeline.method.meanfield import marginals
-
-        return marginals([image], [scores[None]], params)[0][0]
+def pydensecrf_marginals(image: np.ndarray, scores: np.ndarray, params: CRFParams) -> np.ndarray:
+    """The marginals of :func:`pipeline.method.crf_runner.dense_crf` by pydensecrf, whatever ``params.backend`` says."""
+    check_inputs(image, scores)
     labels, height, width = scores.shape
     crf = dcrf.DenseCRF2D(width, height, labels)
     crf.setUnaryEnergy(unary_from_softmax(scores, scale=None, clip=UNARY_CLIP))
@@ -139,12 +128,3 @@ def same_size(images: Sequence[np.ndarray]) -> list[list[int]]:
     for index, image in enumerate(images):
         groups.setdefault(image.shape, []).append(index)
     return list(groups.values())
-
-
-def crf_worker() -> None:
-    """The initialiser of a process that runs CRFs, one per core: Ctrl-C is left to the parent
-    (see :func:`ignore_interrupt`), and torch, if the torch backend loads it, runs on one thread."""
-    ignore_interrupt()
-    os.environ["OMP_NUM_THREADS"] = "1"
-    if "torch" in sys.modules:
-        sys.modules["torch"].set_num_threads(1)

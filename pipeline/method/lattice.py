@@ -20,7 +20,7 @@ same mass and spread but not the same shape: the lattice kernel is flatter (0.78
 zero distance). Image features lie near a 2-D surface of the 5-D space (position, and a colour
 nearly constant within regions), where the flatter kernel sums to less: 0.86 of the exact sum on
 synthetic images. ``CALIBRATION`` removes that mean; what remains is a spread per image and per
-pixel around the exact sum (README, "Measurements behind the design"). The reference
+pixel around the exact sum (docs/method-notes.md, "Measurements behind the design"). The reference
 implementation's lattice, without such a normalisation, returned about half the exact sum. The
 cost grows with the vertices the features occupy: little for images of flat regions, most for
 noise.

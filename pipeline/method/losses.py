@@ -16,7 +16,7 @@ Three filters compute ``W @ values``:
   ``sum_j exp(q_i . k_j) v_j`` normalised by its row sum in O(pixels) memory; see
   :func:`bilateral_filter_sdpa` for how the kernel and its row sum are recovered;
 - permutohedral lattice (:mod:`pipeline.method.lattice`), O(pixels), for large images on a CPU:
-  an approximation of the exact sum, calibrated to its mean (README, "Measurements behind the
+  an approximation of the exact sum, calibrated to its mean (docs/method-notes.md, "Measurements behind the
   design", has its accuracy and the costs of the three).
 """
 
@@ -317,7 +317,7 @@ def crop_reach(sigma_xy: float, crop_size: int) -> float:
     paper's 100 pixels, the kernel spans the whole of a small crop, and the energy rewards every
     pixel for agreeing with the crop's dominant colour-alike label, most often the background:
     objects whose colours come near the background's are then learnt as background beyond their
-    reliable cores (README, "A second benchmark: textures").
+    reliable cores (docs/results/textures.md).
     """
     return sigma_xy * crop_size / REFERENCE_CROP
 

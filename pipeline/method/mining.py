@@ -22,7 +22,7 @@ same command runs on a cluster.
   and scores do not depend on the number of workers or the order tasks finish in.
 - With the torch CRF backend (``prune.crf_backend: torch``) and a GPU, the images are mined in
   the stage's process instead, a batch of each image size at a time on the GPU; under
-  ``torchrun`` each process mines its share on its own GPU (:func:`in_process`).
+  ``torchrun`` each process mines its share on its own GPU (:func:`~pipeline.method.crf_runner.in_process`).
 
 Scoring reads each image's ground truth once, in the task that prunes it: the precision and
 coverage of the reliable pixels (:class:`~pipeline.method.metrics.PartialLabelScore`) and, for
@@ -33,22 +33,16 @@ fixed threshold is what ``metrics/cams.json`` reports).
 
 from __future__ import annotations
 
-import logging
-import os
-from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from functools import partial
-from itertools import islice
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import dask.config
 import numpy as np
-from distributed import Client, LocalCluster, as_completed
 from tqdm import tqdm
 
-from pipeline.core.errors import InputError, ignore_interrupt
+from pipeline.core.errors import InputError
 from pipeline.core.io import IGNORE
 from pipeline.core.provenance import MadeFrom, settings, start
 from pipeline.core.registry import CAMS
@@ -56,6 +50,7 @@ from pipeline.core.run import RunParams
 from pipeline.core.store import ImageStore
 from pipeline.data.manifest import Item, Manifest
 from pipeline.method.crf import same_size
+from pipeline.method.crf_runner import bounded_map, connect, in_process
 from pipeline.method.metrics import PartialLabelScore, SegmentationScore
 from pipeline.method.prune import PruneParams, mine_images, stack_scores
 
@@ -64,13 +59,6 @@ if TYPE_CHECKING:
 
     from pipeline.core.distributed import Distributed
     from pipeline.core.stage import Context
-
-PRE_SPAWN_ENVIRON = "distributed.nanny.pre-spawn-environ"
-"""Dask's setting of the environment its worker processes start with (None unsets a variable)."""
-
-TASKS_PER_WORKER = 2
-"""Tasks in flight per worker thread: one running and one queued, so no worker waits for the driver."""
-
 
 def masks_made_from(manifest: Manifest, split: str, params: PruneParams, cams: ImageStore) -> MadeFrom:
     """What a mask store is made from: the images and tags of ``split``, the rule's settings and
@@ -271,95 +259,8 @@ def mine_chunk(job: MiningJob, items: Sequence[Item]) -> MiningScore:
     return score
 
 
-@contextmanager
-def environ_restored() -> Iterator[None]:
-    """Put this process's environment back as it was on entry.
-
-    Before spawning each worker, dask's nanny writes its pre-spawn variables (``OMP_NUM_THREADS=1``,
-    ``MKL_NUM_THREADS=1``, ``PYTHONHASHSEED``...) into the environment of the process that starts
-    the cluster, and leaves them there: every process started from it later would run its
-    numerical libraries on one thread, slower and with other rounding (a CPU convolution's sums
-    depend on how many threads share them), so a stage run afterwards would no longer give the
-    same results as one started from a clean shell.
-    """
-    saved = dict(os.environ)
-    try:
-        yield
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
-
-
-SCHEDULER_TIMEOUT = 10
-"""Seconds to wait for a dask scheduler to answer before giving up with one line."""
-
-
-@contextmanager
-def scheduler_client(address: str) -> Iterator[Client]:
-    """A client of the running dask scheduler at ``address``; one that does not answer as a
-    scheduler within :data:`SCHEDULER_TIMEOUT` seconds is an error naming it. Whatever the
-    connection fails with (refused, timed out, or garbage from another kind of server, which
-    dask reads as an absurd frame size) is reported the same way, in one line."""
-    try:
-        client = Client(address, timeout=SCHEDULER_TIMEOUT)
-    except Exception as error:  # noqa: BLE001 (see above)
-        raise InputError(address, f"no dask scheduler answered within {SCHEDULER_TIMEOUT} s "
-                                  f"({type(error).__name__})") from None
-    with client:
-        yield client
-
-
-@contextmanager
-def connect(run: RunParams) -> Iterator[Client]:
-    """A client of the scheduler at ``run.scheduler``, or of a new local cluster of
-    ``run.local_workers()`` processes closed on exit.
-
-    Without an address in the params, dask's own setting (``DASK_SCHEDULER_ADDRESS``) is used
-    if present. The local cluster has no dashboard, so that several runs never compete for its
-    port, and its workers keep glibc's default memory trimming: dask sets
-    ``MALLOC_TRIM_THRESHOLD_``, which turns off glibc's adaptive mmap threshold, so each CRF's
-    large buffers would be mapped and faulted in afresh, slower per image.
-    This process's environment is put back on exit (see :func:`environ_restored`). Its workers
-    leave Ctrl-C to this process (see :func:`dask_setup`).
-    """
-    address = run.scheduler or dask.config.get("scheduler-address", None)
-    if address:
-        with scheduler_client(address) as client:
-            yield client
-        return
-    with (
-        environ_restored(),
-        dask.config.set({f"{PRE_SPAWN_ENVIRON}.MALLOC_TRIM_THRESHOLD_": None}),
-        LocalCluster(n_workers=run.local_workers(), threads_per_worker=1, processes=True, dashboard_address=None,
-                     preload=[__name__]) as local,
-        Client(local) as client,
-    ):
-        yield client
-
-
-def dask_setup(worker: Any) -> None:
-    """dask's preload hook, run in each worker of the local cluster as it starts: Ctrl-C is left
-    to the stage's process, which closes the cluster (see :func:`ignore_interrupt`), and the
-    tasks that closing cancels are not each reported as a warning."""
-    ignore_interrupt()
-    logging.getLogger("distributed.worker.state_machine").setLevel(logging.ERROR)
-
-
 def _chunks(items: Sequence[Item], size: int) -> Iterator[Sequence[Item]]:
     return (items[start : start + size] for start in range(0, len(items), size))
-
-
-def _bounded_map(
-    client: Client, job: MiningJob, chunks: Iterable[Sequence[Item]], in_flight: int
-) -> Iterator[MiningScore]:
-    """:func:`mine_chunk` of each of ``chunks``, in the order they finish, at most ``in_flight`` at once."""
-    pending = iter(chunks)
-    submit = partial(client.submit, mine_chunk, job, pure=False)
-    running = as_completed([submit(chunk) for chunk in islice(pending, in_flight)])
-    for future in running:
-        yield future.result()
-        for chunk in islice(pending, 1):
-            running.add(submit(chunk))
 
 
 def mine_split(
@@ -382,11 +283,12 @@ def mine_split(
     started from the same settings and CAMs, else starts them anew; marks them complete once
     every image is in. Returns the summed counts (``computed`` sorted).
 
-    Without ``device`` the images are spread over the dask cluster of :func:`connect`, chunks of
-    ``run.chunk_size``; with one (the torch backend on a GPU, see :func:`in_process`) they are
-    mined in this process, ``run.inference_batch`` at a time, and process ``rank`` of a job of
-    ``world_size`` takes the ids ``[rank::world_size]`` only: the stores are then started and
-    marked complete by the caller, and the counts are this process's share.
+    Without ``device`` the images are spread over the dask cluster of
+    :func:`~pipeline.method.crf_runner.connect`, chunks of ``run.chunk_size``; with one (the torch
+    backend on a GPU, see :func:`~pipeline.method.crf_runner.in_process`) they are mined in this
+    process, ``run.inference_batch`` at a time, and process ``rank`` of a job of ``world_size``
+    takes the ids ``[rank::world_size]`` only: the stores are then started and marked complete by
+    the caller, and the counts are this process's share.
     """
     if world_size > 1 and device is None:
         raise ValueError("several processes share a split only when each mines in its own process (device)")
@@ -408,25 +310,14 @@ def mine_split(
     return total
 
 
-def in_process(params: PruneParams, run: RunParams, several: bool = False) -> bool:
-    """Whether to mine in the stage's own processes rather than on a dask cluster: with the torch
-    backend and no scheduler given, on a GPU, or when ``several`` processes share the split
-    (under ``torchrun``, one per GPU, or gloo processes on a CPU)."""
-    if params.crf_backend != "torch" or run.scheduler is not None:
-        return False
-    import torch  # the workers of a pydensecrf run never need it
-
-    return several or torch.cuda.is_available()
-
-
 def mine_stage(manifest: Manifest, split: str, cams: ImageStore, masks: ImageStore, crf: ImageStore,
                params: PruneParams, run: RunParams, dist: Distributed, device: torch.device) -> MiningScore | None:
-    """:func:`mine_split` as the prune stage runs it, deciding where the CRFs run: with the torch
-    backend on a GPU (see :func:`in_process`) in the stage's own process on ``device``; under
+    """:func:`mine_split` as the prune stage runs it, where :mod:`pipeline.method.crf_runner` says:
+    with the torch backend on a GPU in the stage's own process on ``device``; under
     ``torchrun`` every process mines its share there and rank 0 then reads every mask back and
     scores them all; otherwise rank 0 alone, over the dask cluster. The score on rank 0, None on
     the others."""
-    if not in_process(params, run, dist.enabled):
+    if not in_process(params.crf_backend, run, dist.enabled):
         return mine_split(manifest, split, cams, masks, crf, params, run) if dist.is_main else None
     if dist.enabled:
         if dist.is_main:
@@ -447,5 +338,4 @@ def _chunk_scores(job: MiningJob, items: Sequence[Item], run: RunParams,
         yield from (mine_chunk(here, chunk) for chunk in _chunks(items, run.inference_batch))
         return
     with connect(run) as client:
-        in_flight = TASKS_PER_WORKER * max(1, sum(client.nthreads().values()))
-        yield from _bounded_map(client, job, _chunks(items, run.chunk_size), in_flight)
+        yield from bounded_map(client, partial(mine_chunk, job), _chunks(items, run.chunk_size))

@@ -34,7 +34,8 @@ import numpy as np
 
 from pipeline.core.io import IGNORE
 from pipeline.core.params import check_range
-from pipeline.method.crf import PRUNE_CRF, CRFParams, dense_crf
+from pipeline.method.crf import PRUNE_CRF, CRFParams
+from pipeline.method.crf_runner import dense_crf
 
 if TYPE_CHECKING:
     import torch

@@ -4,7 +4,7 @@ Three stride-2 3x3 convolutions bring it to output stride 8 (96x96 images give 1
 with a residual block after the first two, then two residual blocks at 1/8 resolution. Its
 receptive field is 103 pixels: a wider one (every feature of a 96x96 image seeing the whole
 image) classifies better but spreads its CAMs over the background, which the reliable regions
-then lose (README, "Measurements behind the design"). About 440k parameters; batch norm,
+then lose (docs/method-notes.md, "Measurements behind the design"). About 440k parameters; batch norm,
 trained (never frozen: there are no pretrained statistics to keep).
 """
 

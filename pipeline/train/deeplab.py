@@ -6,7 +6,7 @@ with the one-step's balanced cross-entropy (background and foreground pixels ave
 :func:`pseudo_label_loss`) on the segment stage's pseudo labels for the training images (255
 ignored), through the shared loop of :mod:`pipeline.train.loop` (polynomial decay, AMP on CUDA,
 torchrun data parallel, resume). Inference averages the softmax over several scales and their
-mirror images, then runs the optional dense CRF, through :func:`pipeline.train.segment.infer_split`.
+mirror images, then runs the optional dense CRF, through :func:`pipeline.train.predict.infer_split`.
 
 The defaults follow the usual DeepLab recipe on VOC (ResNet-101 from ImageNet weights, 321
 crops, batches of 10, 20k steps, scale jitter 0.5-1.5), with the new head at 10x the base rate as
@@ -46,7 +46,9 @@ from pipeline.train.loop import (
     train,
     unwrap,
 )
-from pipeline.train.segment import ProbabilityFn, training_key, upsample
+from pipeline.train.predict import ProbabilityFn
+from pipeline.train.segment import training_key
+from pipeline.train.segnet import upsample
 
 ASPP_RATES_AT_STRIDE_8 = (12, 24, 36)
 """torchvision's ASPP dilations, for output stride 8; other strides scale them to the same field of view."""
@@ -78,7 +80,7 @@ class DeepLabParams(TrainingParams):
     crf_backend: str = "pydensecrf"
     """How that CRF is computed (:data:`pipeline.method.crf.BACKENDS`); torch on a GPU runs it there."""
     labels: str = "pseudo"
-    """What the two-step learns from (:mod:`pipeline.train.labels`): the segment stage's ``pseudo``
+    """What the two-step learns from (:data:`~pipeline.core.registry.DEEPLAB_LABELS`): the segment stage's ``pseudo``
     labels, the refine stage's ``refined`` ones, or the prune stage's reliable ``masks``. The
     supervised reference learns from the ground truth whatever this says."""
     test_tags: str = "predicted"
@@ -149,7 +151,7 @@ def pseudo_label_loss(logits: Tensor, labels: Tensor, counts: Tensor | None = No
     Balanced as the one-step network was trained: with one average over all pixels, the
     background, most of every pseudo-label, outweighs the objects, and a class that fills a
     small part of few training images is learnt as background, the more so where the one-step's
-    pseudo-labels already give part of those objects to the background (README "Notes on the
+    pseudo-labels already give part of those objects to the background (docs/method-notes.md, "Notes on the
     method's parameters").
     """
     return 0.5 * segmentation_ce(logits, labels, counts)
@@ -160,7 +162,7 @@ LabelReader = Callable[[str], np.ndarray]
 
 
 def pseudo_labels(store: ImageStore) -> tuple[LabelReader, str]:
-    """The two-step's targets: a store of training labels (see :mod:`pipeline.train.labels`), and
+    """The two-step's targets: a store of training labels (the stores of :data:`~pipeline.core.registry.LABELS`), and
     what identifies them (the store's fingerprint). The store must be complete."""
     store.require_complete()
     return (lambda image_id: store.read(image_id)[0]), str(store.fingerprint)
