@@ -3,11 +3,17 @@ says the same, and the spec's public paths import."""
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 
+import pytest
 import yaml
+from click.testing import CliRunner
 
-from pipeline.core.registry import DVC_ARTIFACTS, STAGES, STORES
+from pipeline.cli import main as rrm
+from pipeline.core.errors import InputError
+from pipeline.core.registry import CAMS, CLASSIFIER, DVC_ARTIFACTS, MASKS, REFINED, SEGMENT, STAGES, STORES
+from pipeline.core.stage import open_context
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -50,3 +56,27 @@ def test_the_spec_s_interfaces_import_at_the_spec_s_paths():
     from pipeline.prune import reliable_regions
 
     assert reliable_regions is rule_in_method and bilateral_filter is filter_in_method
+
+
+def test_every_registered_record_function_exists():
+    for produced in (*STORES, CLASSIFIER):
+        if produced.record is not None:
+            module, function = produced.record.split(":")
+            assert callable(getattr(importlib.import_module(module), function)), produced.record
+
+
+def test_a_stage_body_gets_only_the_inputs_and_outputs_its_declaration_names(tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"storage": {"root": str(tmp_path)}}))
+    ctx = open_context(STAGES["prune"], params)
+    assert ctx.output(MASKS).path == tmp_path / "artifacts" / "masks.zarr"
+    with pytest.raises(LookupError, match="does not declare refined.zarr among its stores"):
+        ctx.output(REFINED)
+    with pytest.raises(LookupError, match="does not declare"):
+        ctx.input(SEGMENT)
+    with pytest.raises(InputError, match="cams.zarr"):  # declared, but not run: refused in one line naming it
+        ctx.input(CAMS)
+
+
+def test_rrm_dvc_yaml_check_passes_on_the_committed_file():
+    assert CliRunner().invoke(rrm, ["dvc-yaml", "--check"]).exit_code == 0
