@@ -6,15 +6,16 @@ classifier is needed. Measured, over the same images:
 
 - the plain loop: read the CAMs and the image, prune, write the mask, one image after another,
   no dask; its time per image is the rule's own cost;
-- ``mine_split`` on a local cluster of 1 worker and of one worker per core: images per
-  second and time per image (scoring included, as the stage runs it), the speed-up of all
-  cores over one, and the cluster's start-up time, measured apart (workers are warmed up on a
-  few images first, so the figures are the steady state a long run sees).
+- the crf and prune stages' work (``mine_split`` on a local cluster of 1 worker and of one
+  worker per core, then ``prune_split``): images per second and time per image (scoring
+  included, as the stages run it), the speed-up of all cores over one, and the cluster's
+  start-up time, measured apart (workers are warmed up on a few images first, so the figures
+  are the steady state a long run sees).
 
 The masks of the three runs are checked to be equal. Other jobs on a shared machine slow the
 parallel run most: the load average is printed before and after.
 
-Peak host memory (resident set) of ``mine_split`` on a local cluster of ``--workers`` processes
+Peak host memory (resident set) of ``mine_split`` (the CRFs) on a local cluster of ``--workers`` processes
 is measured in a fresh process for each count of ``--memory`` (default 200 and 2000 images of
 96x96): the driver's and the largest worker's. Neither grows with the number of images: tasks
 carry image ids, workers write the masks, the driver keeps a bounded number of tasks in flight.
@@ -44,7 +45,7 @@ from pipeline.core.store import ImageStore
 from pipeline.data.manifest import Manifest
 from pipeline.data.synth import SynthParams, generate
 from pipeline.method.crf_runner import connect
-from pipeline.method.mining import mine_split
+from pipeline.method.mining import mine_split, prune_split
 from pipeline.method.prune import PruneParams, prune_image
 
 SPLIT = "train"
@@ -53,9 +54,15 @@ STRIDE = 8
 """The fake CAMs are blurred over about one cell of a stride-8 feature map."""
 
 
-def crf_beside(masks: ImageStore) -> ImageStore:
-    """Where mining writes the CRF labels of a mask store of this benchmark."""
-    return ImageStore(masks.path.with_name(f"{masks.path.stem}_crf.zarr"))
+def kept(masks: ImageStore) -> tuple[ImageStore, ImageStore]:
+    """Where the CRFs of a mask store of this benchmark are kept: its CRF labels and CRF maps beside it."""
+    return tuple(ImageStore(masks.path.with_name(f"{masks.path.stem}_{name}.zarr")) for name in ("crf", "crfmaps"))
+
+
+def mine_and_prune(manifest: Manifest, split: str, cams: ImageStore, masks: ImageStore, run: RunParams) -> None:
+    """The crf stage's work, then the prune stage's: the masks of ``split`` from its CAMs."""
+    mine_split(manifest, split, cams, *kept(masks), PARAMS, run, progress=False)
+    prune_split(manifest, split, kept(masks)[1], masks, PARAMS, progress=False)
 
 
 def fake_cams(gt: np.ndarray, classes: tuple[int, ...]) -> np.ndarray:
@@ -90,17 +97,16 @@ def serial_loop(manifest: Manifest, cams: ImageStore, masks: ImageStore) -> floa
 def on_cluster(
     manifest: Manifest, cams: ImageStore, masks: ImageStore, workers: int, chunk_size: int
 ) -> tuple[float, float]:
-    """(start-up seconds, seconds of ``mine_split``) on a local cluster of ``workers`` warmed-up processes."""
+    """(start-up seconds, seconds of :func:`mine_and_prune`) on a local cluster of ``workers`` warmed-up processes."""
     start = time.perf_counter()
     with connect(RunParams(workers=workers)) as client:
         started = time.perf_counter() - start
         cluster = RunParams(scheduler=client.scheduler.address, chunk_size=chunk_size)
         warm = replace(manifest, splits={"warm": manifest.split(SPLIT)[: 2 * workers]}, source=None)  # not its file's
-        scratch = ImageStore(masks.path.with_suffix(".warm"))
-        mine_split(warm, "warm", cams, scratch, crf_beside(scratch), PARAMS, replace(cluster, chunk_size=1),
-                   progress=False)
+        mine_and_prune(warm, "warm", cams, ImageStore(masks.path.with_suffix(".warm")),
+                       replace(cluster, chunk_size=1))
         start = time.perf_counter()
-        mine_split(manifest, SPLIT, cams, masks, crf_beside(masks), PARAMS, cluster, progress=False)
+        mine_and_prune(manifest, SPLIT, cams, masks, cluster)
         return started, time.perf_counter() - start
 
 
@@ -136,9 +142,9 @@ def peak_memory(root: Path, count: int, workers: int, chunk_size: int) -> None:
     manifest, cams = make_dataset(root, 96, count)
     start = time.perf_counter()
     cluster = RunParams(workers=workers, chunk_size=chunk_size)
-    masks = ImageStore(root / "masks.zarr")
-    driver, worker = peak_rss_in_fresh_process(partial(mine_split, progress=False), manifest, SPLIT, cams, masks,
-                                               PARAMS, cluster)
+    crf, maps = kept(ImageStore(root / "masks.zarr"))
+    driver, worker = peak_rss_in_fresh_process(partial(mine_split, progress=False), manifest, SPLIT, cams, crf,
+                                               maps, PARAMS, cluster)
     print(
         f"peak host memory (RSS), mine_split on {workers} worker(s), 96x96, {count} images: {driver:.0f} MB driver, "
         f"{worker:.0f} MB largest worker ({time.perf_counter() - start:.0f} s)"

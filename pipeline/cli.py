@@ -222,14 +222,14 @@ def _report_manifest(built, out: Path, rejects: Path | None) -> None:
 @click.argument("name", type=click.Choice(STAGES))
 @click.option("--params", "params_path", type=click.Path(path_type=Path), default=Path("params.yaml"),
               show_default=True, help="Parameters file.")
-@click.option("--scheduler", help="prune only: address of a running dask scheduler (overrides run.scheduler).")
+@click.option("--scheduler", help="crf only: address of a running dask scheduler (overrides run.scheduler).")
 @click.option("--skip-bad", is_flag=True, help="Leave out the images (or masks) that do not decode and list them in "
               "rejects/NAME.json, instead of stopping at the first (overrides dataset.skip_bad).")
 def stage(name: str, params_path: Path, scheduler: str | None, skip_bad: bool) -> None:
     """Run one pipeline stage directly, as `dvc repro` would (without DVC's bookkeeping)."""
     takes = STAGES[name].options
     if scheduler is not None and "scheduler" not in takes:
-        raise click.UsageError("--scheduler is for the prune stage")
+        raise click.UsageError("--scheduler is for the crf stage, which runs the dense CRFs")
     if skip_bad and "skip_bad" not in takes:
         raise click.UsageError("--skip-bad is for the stages that read the dataset's images")
     options = {"scheduler": scheduler, "skip_bad": skip_bad or None}
@@ -355,6 +355,62 @@ def gallery(params_path: Path, artifacts: Path | None, role: str, count: int, or
     with atomic_open(out) as handle:
         handle.write(page)
     click.echo(f"wrote {out}: {title}")
+
+
+@main.command(context_settings={"ignore_unknown_options": True})
+@click.argument("settings", nargs=-1, required=True)
+@_project_options
+@click.option("--sample", type=click.IntRange(min=1), default=1000, show_default=True,
+              help="Images to read at most: a larger training split is sampled evenly.")
+@click.option("--png", type=click.Path(dir_okay=False, path_type=Path), default=Path(INSPECTION) / "sweep.png",
+              show_default=True, help="The precision / coverage chart.")
+def sweep(settings: tuple[str, ...], params_path: Path, artifacts: Path | None, sample: int, png: Path) -> None:
+    """Precision and coverage of the reliable regions at each value of the rule's thresholds,
+    from the CRFs the crf stage kept, in seconds and without retraining anything.
+
+    SETTINGS: one or two of prune.cam_floor, prune.cam_quantile, prune.bg_threshold and
+    prune.crf_confidence, each followed by its values; two settings make a grid:
+
+        rrm sweep prune.cam_quantile 0.4 0.5 0.6 0.7
+        rrm sweep prune.cam_quantile 0.5 0.7 prune.crf_confidence 0.7 0.9
+
+    Prints the table (the params file's current setting marked *), per class in the JSON of
+    plots/sweep.json (under storage.root), which `dvc plots show` draws beside plots/sweep_current.json,
+    and the chart as a PNG. Without ground truth: each point's coverage of all pixels and each
+    class's share of the labelled ones. The run's stores are only read.
+    """
+    from pipeline.core.errors import InputError
+    from pipeline.core.io import write_json
+    from pipeline.core.params import load_params
+    from pipeline.core.registry import CRF_MAPS, SWEEP, SWEEP_CURRENT
+    from pipeline.core.run import load_run
+    from pipeline.inspection.project import open_project
+    from pipeline.inspection.sweep import draw, format_table, grid, parse_axes, plot_rows
+    from pipeline.inspection.sweep import sample as sampled
+    from pipeline.inspection.sweep import sweep as run_sweep
+    from pipeline.method.prune import PruneParams
+
+    axes = parse_axes(settings)
+    current = load_params(PruneParams, "prune", params_path)
+    points = grid(current, axes)
+    project = open_project(params_path, artifacts)
+    maps = project.storage.store(CRF_MAPS)
+    problem = project.problem(maps)
+    if problem is not None:
+        raise InputError(maps.path, problem)
+    items = sampled(project.manifest.split(project.split("train")), sample)
+    found = run_sweep(project.manifest, items, maps, points, load_run(params_path).local_workers())
+    rows = [point.row(axes, project.manifest.label_names, current) for point in found]
+    click.echo(f"{len(items)} of {len(project.manifest.split(project.split('train')))} training images")
+    click.echo(format_table(rows, axes))
+    plotted = list(plot_rows(rows, axes))
+    write_json(project.storage.file(SWEEP.path), [{**plot, "per_class": row["per_class"]}
+                                                 for plot, row in zip(plotted, rows, strict=True)])
+    write_json(project.storage.file(SWEEP_CURRENT.path), [plot for plot, row in zip(plotted, rows, strict=True)
+                                                         if row["current"]])
+    png.parent.mkdir(parents=True, exist_ok=True)
+    draw(rows, axes).save(png)
+    click.echo(f"wrote {project.storage.file(SWEEP.path)}, {png}")
 
 
 @main.command()

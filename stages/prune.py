@@ -1,35 +1,30 @@
-"""Stage `prune`: mine the reliable regions of the training split's CAMs (masks.zarr), keep the
-labels of the two CRFs alone beside them (crf.zarr, what the refine stage learns from); score
-both.
+"""Stage `prune`: the reliable-region rule on the maps the crf stage kept of the training split's
+CAMs and CRFs, into masks.zarr; scored.
 
-Only the training split is pruned: its masks are what the segmentation stage learns from, and
-pruning is the costly part (two dense CRFs per image). The validation split is judged on the
-segmentation predictions, against its full masks, by the segment stage.
-
-``python -m stages.prune [params.yaml] [--scheduler ADDRESS]``: the `prune:` section holds the
-rule's settings, the `run:` section how to run it (``scheduler``, ``workers``, ``chunk_size``);
-:func:`pipeline.method.mining.mine_stage` decides where the CRFs run.
+Only the training split is pruned: its masks are what the segmentation stage learns from. The
+validation split is judged on the segmentation predictions, against its full masks, by the
+segment stage. The rule's thresholds (``cam_floor``, ``cam_quantile``, ``bg_threshold``,
+``crf_confidence``) are all this stage adds to the kept CRFs, so editing one reruns it in seconds
+(:func:`pipeline.method.mining.prune_split`).
 """
 
 from __future__ import annotations
 
 from pipeline.core.io import write_json
-from pipeline.core.registry import CAMS, CRF, MASKS, PRUNE_PER_CLASS
+from pipeline.core.registry import CRF_MAPS, MASKS, PRUNE_PER_CLASS
 from pipeline.core.stage import Context, run, stage_main, stopwatch
-from pipeline.method.mining import mine_stage, per_class_rows
+from pipeline.method.mining import per_class_rows, prune_split
 from pipeline.method.prune import PruneParams
 
 
 def body(ctx: Context) -> None:
-    """Mine and score the reliable regions; ``--scheduler`` overrides ``run.scheduler`` and
-    ``--skip-bad`` ``dataset.skip_bad``."""
-    cams = ctx.input(CAMS)
+    """Apply and score the rule; ``--skip-bad`` overrides ``dataset.skip_bad``."""
+    maps = ctx.input(CRF_MAPS)
     with stopwatch() as timing:
-        score = mine_stage(ctx.manifest, ctx.dataset.train_split, cams, ctx.output(MASKS), ctx.output(CRF),
-                           ctx.params(PruneParams, "prune"), ctx.run, ctx.dist, ctx.device)
-    if score is None:
-        return
-    metrics = score.as_dict(ctx.manifest.label_names)
+        score = prune_split(ctx.manifest, ctx.dataset.train_split, maps, ctx.output(MASKS),
+                            ctx.params(PruneParams, "prune"))
+    metrics = {key: value for key, value in score.as_dict(ctx.manifest.label_names).items()
+               if key not in ("crf", "cam_argmax")}  # the crf stage's scores
     ctx.write_metrics({**metrics, "rejected": ctx.rejected, **timing})
     write_json(ctx.file(PRUNE_PER_CLASS.path), per_class_rows(metrics))
 

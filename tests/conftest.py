@@ -3,6 +3,7 @@ project's parameters; synthetic images with CAM-like maps for the CRF and prunin
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -11,9 +12,10 @@ import yaml
 from scipy.ndimage import gaussian_filter
 
 from pipeline.core.io import write_image, write_mask
-from pipeline.core.store import ImageStore
+from pipeline.core.registry import CRF_SETTINGS
 from pipeline.data.manifest import Item, Manifest, default_palette
 from pipeline.data.synth import SynthParams, render, sample_rng
+from pipeline.method.prune import PruneParams
 
 
 @pytest.fixture
@@ -55,7 +57,8 @@ TINY: dict[str, dict] = {
              "train_images": 16, "val_images": 6, "seed": 1},
     "classifier": {"crop_size": 48, "batch_size": 8, "steps": 6},
     "cams": {"scales": [1.0, 0.5]},
-    "prune": {},
+    "prune": {key: value for key, value in asdict(PruneParams()).items()
+              if f"prune.{key}" in CRF_SETTINGS},
     "refine": {"crop_size": 48, "batch_size": 4, "steps": 2, "log_steps": 3},
     "segment": {"crop_size": 48, "batch_size": 4, "steps": 3, "mining_scales": [1.0]},
     "deeplab": {"backbone": "small", "crop_size": 48, "batch_size": 4, "steps": 2, "scales": [1.0], "flip": False},
@@ -88,7 +91,3 @@ def synthetic_cams(index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         cams.append(cam / cam.max())
     return sample.image, np.stack(cams), np.array(labels) - 1
 
-
-def beside(masks: ImageStore) -> ImageStore:
-    """The store of a mask store's CRF labels (which mining writes with the masks): ``<name>_crf.zarr`` beside it."""
-    return ImageStore(masks.path.with_name(f"{masks.path.stem}_crf.zarr"))

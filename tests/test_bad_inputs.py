@@ -331,9 +331,9 @@ def test_a_stage_entry_point_takes_skip_bad_as_a_flag(monkeypatch):
     def main(params_path: Path, scheduler: str | None = None, skip_bad: bool | None = None) -> None:
         calls.append({"params": params_path, "scheduler": scheduler, "skip_bad": skip_bad})
 
-    for argv in (["prune"], ["prune", "p.yaml", "--skip-bad", "--scheduler", "tcp://x:1"]):
+    for argv in (["crf"], ["crf", "p.yaml", "--skip-bad", "--scheduler", "tcp://x:1"]):
         monkeypatch.setattr(sys, "argv", argv)
-        run("prune", main)
+        run("crf", main)
     assert calls == [
         {"params": Path("params.yaml"), "scheduler": None, "skip_bad": None},
         {"params": Path("p.yaml"), "scheduler": "tcp://x:1", "skip_bad": True},
@@ -429,10 +429,10 @@ def test_rrm_manifest_folder_with_a_mask_of_another_size(tmp_path):
 
 # The stages after one another: an image the CAM stage left out is left out by every later stage.
 
-def test_cams_prune_and_segment_leave_out_the_same_bad_image(tmp_path, monkeypatch):
+def test_cams_crf_prune_and_segment_leave_out_the_same_bad_image(tmp_path, monkeypatch):
     from distributed import LocalCluster
 
-    from stages import cams, data, prune, segment
+    from stages import cams, crf, data, prune, segment
 
     monkeypatch.chdir(tmp_path)
     params = write_tiny_project(Path("."), dataset={"skip_bad": True},
@@ -449,12 +449,13 @@ def test_cams_prune_and_segment_leave_out_the_same_bad_image(tmp_path, monkeypat
 
     cams.main(params)
     with LocalCluster(n_workers=1, processes=False, dashboard_address=None) as cluster:
-        prune.main(params, scheduler=cluster.scheduler_address)
+        crf.main(params, scheduler=cluster.scheduler_address)
+    prune.main(params)
     segment.main(params)
 
-    for stage in ("cams", "prune", "segment"):
+    for stage in ("cams", "crf", "prune", "segment"):
         assert [reject["id"] for reject in json.loads(Path(f"rejects/{stage}.json").read_text())] == [bad]
         assert json.loads(Path(f"metrics/{stage}.json").read_text())["rejected"] == 1
-    for store, count in (("cams", 8), ("masks", 5), ("pseudo", 5), ("segment", 3)):
+    for store, count in (("cams", 8), ("crf", 5), ("crfmaps", 5), ("masks", 5), ("pseudo", 5), ("segment", 3)):
         ids = ImageStore(f"artifacts/{store}.zarr").complete_ids()
         assert len(ids) == count and bad not in ids

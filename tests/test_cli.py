@@ -52,6 +52,6 @@ def test_a_bad_parameter_stops_a_stage_with_one_line(tmp_path):
     assert done.stderr == "error: params.yaml [data]: parameter image_size: expected int, got 'big'\n"
 
 
-def test_only_prune_takes_a_scheduler():
-    result = CliRunner().invoke(main, ["stage", "classifier", "--scheduler", "tcp://x:1"])
-    assert result.exit_code == 2 and "--scheduler is for the prune stage" in result.output
+def test_only_the_crf_stage_takes_a_scheduler():
+    result = CliRunner().invoke(main, ["stage", "prune", "--scheduler", "tcp://x:1"])
+    assert result.exit_code == 2 and "--scheduler is for the crf stage" in result.output

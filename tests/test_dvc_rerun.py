@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PROJECT = ("dvc.yaml", "params.yaml", "pipeline", "stages")
 TINY = tiny_params(data={"train_images": 12, "val_images": 4}, classifier={"steps": 2}, cams={"scales": [1.0]},
                    segment={"steps": 2, "crf": False})
-UPSTREAM = ("data", "classifier", "cams")
+UPSTREAM = ("data", "classifier", "cams", "crf")
 RUN_CHANGES = {"loader_workers": 1, "workers": 2, "scheduler": "tcp://127.0.0.1:1", "chunk_size": 1,
                "inference_batch": 1, "batch_pixels": 1000, "checkpoint_every": 1}
 """Another value for every setting of the `run:` section."""
@@ -106,12 +106,22 @@ def test_a_run_setting_reruns_no_stage_and_keeps_every_finished_store(project, m
         assert status(project) == {}, f"run.{key} changed a stage"
     set_param(project, "run", "scheduler", None)  # none answers there; the rest stays changed
     monkeypatch.chdir(project)
-    for stage in ("cams", "prune"):  # run by hand, as `rrm stage` would: each finds its store done
+    for stage in ("cams", "crf", "prune"):  # run by hand, as `rrm stage` would: each finds its store done
         import_module(STAGES[stage].module).main(Path("params.yaml"))
     assert store_bytes(project) == stores
     for path, content in metrics.items():  # their figures again, with new seconds: put back as DVC recorded them
         path.write_bytes(content)
     (project / "params.yaml").write_text(original)
+    assert status(project) == {}
+
+
+def test_an_alpha_reruns_the_crfs_and_what_follows_but_not_the_cams(project):
+    original = (project / "params.yaml").read_text()
+    set_param(project, "prune", "la_alpha", 6)
+    changed = set(status(project))
+    (project / "params.yaml").write_text(original)
+
+    assert {"crf", "prune", "segment"} <= changed and not {"data", "classifier", "cams"} & changed
     assert status(project) == {}
 
 

@@ -36,7 +36,7 @@ import yaml
 
 from pipeline.core.errors import InputError
 from pipeline.core.store import ImageStore
-from stages import cams, classifier, data, deeplab, prune, segment
+from stages import cams, classifier, crf, data, deeplab, prune, segment
 from tests.conftest import tiny_params
 
 REPO = Path(__file__).resolve().parents[1]
@@ -45,11 +45,12 @@ PARAMS = tiny_params(run={"chunk_size": 2, "checkpoint_every": 2},
 """The stages' tiny settings, with training states saved every 2 of the segment stage's 4 steps,
 the masks mined in tasks of 2 images, and the deeplab stage on (it reads the segment stage's store)."""
 
-MAINS = {"data": data.main, "classifier": classifier.main, "cams": cams.main, "prune": prune.main,
+MAINS = {"data": data.main, "classifier": classifier.main, "cams": cams.main, "crf": crf.main, "prune": prune.main,
          "segment": segment.main}
 """The stages in pipeline order."""
 
-HANDED_ON = {"cams": ("cams.zarr", prune.main), "prune": ("masks.zarr", segment.main),
+HANDED_ON = {"cams": ("cams.zarr", crf.main), "crf": ("crfmaps.zarr", prune.main),
+             "prune": ("masks.zarr", segment.main),
              "segment": ("pseudo.zarr", deeplab.main)}
 """The store each stage hands on, and the stage that reads it."""
 
@@ -103,8 +104,9 @@ SCENARIOS = [
     ("cams", store_created("cams.zarr")),
     ("cams", arrays_begun("cams.zarr", 5)),
     ("cams", before_marking("cams.zarr")),
-    ("prune", store_created("masks.zarr")),  # the dask cluster is starting
-    ("prune", arrays_begun("masks.zarr", 2)),  # the worker is mining
+    ("crf", store_created("crf.zarr")),  # the dask cluster is starting
+    ("crf", arrays_begun("crf.zarr", 2)),  # the worker is running the CRFs
+    ("crf", before_marking("crf.zarr")),
     ("prune", before_marking("masks.zarr")),
     ("segment", file_written("checkpoints/state/segment.pt")),  # the first training state, at step 2 of 4
     ("segment", store_created("segment.zarr")),  # inference has begun
@@ -240,15 +242,15 @@ def test_a_killed_stage_leaves_no_complete_store_and_its_rerun_matches_an_uninte
 def test_ctrl_c_ends_a_stage_in_one_line_and_its_rerun_matches_an_uninterrupted_run(reference, tmp_path, monkeypatch):
     project = tmp_path / "project"
     shutil.copytree(reference / "cams", project)
-    log = tmp_path / "prune.log"
-    status = kill_stage(project, "prune", arrays_begun("masks.zarr", 2), log, sent=signal.SIGINT)
+    log = tmp_path / "crf.log"
+    status = kill_stage(project, "crf", arrays_begun("crf.zarr", 2), log, sent=signal.SIGINT)
 
     messages = [line for line in log.read_text().replace("\r", "\n").splitlines() if "img/s" not in line]
     assert status == 130 and "Traceback" not in log.read_text()  # its dask workers leave Ctrl-C to it
     assert messages[-1] == "interrupted: what was finished is kept, and a rerun resumes from it"
     monkeypatch.chdir(project)
-    prune.main(Path("params.yaml"))
-    assert outputs(project) == outputs(reference / "prune")
+    crf.main(Path("params.yaml"))
+    assert outputs(project) == outputs(reference / "crf")
 
 
 def test_two_runs_with_the_same_seed_write_identical_outputs(reference, tmp_path):

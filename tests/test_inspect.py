@@ -27,7 +27,6 @@ from pipeline.inspection.project import Project
 from pipeline.inspection.stats import MaskStats, all_stats
 from pipeline.method.metrics import PartialLabelScore
 from stages import overlays
-from tests.conftest import beside
 
 SCALE = 10
 """The default enlargement of a 20x24 image: the least that makes its shorter side 192 pixels or more."""
@@ -162,16 +161,17 @@ def test_stats_table_and_json_agree_with_the_metrics(project, artifacts, cli):
 
 
 def test_reliable_stats_equal_what_the_prune_stage_reports(tiny_manifest, tmp_path):
-    from pipeline.method.mining import MiningJob, mine_chunk
+    from pipeline.method.mining import MiningJob, RuleJob, mine_chunk, prune_chunk
     from pipeline.method.prune import PruneParams
 
     write_artifacts(tiny_manifest, tmp_path / "artifacts")
-    masks = ImageStore(tmp_path / "artifacts" / "masks.zarr")
-    masks.reset_unless("rule")  # empty: mine_chunk prunes every image with the rule itself
+    crf, maps, masks = (ImageStore(tmp_path / "artifacts" / name) for name in ("crf.zarr", "crfmaps.zarr",
+                                                                                "masks.zarr"))
+    masks.reset_unless("rule")  # empty: prune_chunk applies the rule to every image itself
     items = tiny_manifest.split("train")
     cams = ImageStore(tmp_path / "artifacts" / CAMS.name)
-    job = MiningJob.create(tiny_manifest, cams, masks, beside(masks), PruneParams())
-    reported = mine_chunk(job, items).as_dict(tiny_manifest.label_names)
+    mine_chunk(MiningJob.create(tiny_manifest, cams, crf, maps, PruneParams()), items)
+    reported = prune_chunk(RuleJob(tiny_manifest, maps, masks, PruneParams()), items).as_dict(tiny_manifest.label_names)
     masks.mark_complete(item.id for item in items)
     project = Project(tiny_manifest, DatasetParams(), StorageParams(artifacts=str(tmp_path / "artifacts")))
     ours = all_stats(project)["reliable"]

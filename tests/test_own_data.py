@@ -19,7 +19,7 @@ from pipeline.core.io import read_image, write_image
 from pipeline.core.store import ImageStore
 from pipeline.data.manifest import load_manifest
 from pipeline.train.segment import SegmentParams
-from stages import cams, classifier, data, deeplab, prune, segment, supervised
+from stages import cams, classifier, crf, data, deeplab, prune, segment, supervised
 from tests.conftest import tiny_params
 from tests.test_faults import weights_digest
 
@@ -39,8 +39,10 @@ def without_masks(source: Path, target: Path) -> None:
 
 
 def run_prune(params: Path) -> None:
+    """The crf stage on an in-process cluster, then the prune stage's rule."""
     with LocalCluster(n_workers=1, processes=False, dashboard_address=None) as cluster:
-        prune.main(params, scheduler=cluster.scheduler_address)
+        crf.main(params, scheduler=cluster.scheduler_address)
+    prune.main(params)
 
 
 @pytest.fixture(scope="module")

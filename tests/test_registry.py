@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 from pipeline.cli import main as rrm
 from pipeline.core.errors import InputError
-from pipeline.core.registry import CAMS, CLASSIFIER, DVC_ARTIFACTS, MASKS, REFINED, SEGMENT, STAGES, STORES
+from pipeline.core.registry import CLASSIFIER, CRF_MAPS, DVC_ARTIFACTS, MASKS, REFINED, SEGMENT, STAGES, STORES
 from pipeline.core.stage import open_context
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -74,8 +74,8 @@ def test_a_stage_body_gets_only_the_inputs_and_outputs_its_declaration_names(tmp
         ctx.output(REFINED)
     with pytest.raises(LookupError, match="does not declare"):
         ctx.input(SEGMENT)
-    with pytest.raises(InputError, match="cams.zarr"):  # declared, but not run: refused in one line naming it
-        ctx.input(CAMS)
+    with pytest.raises(InputError, match="crfmaps.zarr"):  # declared, but not run: refused in one line naming it
+        ctx.input(CRF_MAPS)
 
 
 def test_rrm_dvc_yaml_check_passes_on_the_committed_file():

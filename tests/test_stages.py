@@ -125,13 +125,19 @@ def _write_masks_from_cams() -> None:
     cams_store, manifest = ImageStore("artifacts/cams.zarr"), load_manifest("manifests/synth.json")
     prune = load_params(PruneParams, "prune", Path("params.yaml"))
     ids = [item.id for item in manifest.split("train")]
-    for store, made_from in ((ImageStore("artifacts/masks.zarr"), masks_made_from),
-                             (ImageStore("artifacts/crf.zarr"), crf_made_from)):
-        made = made_from(manifest, "train", prune, cams_store)
+    crf, maps, masks = (ImageStore(f"artifacts/{name}.zarr") for name in ("crf", "crfmaps", "masks"))
+    for store in (crf, maps):
+        made = crf_made_from(manifest, "train", prune, cams_store)
         store.reset_unless(made.fingerprint, made.as_json())
-        for image_id in ids:
-            maps, attrs = cams_store.read(image_id)
-            stacked = np.concatenate([np.full((1, *maps.shape[1:]), 0.3), maps])
-            labels = np.concatenate([[0], np.array(attrs["classes"]) + 1])[stacked.argmax(0)]
-            store.write(image_id, labels.astype(np.uint8))
+    made = masks_made_from(manifest, "train", prune, maps)
+    masks.reset_unless(made.fingerprint, made.as_json())
+    for image_id in ids:
+        cams, attrs = cams_store.read(image_id)
+        stacked = np.concatenate([np.full((1, *cams.shape[1:]), 0.3), cams]).argmax(0)
+        labels = np.concatenate([[0], np.array(attrs["classes"]) + 1])[stacked].astype(np.uint8)
+        maps.write(image_id, np.stack([labels, *np.ones((3, *labels.shape))]).astype(np.float32),
+                   present=np.unique(stacked).tolist())
+        crf.write(image_id, labels)
+        masks.write(image_id, labels)
+    for store in (crf, maps, masks):
         store.mark_complete(ids)

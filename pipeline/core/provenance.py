@@ -176,10 +176,10 @@ def same_dataset(recorded: Mapping[str, Any] | None, manifest: Manifest,
     return None
 
 
-def start(store: ImageStore, made: MadeFrom) -> None:
+def start(store: ImageStore, made: MadeFrom) -> bool:
     """Start ``store`` with ``made`` recorded, keeping what it holds if it was started with the
-    same record (see :meth:`~pipeline.core.store.ImageStore.reset_unless`)."""
-    store.reset_unless(made.fingerprint, made.as_json())
+    same record (see :meth:`~pipeline.core.store.ImageStore.reset_unless`); whether it kept it."""
+    return store.reset_unless(made.fingerprint, made.as_json())
 
 
 def check(store: ImageStore, expected: MadeFrom, manifest: Manifest) -> None:

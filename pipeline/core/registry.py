@@ -125,9 +125,11 @@ SUPERVISED_NET = Checkpoint(Path("checkpoints/supervised/model.pth"), "supervise
 
 CAMS = Store("cams.zarr", "cams", None, "cams", "pipeline.method.cams:expected_cams",
              (("classifier", CLASSIFIER),), cache=False)
+CRF = Store("crf.zarr", "crf", "train", "prune", "pipeline.method.mining:expected_crf", (("cams.zarr", CAMS),))
+CRF_MAPS = Store("crfmaps.zarr", "crf", "train", "prune", "pipeline.method.mining:expected_crf",
+                 (("cams.zarr", CAMS),))
 MASKS = Store("masks.zarr", "prune", "train", "prune", "pipeline.method.mining:expected_masks",
-              (("cams.zarr", CAMS),), "reliable", "reliable")
-CRF = Store("crf.zarr", "prune", "train", "prune", "pipeline.method.mining:expected_crf", (("cams.zarr", CAMS),))
+              (("crfmaps.zarr", CRF_MAPS),), "reliable", "reliable")
 REFINED = Store("refined.zarr", "refine", "train", "refine", "pipeline.train.refine:expected_refined",
                 (("weights", AFFINITY), ("cams.zarr", CAMS)), "refined", "refined")
 PSEUDO = Store("pseudo.zarr", "segment", "train", "segment", "pipeline.train.segment:expected_pseudo",
@@ -136,14 +138,21 @@ SEGMENT = Store("segment.zarr", "segment", "val", "segment", None, (("weights", 
 DEEPLAB = Store("deeplab.zarr", "deeplab", "val", "deeplab", None, (("weights", DEEPLAB_NET),), "deeplab", "deeplab")
 SUPERVISED = Store("supervised.zarr", "supervised", "val", "deeplab", None, (("weights", SUPERVISED_NET),),
                    "supervised", "supervised")
-"""The cams stage's CAMs (and each image's class scores), the prune stage's reliable masks and the
-labels of its two CRFs alone (before the confidence filters), the refine stage's dense labels of
-the training split, the segment stage's training-split pseudo labels and val predictions,
+"""The cams stage's CAMs (and each image's class scores), the crf stage's labels of the two CRFs
+alone (before the confidence filters) and the maps the rule reads (see
+:mod:`pipeline.method.mining`), the prune stage's reliable masks, the
+refine stage's dense labels of the training split, the segment stage's training-split pseudo labels and val predictions,
 DeepLab's val predictions, and those of the supervised reference (trained by the `deeplab:`
 recipe, hence its section). The CAM store is left out of DVC's cache (a copy per version would
 double the largest store)."""
 
-STORES = (CAMS, MASKS, CRF, REFINED, PSEUDO, SEGMENT, DEEPLAB, SUPERVISED)
+STORES = (CAMS, CRF, CRF_MAPS, MASKS, REFINED, PSEUDO, SEGMENT, DEEPLAB, SUPERVISED)
+
+CRF_SETTINGS = tuple(f"prune.{key}" for key in (
+    "la_alpha", "ha_alpha", "crf_iterations", "crf_gaussian_sxy", "crf_gaussian_compat", "crf_bilateral_sxy",
+    "crf_bilateral_srgb", "crf_bilateral_compat", "crf_backend"))
+"""The settings of the `prune:` section the two CRFs depend on (the crf stage's DVC params); the
+others are the rule's thresholds, which only the prune stage reads."""
 
 SHOWN = tuple(store for store in STORES if store.shown is not None)
 """Every store of masks that inspection shows, in pipeline order."""
@@ -169,7 +178,10 @@ PRUNE_PER_CLASS = Plot(Path("plots/prune_per_class.json"), {
 OVERLAYS = Plot(Path("plots/overlays"))
 STATS_PER_CLASS = Plot(Path("plots/stats_per_class.json"))
 TRAINING_LABELS = Plot(Path("plots/train_labels_per_class.json"))
-"""The plot files the stages write, under ``storage.root``."""
+SWEEP = Plot(Path("plots/sweep.json"))
+SWEEP_CURRENT = Plot(Path("plots/sweep_current.json"))
+"""The plot files the stages write, under ``storage.root``, and those of ``rrm sweep`` (every
+point of its grid, and the params file's current setting alone, drawn in a colour of its own)."""
 
 Read = Store | Checkpoint | Labels | File
 
@@ -230,8 +242,11 @@ STAGES = {stage.name: stage for stage in (
     Stage("cams", params=("dataset", "classifier.backbone", "classifier.output_stride", "cams"),
           reads=(MANIFEST, CLASSIFIER), stores=(CAMS,), plots=(CAMS_CURVE,),
           scores=(Score("CAM mIoU (val)", ("miou",)), Score("CAM mIoU (train)", ("train", "miou")))),
-    Stage("prune", params=("dataset", "prune"), reads=(MANIFEST, CAMS), stores=(MASKS, CRF),
-          plots=(PRUNE_PER_CLASS,), options=("scheduler", "skip_bad"),
+    Stage("crf", params=("dataset", *CRF_SETTINGS), reads=(MANIFEST, CAMS), stores=(CRF, CRF_MAPS),
+          options=("scheduler", "skip_bad"),
+          comment="the two dense CRFs of each training image, kept for the prune stage's rule"),
+    Stage("prune", params=("dataset", "prune"), reads=(MANIFEST, CRF_MAPS), stores=(MASKS,),
+          plots=(PRUNE_PER_CLASS,),
           scores=(Score("Reliable-region precision (train)", ("precision",)),
                   Score("Reliable-region coverage (train)", ("coverage",)))),
     Stage("refine", params=("dataset", "classifier.backbone", "classifier.output_stride", "refine"),
@@ -277,6 +292,9 @@ PLOTS = (
         "template": "bar_horizontal", "x": "iou", "y": {str(TRAINING_LABELS.path): "bar"}}),
     ("Precision per class and stage", {"template": "bar_horizontal", "x": "precision",
                                        "y": {str(STATS_PER_CLASS.path): "bar"}}),
+    ("Reliable regions, precision against coverage by threshold (rrm sweep; the current setting apart)", {
+        "template": "scatter", "x": "coverage",
+        "y": {str(SWEEP.path): "precision", str(SWEEP_CURRENT.path): "precision"}}),
     (str(OVERLAYS.path), None),
 )
 """dvc.yaml's plots: what ``dvc plots show`` draws, by title (the overlays: a folder of panels)."""

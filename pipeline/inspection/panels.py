@@ -170,7 +170,7 @@ def legend_entries(values: Sequence[int], label_names: Sequence[str], palette: n
 
 
 @cache
-def _font() -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+def font() -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
     return ImageFont.load_default()
 
 
@@ -189,7 +189,7 @@ def _legend_lines(entries: Sequence[LegendEntry], width: int) -> list[LegendLine
     lines: list[LegendLine] = [[]]
     left = GAP
     for entry in entries:
-        span = SWATCH + 4 + math.ceil(_font().getlength(entry.name)) + 2 * GAP
+        span = SWATCH + 4 + math.ceil(font().getlength(entry.name)) + 2 * GAP
         if lines[-1] and left + span > width:
             lines.append([])
             left = GAP
@@ -213,11 +213,11 @@ def compose(panels: Sequence[Panel], legend: Sequence[LegendEntry]) -> Figure:
     draw = ImageDraw.Draw(canvas)
     for index, panel in enumerate(panels):
         left = GAP + index * (size[1] + GAP)
-        draw.text((left, GAP), panel.title, fill="black", font=_font())
+        draw.text((left, GAP), panel.title, fill="black", font=font())
         canvas.paste(Image.fromarray(panel.pixels), (left, top))
     for row, line in enumerate(lines):
         y = top + size[0] + GAP + row * TEXT_HEIGHT
         for left, entry in line:
             canvas.paste(Image.fromarray(_swatch(entry)), (left, y + (TEXT_HEIGHT - SWATCH) // 2))
-            draw.text((left + SWATCH + 4, y + 2), entry.name, fill="black", font=_font())
+            draw.text((left + SWATCH + 4, y + 2), entry.name, fill="black", font=font())
     return Figure(np.asarray(canvas), tuple(p.title for p in panels), (size[0], size[1]), tuple(e.name for e in legend))

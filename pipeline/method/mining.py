@@ -1,34 +1,38 @@
-"""Reliable-region mining of a whole split over a dask cluster, scored as it goes.
+"""Reliable-region mining of a whole split, in two steps that DVC runs apart, scored as it goes.
 
-The rule (:func:`pipeline.method.prune.prune_image`) costs two dense CRFs per image and every image is
-independent, so the images are spread over the processes of a ``dask.distributed`` cluster: a
-``LocalCluster`` of one single-threaded process per core by default (pydensecrf holds the GIL,
-so threads would not run in parallel), or a running scheduler given by its address, so the
-same command runs on a cluster.
+1. **The CRFs** (the crf stage, :func:`mine_split`): the two dense CRFs of each image depend on
+   the CAMs, the alphas and the CRF settings alone, and cost almost all of the time, so what the
+   rule needs of them and of the CAMs (:class:`~pipeline.method.prune.CrfOutputs`) is kept per
+   image, exact: the CRFs' labels in the CRF store (``crf.zarr``, uint8; what the refine stage
+   learns from), and those labels, the CRFs' confidence, the CAM argmax and its score as one
+   float32 (4, H, W) array in the CRF maps store (``crfmaps.zarr``, with the stacked labels the
+   low-alpha CRF gives in the array's attribute ``present``).
+2. **The rule** (the prune stage, :func:`prune_split`): the thresholds on the kept maps alone,
+   which gives the masks byte for byte as the rule on the CAMs and the marginals would
+   (:func:`~pipeline.method.prune.apply_rule`); milliseconds an image, in this process.
+
+Every image is independent, so the CRFs are spread over the processes of a ``dask.distributed``
+cluster: a ``LocalCluster`` of one single-threaded process per core by default (pydensecrf holds
+the GIL), or a running scheduler (see :mod:`pipeline.method.crf_runner`).
 
 - Tasks take a chunk of :class:`~pipeline.data.manifest.Item` (ids and labels), never arrays: each
-  worker reads the CAMs and the image, writes the reliable mask into the mask store and the
-  labels of the two CRFs alone (:func:`~pipeline.method.prune.crf_labels`, what the refine
-  stage learns its affinities from) into the CRF store itself, and returns only small counts,
-  so no process ever holds all masks.
-- The driver keeps a bounded number of tasks in flight and submits the next one as each
-  finishes, so its memory does not grow with the number of images.
-- A mask already complete in the store is read back instead of recomputed: a run killed
-  part-way redoes only what it had not written. The store's fingerprint depends on
-  :class:`~pipeline.method.prune.PruneParams` and the CAM store's fingerprint only, never on
-  the `run:` section (:class:`~pipeline.core.run.RunParams`): another worker count or
-  scheduler keeps the finished masks.
-- Each image's mask depends only on its own inputs and the counts are integer sums, so masks
-  and scores do not depend on the number of workers or the order tasks finish in.
-- With the torch CRF backend (``prune.crf_backend: torch``) and a GPU, the images are mined in
-  the stage's process instead, a batch of each image size at a time on the GPU; under
-  ``torchrun`` each process mines its share on its own GPU (:func:`~pipeline.method.crf_runner.in_process`).
+  worker reads the CAMs and the image, writes its outputs into the stores itself and returns
+  only small counts, so no process ever holds all of them.
+- An image already complete in the stores is read back instead of recomputed: a run killed
+  part-way redoes only what it had not written. The stores' fingerprints depend on their
+  settings and inputs only, never on the `run:` section (:class:`~pipeline.core.run.RunParams`).
+- Each image's outputs depend only on its own inputs and the counts are integer sums, so they do
+  not depend on the number of workers or the order tasks finish in.
+- With the torch CRF backend (``prune.crf_backend: torch``) and a GPU, the CRFs run in the
+  stage's process instead, a batch of each image size at a time on the GPU; under ``torchrun``
+  each process runs its share on its own GPU (:func:`~pipeline.method.crf_runner.in_process`).
 
-Scoring reads each image's ground truth once, in the task that prunes it: the precision and
-coverage of the reliable pixels (:class:`~pipeline.method.metrics.PartialLabelScore`) and, for
-comparison, the IoU of the plain CAM argmax with the rule's own background score
-``(1 - max_c cam_c) ** ha_alpha`` (the dense labelling that pruning starts from; the best
-fixed threshold is what ``metrics/cams.json`` reports).
+Scoring reads each image's ground truth in the task that makes its outputs: the precision and
+coverage (:class:`~pipeline.method.metrics.PartialLabelScore`) of the reliable pixels (the prune
+stage) and of the CRF labels (the crf stage, with, for comparison, the IoU of the plain CAM
+argmax with the rule's own background score ``(1 - max_c cam_c) ** ha_alpha``: the dense
+labelling that pruning starts from; the best fixed threshold is what ``metrics/cams.json``
+reports).
 """
 
 from __future__ import annotations
@@ -43,16 +47,15 @@ import numpy as np
 from tqdm import tqdm
 
 from pipeline.core.errors import InputError
-from pipeline.core.io import IGNORE
 from pipeline.core.provenance import MadeFrom, settings, start
-from pipeline.core.registry import CAMS
+from pipeline.core.registry import CAMS, CRF_MAPS, CRF_SETTINGS
 from pipeline.core.run import RunParams
 from pipeline.core.store import ImageStore
 from pipeline.data.manifest import Item, Manifest
 from pipeline.method.crf import same_size
 from pipeline.method.crf_runner import bounded_map, connect, in_process
 from pipeline.method.metrics import PartialLabelScore, SegmentationScore
-from pipeline.method.prune import PruneParams, mine_images, stack_scores
+from pipeline.method.prune import CrfOutputs, PruneParams, apply_rule, run_crfs, stack_scores
 
 if TYPE_CHECKING:
     import torch
@@ -60,48 +63,47 @@ if TYPE_CHECKING:
     from pipeline.core.distributed import Distributed
     from pipeline.core.stage import Context
 
-def masks_made_from(manifest: Manifest, split: str, params: PruneParams, cams: ImageStore) -> MadeFrom:
-    """What a mask store is made from: the images and tags of ``split``, the rule's settings and
-    the CAMs (by their store's fingerprint)."""
-    return MadeFrom.made(manifest, (split,), settings("prune", params), {"cams.zarr": cams.fingerprint})
-
-
-CRF_SETTINGS = ("la_alpha", "ha_alpha", "crf_iterations", "crf_gaussian_sxy", "crf_gaussian_compat",
-                "crf_bilateral_sxy", "crf_bilateral_srgb", "crf_bilateral_compat", "crf_backend")
-"""The settings of :class:`~pipeline.method.prune.PruneParams` the labels of the two CRFs depend on."""
-
-
 def crf_made_from(manifest: Manifest, split: str, params: PruneParams, cams: ImageStore) -> MadeFrom:
-    """What a store of CRF labels is made from: as :func:`masks_made_from`, but of the settings
-    only :data:`CRF_SETTINGS`, so that a threshold of the rule keeps the store (rewritten with the
-    same bytes) and the refine stage that learns from it has nothing to redo."""
-    crf_settings = {key: value for key, value in settings("prune", params).items()
-                    if key.removeprefix("prune.") in CRF_SETTINGS}
-    return MadeFrom.made(manifest, (split,), crf_settings, {"cams.zarr": cams.fingerprint})
+    """What the CRF and CRF maps stores are made from: the images and tags of ``split``, the
+    alphas and CRF settings (:data:`~pipeline.core.registry.CRF_SETTINGS`) and the CAMs (by their
+    store's fingerprint); ``contents`` names what the arrays hold, so that a CRF store made before
+    the maps were kept beside it is made anew. No threshold of the rule: changing one keeps both
+    stores."""
+    crf_settings = {key: value for key, value in settings("prune", params).items() if key in CRF_SETTINGS}
+    contents = "crf labels; maps: labels, confidence, cam label, cam value"
+    return MadeFrom.made(manifest, (split,), crf_settings, {"cams.zarr": cams.fingerprint, "contents": contents})
+
+
+def masks_made_from(manifest: Manifest, split: str, params: PruneParams, maps: ImageStore) -> MadeFrom:
+    """What a mask store is made from: the images and tags of ``split``, the rule's settings and
+    the kept CRF maps (by their store's fingerprint, which holds the CAMs')."""
+    return MadeFrom.made(manifest, (split,), settings("prune", params),
+                         {"crfmaps.zarr": maps.fingerprint})
+
+
+def expected_crf(ctx: Context) -> MadeFrom:
+    """The record a reader must find in the CRF and CRF maps stores now (registered in
+    :mod:`pipeline.core.registry`)."""
+    return crf_made_from(ctx.manifest, ctx.dataset.train_split, ctx.params(PruneParams, "prune"),
+                         ctx.storage.store(CAMS))
 
 
 def expected_masks(ctx: Context) -> MadeFrom:
     """The record a reader must find in the mask store now (registered in :mod:`pipeline.core.registry`)."""
     return masks_made_from(ctx.manifest, ctx.dataset.train_split, ctx.params(PruneParams, "prune"),
-                           ctx.storage.store(CAMS))
+                           ctx.storage.store(CRF_MAPS))
 
 
-def expected_crf(ctx: Context) -> MadeFrom:
-    """The record a reader must find in the store of CRF labels now (registered in :mod:`pipeline.core.registry`)."""
-    return crf_made_from(ctx.manifest, ctx.dataset.train_split, ctx.params(PruneParams, "prune"),
-                         ctx.storage.store(CAMS))
-
-
-def start_mining(manifest: Manifest, split: str, params: PruneParams, cams: ImageStore, masks: ImageStore,
-                 crf: ImageStore) -> None:
-    """Start the mask and CRF-label stores of ``split`` (see :func:`~pipeline.core.provenance.start`)."""
-    start(crf, crf_made_from(manifest, split, params, cams))
-    start(masks, masks_made_from(manifest, split, params, cams))
+def start_mining(manifest: Manifest, split: str, params: PruneParams, cams: ImageStore, crf: ImageStore,
+                 maps: ImageStore) -> None:
+    """Start the CRF and CRF maps stores of ``split`` (see :func:`~pipeline.core.provenance.start`)."""
+    for store in (crf, maps):
+        start(store, crf_made_from(manifest, split, params, cams))
 
 
 @dataclass(frozen=True)
 class MiningJob:
-    """What every task needs besides its items; small, so it travels with each task.
+    """What every task of the crf stage needs besides its items; small, so it travels with each task.
 
     ``manifest`` locates images and ground truth (its splits are not needed); store paths are
     absolute, so workers started elsewhere find them (they must see the same file system).
@@ -109,17 +111,19 @@ class MiningJob:
 
     manifest: Manifest
     cams: ImageStore
-    masks: ImageStore
     crf: ImageStore
+    maps: ImageStore
     params: PruneParams
     device: str = "cpu"
     """Where the torch backend's CRFs run."""
 
     @classmethod
-    def create(cls, manifest: Manifest, cams: ImageStore, masks: ImageStore, crf: ImageStore,
+    def create(cls, manifest: Manifest, cams: ImageStore, crf: ImageStore, maps: ImageStore,
                params: PruneParams) -> MiningJob:
-        return cls(replace(manifest, splits={}),
-                   *(ImageStore(store.path.resolve(), store.stage) for store in (cams, masks, crf)), params)
+        def absolute(store: ImageStore) -> ImageStore:
+            return ImageStore(store.path.resolve(), store.stage)
+
+        return cls(replace(manifest, splits={}), absolute(cams), absolute(crf), absolute(maps), params)
 
 
 @dataclass
@@ -192,70 +196,123 @@ def _check_size(where: Path, what: str, shape: tuple[int, ...], image: tuple[int
         raise InputError(where, f"{what} is {shape[0]}x{shape[1]}, its image {image[0]}x{image[1]} ({hint})")
 
 
-def _masks(job: MiningJob, items: Sequence[Item], cams: Sequence[np.ndarray],
-           classes: Sequence[Sequence[int]]) -> list[tuple[np.ndarray, np.ndarray, bool]]:
-    """Each image's reliable mask, its CRF labels and whether they were computed now (False:
-    read back from the stores, which hold both).
+def _read_cams(job: MiningJob, items: Sequence[Item]) -> tuple[list[np.ndarray], list[list[int]]]:
+    read = [job.cams.read(item.id) for item in items]
+    return [array.astype(np.float32) for array, _ in read], [attrs["classes"] for _, attrs in read]
 
-    Both are written as soon as they are computed, the CRF labels first, so that a killed run
-    loses little: with pydensecrf one image at a time, with the torch backend one batch of the
-    chunk's images of one size at a time (:func:`mine_images`). An image without classes (k = 0)
-    gets all 255: without its tags nothing is known about it, and calling it all background
-    would teach that any untagged object is background.
+
+def _kept(job: MiningJob, image_id: str) -> CrfOutputs:
+    """An image's CRF outputs as the crf stage kept them."""
+    planes, attrs = job.maps.read(image_id)
+    return CrfOutputs.from_planes(planes, attrs["present"])
+
+
+def _write_crf(job: MiningJob, image_id: str, crf: CrfOutputs) -> None:
+    """The maps first, the labels last: an image counts as done once its labels are in."""
+    job.maps.write(image_id, crf.planes(), present=list(crf.present))
+    job.crf.write(image_id, crf.labels)
+
+
+def _crf_outputs(job: MiningJob, items: Sequence[Item], cams: Sequence[np.ndarray],
+                 classes: Sequence[Sequence[int]]) -> list[tuple[CrfOutputs, bool]]:
+    """Each image's CRF outputs and whether they were computed now (False: read back from the stores).
+
+    Written as soon as computed: with pydensecrf one image at a time, with the torch backend one
+    batch of the chunk's images of one size at a time, so that a killed run loses little. An
+    image without classes (k = 0) gets all 255 and nothing present: without its tags nothing is
+    known about it, and calling it all background would teach that any untagged object is
+    background.
     """
-    found = {index: (job.masks.read(item.id)[0], job.crf.read(item.id)[0], False)
-             for index, item in enumerate(items) if item.id in job.masks and item.id in job.crf}
+    found = {index: (_kept(job, item.id), False) for index, item in enumerate(items)
+             if item.id in job.crf and item.id in job.maps}
     todo = [index for index in range(len(items)) if index not in found]
     images = {index: job.manifest.read_image(items[index].id) for index in todo if cams[index].shape[0] > 0}
     for index, image in images.items():
         what = f"the CAM array of {items[index].id!r}"
         _check_size(job.cams.path, what, cams[index].shape[1:], image.shape[:2], "rerun the cams stage")
-    for group in _prune_groups(images, job.params):
-        mined = mine_images([images[index] for index in group], [cams[index] for index in group],
+    for group in _crf_groups(images, job.params):
+        computed = run_crfs([images[index] for index in group], [cams[index] for index in group],
                             [np.asarray(classes[index]) for index in group], job.params, job.device)
-        for index, (mask, crf) in zip(group, mined, strict=True):
-            _write(job, items[index].id, mask, crf)
-            found[index] = (mask, crf, True)
+        for index, crf in zip(group, computed, strict=True):
+            _write_crf(job, items[index].id, crf)
+            found[index] = (crf, True)
     for index in todo:
         if index not in found:
-            unknown = np.full(cams[index].shape[1:], IGNORE, dtype=np.uint8)
-            _write(job, items[index].id, unknown, unknown)
-            found[index] = (unknown, unknown, True)
+            unknown = CrfOutputs.unknown(cams[index].shape[1:])
+            _write_crf(job, items[index].id, unknown)
+            found[index] = (unknown, True)
     return [found[index] for index in range(len(items))]
 
 
-def _write(job: MiningJob, image_id: str, mask: np.ndarray, crf: np.ndarray) -> None:
-    job.crf.write(image_id, crf)
-    job.masks.write(image_id, mask)
-
-
-def _prune_groups(images: dict[int, np.ndarray], params: PruneParams) -> list[list[int]]:
-    """The keys of ``images`` to prune together: each alone with pydensecrf, those of one size with torch."""
+def _crf_groups(images: dict[int, np.ndarray], params: PruneParams) -> list[list[int]]:
+    """The keys of ``images`` whose CRFs run together: each alone with pydensecrf, those of one size with torch."""
     if params.crf_backend == "pydensecrf":
         return [[index] for index in images]
     indices = list(images)
     return [[indices[at] for at in group] for group in same_size(list(images.values()))]
 
 
+def _ground_truth(job: MiningJob | RuleJob, item: Item, shape: tuple[int, ...]) -> np.ndarray | None:
+    gt = job.manifest.read_mask(item)
+    if gt is not None:
+        what = f"the ground-truth mask of {item.id!r}"
+        _check_size(job.manifest.mask_path(item.id), what, gt.shape, shape, "a mask must match its image")
+    return gt
+
+
 def mine_chunk(job: MiningJob, items: Sequence[Item]) -> MiningScore:
-    """Prune (or read back) and score each of ``items``: the task that runs on the workers."""
+    """Run the CRFs of (or read back) and score each of ``items``: the crf stage's task."""
     score = MiningScore(job.manifest.num_classes + 1)
-    read = [job.cams.read(item.id) for item in items]
-    cams = [array.astype(np.float32) for array, _ in read]
-    classes = [attrs["classes"] for _, attrs in read]
-    for item, own_cams, own, (mask, crf, computed) in zip(items, cams, classes, _masks(job, items, cams, classes)):
+    cams, classes = _read_cams(job, items)
+    for item, own_cams, own, (crf, computed) in zip(items, cams, classes, _crf_outputs(job, items, cams, classes),
+                                                     strict=True):
         score.images += 1
         if computed:
             score.computed.append(item.id)
-        gt = job.manifest.read_mask(item)
-        if gt is None:
-            continue
-        what = f"the ground-truth mask of {item.id!r}"
-        _check_size(job.manifest.mask_path(item.id), what, gt.shape, mask.shape, "a mask must match its image")
-        score.scored += 1
-        score.masks.update(gt, mask)
-        score.crf.update(gt, crf)
-        score.cams.update(gt, cam_argmax(own_cams, own, job.params.ha_alpha))
+        gt = _ground_truth(job, item, crf.labels.shape)
+        if gt is not None:
+            score.scored += 1
+            score.crf.update(gt, crf.labels)
+            score.cams.update(gt, cam_argmax(own_cams, own, job.params.ha_alpha))
+    return score
+
+
+@dataclass(frozen=True)
+class RuleJob:
+    """What the prune stage's tasks need: where the ground truth is, the kept CRF maps, the masks
+    to write and the rule's settings."""
+
+    manifest: Manifest
+    maps: ImageStore
+    masks: ImageStore
+    params: PruneParams
+    fresh: bool = False
+    """Whether the mask store was started anew: none of its masks to read back."""
+
+
+def prune_chunk(job: RuleJob, items: Sequence[Item]) -> MiningScore:
+    """The rule on (or the masks read back of) each of ``items`` from its kept CRF maps, scored:
+    the prune stage's task. (The CRF labels and the CAM argmax, which no threshold changes, are
+    scored by :func:`mine_chunk`.)
+
+    The stores are read and written a chunk at a time, concurrently: the rule takes milliseconds
+    an image, of the order of a round trip to zarr."""
+    score = MiningScore(job.manifest.num_classes + 1)
+    ids = [item.id for item in items]
+    crfs = [CrfOutputs.from_planes(planes, attrs["present"]) for planes, attrs in job.maps.read_many(ids)]
+    done = [] if job.fresh else sorted(job.masks.whole_ids(ids))
+    kept = {image_id: mask for image_id, (mask, _) in zip(done, job.masks.read_many(done), strict=True)}
+    masks = [kept[image_id] if image_id in kept else apply_rule(crf, job.params)
+             for image_id, crf in zip(ids, crfs, strict=True)]
+    written = [(image_id, mask, {}) for image_id, mask in zip(ids, masks, strict=True) if image_id not in kept]
+    job.masks.write_many(written)
+    for item, mask in zip(items, masks, strict=True):
+        score.images += 1
+        gt = _ground_truth(job, item, mask.shape)
+        if gt is not None:
+            score.scored += 1
+            score.masks.update(gt, mask)
+    score.computed = [image_id for image_id, _, _ in written]
     return score
 
 
@@ -263,12 +320,22 @@ def _chunks(items: Sequence[Item], size: int) -> Iterator[Sequence[Item]]:
     return (items[start : start + size] for start in range(0, len(items), size))
 
 
+def _summed(scores: Iterator[MiningScore], total: MiningScore, description: str, images: int,
+            progress: bool) -> MiningScore:
+    with tqdm(total=images, desc=description, unit="img", disable=not progress) as bar:
+        for score in scores:
+            total.add(score)
+            bar.update(score.images)
+    total.computed.sort()
+    return total
+
+
 def mine_split(
     manifest: Manifest,
     split: str,
     cams: ImageStore,
-    masks: ImageStore,
     crf: ImageStore,
+    maps: ImageStore,
     params: PruneParams,
     run: RunParams,
     progress: bool = True,
@@ -276,8 +343,8 @@ def mine_split(
     rank: int = 0,
     world_size: int = 1,
 ) -> MiningScore:
-    """Write the reliable-region mask of every image of ``split`` into ``masks`` and the labels of
-    its two CRFs into ``crf``, and score them.
+    """Run the two CRFs of every image of ``split``, keep their labels in ``crf`` and what the
+    rule needs of them and of the CAMs in ``maps``, and score the CRF labels (and the CAM argmax).
 
     Refuses to start unless the CAM store is complete. Keeps what the stores hold if they were
     started from the same settings and CAMs, else starts them anew; marks them complete once
@@ -285,49 +352,46 @@ def mine_split(
 
     Without ``device`` the images are spread over the dask cluster of
     :func:`~pipeline.method.crf_runner.connect`, chunks of ``run.chunk_size``; with one (the torch
-    backend on a GPU, see :func:`~pipeline.method.crf_runner.in_process`) they are mined in this
+    backend on a GPU, see :func:`~pipeline.method.crf_runner.in_process`) they run in this
     process, ``run.inference_batch`` at a time, and process ``rank`` of a job of ``world_size``
     takes the ids ``[rank::world_size]`` only: the stores are then started and marked complete by
     the caller, and the counts are this process's share.
     """
     if world_size > 1 and device is None:
-        raise ValueError("several processes share a split only when each mines in its own process (device)")
+        raise ValueError("several processes share a split only when each runs its CRFs in its own process (device)")
     cams.require_complete()
     items = manifest.split(split)
     share = items[rank::world_size]
     if world_size == 1:
-        start_mining(manifest, split, params, cams, masks, crf)
-    job = MiningJob.create(manifest, cams, masks, crf, params)
-    total = MiningScore(manifest.num_classes + 1)
-    with tqdm(total=len(share), desc=f"prune {split}", unit="img", disable=not progress) as bar:
-        for score in _chunk_scores(job, share, run, device):
-            total.add(score)
-            bar.update(score.images)
+        start_mining(manifest, split, params, cams, crf, maps)
+    job = MiningJob.create(manifest, cams, crf, maps, params)
+    total = _summed(_chunk_scores(job, share, run, device), MiningScore(manifest.num_classes + 1), f"crf {split}",
+                    len(share), progress)
     if world_size == 1:
-        for store in (crf, masks):
+        for store in (crf, maps):  # the maps last: the prune stage reads them, the refine stage the labels
             store.mark_complete(item.id for item in items)
-    total.computed.sort()
     return total
 
 
-def mine_stage(manifest: Manifest, split: str, cams: ImageStore, masks: ImageStore, crf: ImageStore,
+def mine_stage(manifest: Manifest, split: str, cams: ImageStore, crf: ImageStore, maps: ImageStore,
                params: PruneParams, run: RunParams, dist: Distributed, device: torch.device) -> MiningScore | None:
-    """:func:`mine_split` as the prune stage runs it, where :mod:`pipeline.method.crf_runner` says:
+    """:func:`mine_split` as the crf stage runs it, where :mod:`pipeline.method.crf_runner` says:
     with the torch backend on a GPU in the stage's own process on ``device``; under
-    ``torchrun`` every process mines its share there and rank 0 then reads every mask back and
+    ``torchrun`` every process runs its share there and rank 0 then reads every image back and
     scores them all; otherwise rank 0 alone, over the dask cluster. The score on rank 0, None on
     the others."""
     if not in_process(params.crf_backend, run, dist.enabled):
-        return mine_split(manifest, split, cams, masks, crf, params, run) if dist.is_main else None
+        return mine_split(manifest, split, cams, crf, maps, params, run) if dist.is_main else None
     if dist.enabled:
         if dist.is_main:
-            start_mining(manifest, split, params, cams, masks, crf)
+            start_mining(manifest, split, params, cams, crf, maps)
         dist.barrier()
-        mine_split(manifest, split, cams, masks, crf, params, run, dist.is_main, device, dist.rank, dist.world_size)
+        mine_split(manifest, split, cams, crf, maps, params, run, dist.is_main, device, dist.rank,
+                   dist.world_size)
         dist.barrier()
         if not dist.is_main:
             return None
-    return mine_split(manifest, split, cams, masks, crf, params, run, device=device)
+    return mine_split(manifest, split, cams, crf, maps, params, run, device=device)
 
 
 def _chunk_scores(job: MiningJob, items: Sequence[Item], run: RunParams,
@@ -339,3 +403,27 @@ def _chunk_scores(job: MiningJob, items: Sequence[Item], run: RunParams,
         return
     with connect(run) as client:
         yield from bounded_map(client, partial(mine_chunk, job), _chunks(items, run.chunk_size))
+
+
+PRUNE_CHUNK = 32
+"""Images the rule reads and writes at once."""
+
+
+def prune_split(manifest: Manifest, split: str, maps: ImageStore, masks: ImageStore, params: PruneParams,
+                progress: bool = True) -> MiningScore:
+    """Apply the rule to every image of ``split`` from its kept CRF maps, write the masks into
+    ``masks`` and score them.
+
+    Refuses to start unless the maps store is complete. Keeps the masks the store holds if it
+    was started from the same settings and maps; marks it complete once every image is in. In
+    this process, a chunk of images at a time: no cluster to start for a rule of milliseconds an
+    image (threads gain nothing: zarr's one event loop does the reading and writing).
+    """
+    maps.require_complete()
+    items = manifest.split(split)
+    kept = start(masks, masks_made_from(manifest, split, params, maps))
+    job = RuleJob(manifest, maps, masks, params, fresh=not kept)
+    total = _summed((prune_chunk(job, chunk) for chunk in _chunks(items, PRUNE_CHUNK)),
+                    MiningScore(manifest.num_classes + 1), f"prune {split}", len(items), progress)
+    masks.mark_complete(item.id for item in items)
+    return total

@@ -14,10 +14,12 @@ For one image with present classes c1..ck and max-normalised CAMs:
 - CRF-sure: ``max([ha background probability, la foreground probabilities]) >= 0.8``.
 - A pixel keeps its start label only if it is both CAM-sure and CRF-sure; otherwise 255.
 
-The CRF step (:func:`prune_images`) and the rule on its outputs (:func:`label_reliable`) are
-separate, so the rule can be checked on given probabilities. :func:`crf_labels` is the rule's
-start before the two confidence filters: the labels of the two CRFs alone, which PSA and IRN
-learn their affinities from, and which :func:`mine_images` gives beside the reliable ones.
+The CRF step (:func:`run_crfs`) and the rule on its outputs (:func:`apply_rule`) are separate:
+the CRFs depend on the alphas and the CRF settings alone, the rule on the thresholds, so the crf
+stage keeps what the rule needs of them (:class:`CrfOutputs`) and a threshold reruns the rule
+alone; the rule can also be checked on given probabilities (:func:`label_reliable`).
+:func:`crf_labels` is the rule's start before the two confidence filters: the labels of the two
+CRFs alone, which PSA and IRN learn their affinities from.
 ``crf_backend`` chooses how the CRFs are computed (:mod:`pipeline.method.crf`): pydensecrf image
 by image, or the torch mean field, which runs both CRFs of each image together and images of one
 size as one batch, on the CPU or a GPU.
@@ -97,31 +99,41 @@ def stack_scores(cams: np.ndarray, alpha: float) -> np.ndarray:
     return np.concatenate([background_score(cams, alpha)[None], cams])
 
 
-def cam_confident(cams: np.ndarray, la_label: np.ndarray, params: PruneParams) -> np.ndarray:
-    """The CAM-sure pixels, bool (H, W), for the stacked labels that occur in ``la_label``.
+def cam_winners(cams: np.ndarray, ha_alpha: float) -> tuple[np.ndarray, np.ndarray]:
+    """``cam_label = argmax([bg(ha alpha), cams])``, uint8 (H, W) (0 background, i for
+    ``cams[i - 1]``), and the winner's score there, float (H, W): within each ``cam_label``
+    region the CAM of its class (the high-alpha background score in the background's), all the
+    CAM-sure test reads of the CAMs."""
+    stacked = np.concatenate([background_score(cams, ha_alpha)[None], cams])
+    label = stacked.argmax(axis=0)
+    return label.astype(np.uint8), np.take_along_axis(stacked, label[None], axis=0)[0]
+
+
+def cam_confident(cam_label: np.ndarray, cam_value: np.ndarray, present: Sequence[int],
+                  params: PruneParams) -> np.ndarray:
+    """The CAM-sure pixels, bool (H, W), for the stacked labels ``present`` in the low-alpha
+    CRF's labels (0 background, i for ``cams[i - 1]``), from :func:`cam_winners`.
 
     A foreground label's quantile threshold is taken over its own ``cam_label`` region; the
     index is capped at the last value so that a quantile of 1 keeps nothing instead of failing.
     """
-    ha_background = background_score(cams, params.ha_alpha)
-    cam_label = np.concatenate([ha_background[None], cams]).argmax(axis=0)
     sure = np.zeros(cam_label.shape, dtype=bool)
-    for label in np.unique(la_label):
+    for label in present:
         region = cam_label == label
         if label == 0:
-            sure |= region & (ha_background > params.bg_threshold)
+            sure |= region & (cam_value > params.bg_threshold)
             continue
-        cam = cams[label - 1]
-        values = np.sort(cam[region & (cam > params.cam_floor)])
+        values = np.sort(cam_value[region & (cam_value > params.cam_floor)])
         if values.size:
             threshold = values[min(math.floor(params.cam_quantile * values.size), values.size - 1)]
-            sure |= region & (cam > threshold)
+            sure |= region & (cam_value > threshold)
     return sure
 
 
-def crf_confident(la_probs: np.ndarray, ha_probs: np.ndarray, threshold: float) -> np.ndarray:
-    """The CRF-sure pixels, bool (H, W): ``max([ha background, la foregrounds]) >= threshold``."""
-    return np.maximum(ha_probs[0], la_probs[1:].max(axis=0)) >= threshold
+def crf_confidence(la_probs: np.ndarray, ha_probs: np.ndarray) -> np.ndarray:
+    """The CRFs' confidence, float (H, W): ``max([ha background, la foregrounds])``; a pixel
+    is CRF-sure where it reaches ``crf_confidence``."""
+    return np.maximum(ha_probs[0], la_probs[1:].max(axis=0))
 
 
 def crf_labels(classes: np.ndarray, la_probs: np.ndarray, ha_probs: np.ndarray) -> np.ndarray:
@@ -132,6 +144,55 @@ def crf_labels(classes: np.ndarray, la_probs: np.ndarray, ha_probs: np.ndarray) 
     labels = values[la_probs.argmax(axis=0)]
     labels[labels == 0] = IGNORE
     labels[ha_probs.argmax(axis=0) == 0] = 0
+    return labels
+
+
+@dataclass(frozen=True)
+class CrfOutputs:
+    """What the rule needs of an image's CAMs and two CRFs, all the thresholds of
+    :class:`PruneParams` aside (what the crf stage keeps per image): the CRFs' labels
+    (:func:`crf_labels`), the stacked labels present in the low-alpha CRF's labels, the CRFs'
+    confidence (:func:`crf_confidence`), and the CAM argmax and its score (:func:`cam_winners`).
+    Each depends on the CAMs, the alphas and the CRF settings alone."""
+
+    labels: np.ndarray
+    present: tuple[int, ...]
+    confidence: np.ndarray
+    cam_label: np.ndarray
+    cam_value: np.ndarray
+
+    @classmethod
+    def of(cls, cams: np.ndarray, classes: np.ndarray, la_probs: np.ndarray, ha_probs: np.ndarray,
+           ha_alpha: float) -> CrfOutputs:
+        """From the CAMs (k, H, W) and the (k + 1, H, W) marginals of the stack with the low and high alpha."""
+        present = tuple(int(label) for label in np.unique(la_probs.argmax(axis=0)))
+        return cls(crf_labels(classes, la_probs, ha_probs), present, crf_confidence(la_probs, ha_probs),
+                   *cam_winners(cams, ha_alpha))
+
+    @classmethod
+    def unknown(cls, size: tuple[int, ...]) -> CrfOutputs:
+        """Those of an image without tags: all 255, nothing present (the rule keeps nothing)."""
+        zeros = np.zeros(size, dtype=np.float32)
+        return cls(np.full(size, IGNORE, dtype=np.uint8), (), zeros, zeros.astype(np.uint8), zeros)
+
+    def planes(self) -> np.ndarray:
+        """float32 (4, H, W): the labels, the confidence, the CAM label and its score (the labels
+        exact as floats), as one array to read."""
+        return np.stack([self.labels, self.confidence, self.cam_label, self.cam_value]).astype(np.float32)
+
+    @classmethod
+    def from_planes(cls, planes: np.ndarray, present: Sequence[int]) -> CrfOutputs:
+        labels, confidence, cam_label, cam_value = planes
+        return cls(labels.astype(np.uint8), tuple(present), confidence, cam_label.astype(np.uint8), cam_value)
+
+
+def apply_rule(crf: CrfOutputs, params: PruneParams) -> np.ndarray:
+    """The rule's thresholds on an image's kept CAM and CRF outputs: uint8 (H, W) labels (0,
+    class index + 1) or 255: a pixel keeps its CRF label where it is CAM-sure and CRF-sure."""
+    labels = crf.labels.copy()
+    sure = (cam_confident(crf.cam_label, crf.cam_value, crf.present, params)
+            & (crf.confidence >= params.crf_confidence))
+    labels[~sure] = IGNORE
     return labels
 
 
@@ -147,11 +208,7 @@ def label_reliable(
     ``la_probs`` and ``ha_probs`` are the (k + 1, H, W) marginals of the stack with the low and
     high alpha; ``cams`` (k, H, W) and ``classes`` (k,) as for :func:`reliable_regions`.
     """
-    labels = crf_labels(classes, la_probs, ha_probs)
-    sure = cam_confident(cams, la_probs.argmax(axis=0), params) & crf_confident(la_probs, ha_probs,
-                                                                                 params.crf_confidence)
-    labels[~sure] = IGNORE
-    return labels
+    return apply_rule(CrfOutputs.of(cams, classes, la_probs, ha_probs, params.ha_alpha), params)
 
 
 def _check_inputs(image: np.ndarray, cams: np.ndarray, classes: np.ndarray) -> None:
@@ -182,13 +239,12 @@ def prune_images(images: Sequence[np.ndarray], cams: Sequence[np.ndarray], class
                  params: PruneParams, device: torch.device | str = "cpu") -> list[np.ndarray]:
     """:func:`prune_image` of each image; with the torch backend, the images of one size go
     through the CRFs as one batch on ``device`` (pydensecrf runs on this CPU core, image by image)."""
-    return [reliable for reliable, _ in mine_images(images, cams, classes, params, device)]
+    return [apply_rule(crf, params) for crf in run_crfs(images, cams, classes, params, device)]
 
 
-def mine_images(images: Sequence[np.ndarray], cams: Sequence[np.ndarray], classes: Sequence[np.ndarray],
-                params: PruneParams, device: torch.device | str = "cpu") -> list[tuple[np.ndarray, np.ndarray]]:
-    """The reliable labels of each image and its :func:`crf_labels`, from one pass of both CRFs
-    (see :func:`prune_images`)."""
+def run_crfs(images: Sequence[np.ndarray], cams: Sequence[np.ndarray], classes: Sequence[np.ndarray],
+             params: PruneParams, device: torch.device | str = "cpu") -> list[CrfOutputs]:
+    """The two CRFs of each image, as :class:`CrfOutputs` (see :func:`prune_images`)."""
     classes = [np.asarray(own) for own in classes]
     for image, own_cams, own in zip(images, cams, classes, strict=True):
         _check_inputs(image, own_cams, own)
@@ -202,7 +258,7 @@ def mine_images(images: Sequence[np.ndarray], cams: Sequence[np.ndarray], classe
 
         stacks = [np.stack([stack_scores(own, alpha) for alpha in alphas]) for own in cams]
         found = marginals(images, stacks, params.crf, device)
-    return [(label_reliable(own_cams, own, la, ha, params), crf_labels(own, la, ha))
+    return [CrfOutputs.of(own_cams, own, la, ha, params.ha_alpha)
             for own_cams, own, (la, ha) in zip(cams, classes, found, strict=True)]
 
 
