@@ -15,6 +15,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from importlib import import_module
 from pathlib import Path
 
@@ -134,3 +135,21 @@ def test_a_prune_threshold_reruns_prune_and_nothing_before_it(project):
     ran = set(re.findall(r"Running stage '(\w+)'", dvc(project, "repro", "prune")))  # and what it needs
     assert ran == {"prune"}
     assert set(status(project)) == set(changed) - {"prune"}
+
+
+def test_queued_threshold_experiments_compute_no_cams_and_no_crfs(project):
+    """A queued experiment runs in a workspace of its own, which gets the cached stores back: the
+    CAMs and the CRFs come from DVC's cache; the rule and what follows it run again."""
+    shell(project, "git", "add", "-A")
+    shell(project, "git", "-c", "user.name=test", "-c", "user.email=test@example.com", "commit", "--quiet", "-m", "run")
+    for value in (0.5, 0.8):
+        dvc(project, "exp", "run", "--queue", "-S", f"prune.cam_quantile={value}")
+    dvc(project, "queue", "start", "--jobs", "1")
+    deadline = time.monotonic() + 300
+    while re.search(r"\b(Queued|Running)\b", queue := dvc(project, "queue", "status")) and time.monotonic() < deadline:
+        time.sleep(2)
+    names = re.findall(r"^\w+\s+(\S+)\s.*\bSuccess\b", queue, re.MULTILINE)
+    assert len(names) == 2, queue
+    for name in names:
+        ran = set(re.findall(r"Running stage '(\w+)'", dvc(project, "queue", "logs", name)))
+        assert "prune" in ran and not {"data", "classifier", "cams", "crf"} & ran
