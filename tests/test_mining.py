@@ -34,7 +34,7 @@ from pipeline.method.mining import (
     prune_chunk,
     prune_split,
 )
-from pipeline.method.prune import PruneParams, prune_image
+from pipeline.method.prune import CrfOutputs, PruneParams, cam_winners, prune_image
 
 PARAMS = PruneParams()
 
@@ -206,11 +206,12 @@ def hand_made(tmp_path: Path) -> tuple[MiningJob, RuleJob, tuple[Item, ...]]:
     cam_a = np.array([[0, 0, 1, 1], [0.9, 0, 0, 1]], dtype=np.float16)  # (1, 0): a where the truth is background
     cam_b = np.array([[0, 0, 0, 0], [0, 1, 1, 0]], dtype=np.float16)
     mask = np.array([[0, IGNORE, 1, 1], [1, IGNORE, 2, IGNORE]], dtype=np.uint8)
+    cam_label, cam_value = cam_winners(np.stack([cam_a, cam_b]).astype(np.float32), PARAMS.ha_alpha)
+    kept = CrfOutputs(mask, (0, 1, 2), np.ones(mask.shape, dtype=np.float32), cam_label, cam_value)
     for item in items:
         cams.write(item.id, np.stack([cam_a, cam_b]), classes=[0, 1])
         run.crf.write(item.id, mask)
-        run.maps.write(item.id, np.stack([mask, np.ones(mask.shape), np.zeros(mask.shape), np.ones(mask.shape)]).astype(
-            np.float32), present=[0, 1, 2])
+        run.maps.write(item.id, kept.planes(), present=list(kept.present))
         run.masks.write(item.id, mask)
     return (MiningJob.create(manifest, cams, run.crf, run.maps, PARAMS), RuleJob(manifest, run.maps, run.masks, PARAMS),
             items)

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from pipeline.core.errors import as_one_line
 from pipeline.core.params import PARAMS_FILE, load_params
 from pipeline.core.provenance import MadeFrom, check, check_checkpoint
-from pipeline.core.registry import STAGES, Checkpoint, Labels, Stage, Store
+from pipeline.core.registry import STAGES, Checkpoint, Labels, Stage, Store, label_name
 from pipeline.core.run import RunParams, load_run
 from pipeline.core.store import ImageStore, StorageParams
 from pipeline.data.manifest import Manifest, check_disjoint, load_manifest
@@ -176,8 +176,7 @@ class Context:
         what the params file says now, or a checkpoint's weights (a path) trained from it; else one
         line naming it and the stage to rerun. ``checked=False``: taken as it is (a store still
         complete)."""
-        if not self.stage.checks or read not in self.stage.reads and not any(isinstance(r, Labels) and read in r.choices
-                                                    for r in self.stage.reads):
+        if not self._declares(read):
             raise LookupError(f"stage {self.stage.name!r} does not declare {read} among its reads")
         if isinstance(read, Checkpoint):
             if checked:
@@ -189,10 +188,14 @@ class Context:
             check(store, self.expected(read), self.manifest)
         return store
 
+    def _declares(self, read: Store | Checkpoint) -> bool:
+        """Whether the stage reads ``read`` and checks it (itself, or as one of a setting's choices)."""
+        choices = (choice for item in self.stage.reads if isinstance(item, Labels) for choice in item.choices)
+        return self.stage.checks and (read in self.stage.reads or read in choices)
+
     def labels(self, labels: Labels, name: str) -> ImageStore:
         """The store of training labels ``name`` that the setting ``labels`` chose, checked."""
-        store = next(store for store in labels.choices if store.name == f"{name}.zarr")
-        return self.input(store)
+        return self.input(next(store for store in labels.choices if label_name(store) == name))
 
     def output(self, store: Store) -> ImageStore:
         """A store the stage writes."""

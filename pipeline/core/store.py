@@ -22,9 +22,9 @@ used.
 A store may live at an fsspec URL (``s3://bucket/project/artifacts/cams.zarr``; install the
 ``s3`` extra), opened through zarr's ``FsspecStore``. The same guarantees hold there: every
 object PUT to S3 is atomic (a reader sees the old object or the new one, never part of one) and
-reads after a write see it, so an array's ``complete`` attribute, written last in its own PUT of
-``zarr.json``, still means the array is whole; there are no temporary files to clean up. A
-``file://`` URL is a local path.
+reads after a write see it, so an array whose ``zarr.json`` says ``complete`` and whose chunk
+object is there is whole; there are no temporary files to clean up. A ``file://`` URL is a
+local path.
 """
 
 from __future__ import annotations
@@ -155,7 +155,7 @@ class ImageStore:
         written in full and its data is there."""
         if node is None:
             raise InputError(self.path, f"no image {image_id!r}{self._hint('has the {} stage run?')}")
-        attrs = dict(node.attrs) if isinstance(node, zarr.Array) else dict(node.metadata.attributes)
+        attrs = dict(node.metadata.attributes)
         if not attrs.pop(COMPLETE, False):
             raise InputError(
                 self.path, f"image {image_id!r} was not written in full{self._hint('rerun the {} stage')}"
@@ -274,14 +274,14 @@ class ImageStore:
         except (ArrayNotFoundError, FileNotFoundError):
             return None
 
-    def _has_data(self, image_id: str, node: zarr.Array) -> bool:
+    def _has_data(self, image_id: str, node: Any) -> bool:
         """Whether the array's one chunk file is there (one file check; an empty array has none)."""
         return node.nchunks == 0 or (self.path / image_id / node.metadata.encode_chunk_key((0,) * node.ndim)).is_file()
 
     def _is_whole(self, image_id: str, node: Any) -> bool:
-        """Written in full (its ``complete`` attribute) and its data still there."""
-        attrs = node.attrs if isinstance(node, zarr.Array) else node.metadata.attributes
-        return bool(attrs.get(COMPLETE, False)) and self._has_data(image_id, node)
+        """Written in full (its ``complete`` attribute) and its data still there (``node``: a
+        zarr array, or the asynchronous one of :meth:`read_many`)."""
+        return bool(node.metadata.attributes.get(COMPLETE, False)) and self._has_data(image_id, node)
 
     def _hint(self, template: str) -> str:
         """`` (template with the stage name)``, or nothing for a store of no named stage."""

@@ -55,7 +55,7 @@ from pipeline.data.manifest import Item, Manifest
 from pipeline.method.crf import same_size
 from pipeline.method.crf_runner import bounded_map, connect, in_process
 from pipeline.method.metrics import PartialLabelScore, SegmentationScore
-from pipeline.method.prune import CrfOutputs, PruneParams, apply_rule, run_crfs, stack_scores
+from pipeline.method.prune import CrfOutputs, PruneParams, apply_rule, run_crfs, stack_values
 
 if TYPE_CHECKING:
     import torch
@@ -179,17 +179,6 @@ def per_class_rows(metrics: dict[str, Any]) -> list[dict[str, Any]]:
     ]
 
 
-def cam_argmax(cams: np.ndarray, classes: Sequence[int], alpha: float) -> np.ndarray:
-    """uint8 (H, W) labels of ``argmax([(1 - max cam) ** alpha, cams])``: 0 or class index + 1.
-
-    All background for an image without classes (k = 0).
-    """
-    if cams.shape[0] == 0:
-        return np.zeros(cams.shape[1:], dtype=np.uint8)
-    values = np.concatenate([[0], np.asarray(classes) + 1]).astype(np.uint8)
-    return values[stack_scores(cams, alpha).argmax(axis=0)]
-
-
 def _check_size(where: Path, what: str, shape: tuple[int, ...], image: tuple[int, ...], hint: str) -> None:
     """Raise naming ``where`` unless an array of ``shape`` (H, W) matches its ``image`` (H, W)."""
     if shape != image:
@@ -264,8 +253,7 @@ def mine_chunk(job: MiningJob, items: Sequence[Item]) -> MiningScore:
     """Run the CRFs of (or read back) and score each of ``items``: the crf stage's task."""
     score = MiningScore(job.manifest.num_classes + 1)
     cams, classes = _read_cams(job, items)
-    for item, own_cams, own, (crf, computed) in zip(items, cams, classes, _crf_outputs(job, items, cams, classes),
-                                                     strict=True):
+    for item, own, (crf, computed) in zip(items, classes, _crf_outputs(job, items, cams, classes), strict=True):
         score.images += 1
         if computed:
             score.computed.append(item.id)
@@ -273,7 +261,7 @@ def mine_chunk(job: MiningJob, items: Sequence[Item]) -> MiningScore:
         if gt is not None:
             score.scored += 1
             score.crf.update(gt, crf.labels)
-            score.cams.update(gt, cam_argmax(own_cams, own, job.params.ha_alpha))
+            score.cams.update(gt, stack_values(own)[crf.cam_label])  # the CAM argmax the rule reads
     return score
 
 
@@ -299,14 +287,14 @@ def prune_chunk(job: RuleJob, items: Sequence[Item]) -> MiningScore:
     an image, of the order of a round trip to zarr."""
     score = MiningScore(job.manifest.num_classes + 1)
     ids = [item.id for item in items]
-    crfs = [CrfOutputs.from_planes(planes, attrs["present"]) for planes, attrs in job.maps.read_many(ids)]
     done = [] if job.fresh else sorted(job.masks.whole_ids(ids))
-    kept = {image_id: mask for image_id, (mask, _) in zip(done, job.masks.read_many(done), strict=True)}
-    masks = [kept[image_id] if image_id in kept else apply_rule(crf, job.params)
-             for image_id, crf in zip(ids, crfs, strict=True)]
-    written = [(image_id, mask, {}) for image_id, mask in zip(ids, masks, strict=True) if image_id not in kept]
+    masks = {image_id: mask for image_id, (mask, _) in zip(done, job.masks.read_many(done), strict=True)}
+    todo = [image_id for image_id in ids if image_id not in masks]
+    written = [(image_id, apply_rule(CrfOutputs.from_planes(planes, attrs["present"]), job.params), {})
+               for image_id, (planes, attrs) in zip(todo, job.maps.read_many(todo), strict=True)]
     job.masks.write_many(written)
-    for item, mask in zip(items, masks, strict=True):
+    masks |= {image_id: mask for image_id, mask, _ in written}
+    for item, mask in zip(items, (masks[image_id] for image_id in ids), strict=True):
         score.images += 1
         gt = _ground_truth(job, item, mask.shape)
         if gt is not None:

@@ -136,12 +136,17 @@ def crf_confidence(la_probs: np.ndarray, ha_probs: np.ndarray) -> np.ndarray:
     return np.maximum(ha_probs[0], la_probs[1:].max(axis=0))
 
 
+def stack_values(classes: Sequence[int]) -> np.ndarray:
+    """The label value of each entry of the stack ``[bg, cam_c1, ..., cam_ck]``, uint8: 0, then
+    each class index + 1 (index a stacked argmax with it)."""
+    return np.concatenate([[0], np.asarray(classes, dtype=np.int64) + 1]).astype(np.uint8)
+
+
 def crf_labels(classes: np.ndarray, la_probs: np.ndarray, ha_probs: np.ndarray) -> np.ndarray:
     """The labels of the two CRFs, uint8 (H, W): ``la_label`` where the low-alpha CRF says
     foreground, background (0) where the high-alpha CRF says background, 255 between (PSA's
     affinity labels). ``la_probs``, ``ha_probs`` as for :func:`label_reliable`."""
-    values = np.concatenate([[0], np.asarray(classes) + 1]).astype(np.uint8)
-    labels = values[la_probs.argmax(axis=0)]
+    labels = stack_values(classes)[la_probs.argmax(axis=0)]
     labels[labels == 0] = IGNORE
     labels[ha_probs.argmax(axis=0) == 0] = 0
     return labels
