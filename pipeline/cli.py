@@ -255,31 +255,49 @@ def dvc_yaml(check: bool) -> None:
 
 @main.command()
 @click.option("--params", "params_path", type=click.Path(path_type=Path), default=Path("params.yaml"),
-              show_default=True, help="Parameters file; the run's metrics are in metrics/ under its storage.root.")
-@click.option("--metrics", "metrics_dir", type=click.Path(file_okay=False, path_type=Path),
-              help="Folder of the stages' metrics files [default: metrics/ under storage.root, or metrics/ "
+              show_default=True, help="Parameters file; the run's scores are in scores/ under its storage.root.")
+@click.option("--scores", "scores_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Folder of the stages' scores files [default: scores/ under storage.root, or scores/ "
               "without a parameters file].")
 @click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON instead of a table.")
-def report(params_path: Path, metrics_dir: Path | None, as_json: bool) -> None:
+def report(params_path: Path, scores_dir: Path | None, as_json: bool) -> None:
     """The scores of the paper's ablation (percent) and the seconds each stage took.
 
     CAM mIoU on val and train, reliable-region precision and coverage, one-step mIoU with and
     without CRF, pseudo-label mIoU on train, two-step (DeepLab) mIoU, the fully supervised
-    reference and two-step / supervised, read from metrics/<stage>.json; a stage that has not
+    reference and two-step / supervised, read from scores/<stage>.json; a stage that has not
     run reads "not run".
     """
     import json
 
     from pipeline.core.params import load_params
-    from pipeline.core.registry import METRICS
+    from pipeline.core.registry import SCORES
     from pipeline.core.store import StorageParams
-    from pipeline.inspection.report import format_rows, read_metrics, report_rows, rows_as_json
+    from pipeline.inspection.report import format_rows, read_scores, report_rows, rows_as_json
 
-    if metrics_dir is None:
+    if scores_dir is None:
         storage = load_params(StorageParams, "storage", params_path) if params_path.is_file() else StorageParams()
-        metrics_dir = storage.file(METRICS)
-    rows = report_rows(read_metrics(metrics_dir))
+        scores_dir = storage.file(SCORES)
+    rows = report_rows(read_scores(scores_dir))
     click.echo(json.dumps(rows_as_json(rows), indent=1) if as_json else format_rows(rows))
+
+
+@main.command()
+@click.option("--width", type=int, help="Characters a line may take [default: the terminal's].")
+def experiments(width: int | None) -> None:
+    """The DVC experiments of this project (`dvc exp show`) as one short table: each experiment,
+    the parameters that differ between them, and the headline scores (percent) and seconds.
+
+    CAM is the CAMs' val mIoU, prec / cov the reliable regions' precision and coverage, refined,
+    pseudo the training split's refined and one-step labels, one-step and two-step the val mIoU
+    of the two networks, seconds the stages' total. "-" where the run has no such score.
+    """
+    import shutil
+
+    from pipeline.inspection.experiments import experiment_rows, format_table, read_experiments
+
+    rows = experiment_rows(read_experiments(Path.cwd()))
+    click.echo(format_table(rows, width or shutil.get_terminal_size().columns))
 
 
 INSPECTION = Path("inspection")

@@ -31,8 +31,8 @@ def body(ctx: Context) -> None:
             image_figure(project, item.id)[0].save(overlays / f"{item.id}.png")
     report = all_stats(project)
     write_json(ctx.file(STATS_PER_CLASS.path), per_class_rows(report, manifest.label_names))
-    cams = ctx.file(STAGES["cams"].metrics_file)
-    cam_iou = read_json_object(cams, "metrics file").get("train", {}).get("iou") if cams.is_file() else None
+    cams = ctx.file(STAGES["cams"].scores_file)
+    cam_iou = read_json_object(cams, "scores file").get("train", {}).get("iou") if cams.is_file() else None
     write_json(ctx.file(TRAINING_LABELS.path), training_label_rows(report, cam_iou, manifest.label_names))
 
 

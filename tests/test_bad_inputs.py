@@ -455,7 +455,7 @@ def test_cams_crf_prune_and_segment_leave_out_the_same_bad_image(tmp_path, monke
 
     for stage in ("cams", "crf", "prune", "segment"):
         assert [reject["id"] for reject in json.loads(Path(f"rejects/{stage}.json").read_text())] == [bad]
-        assert json.loads(Path(f"metrics/{stage}.json").read_text())["rejected"] == 1
+        assert json.loads(Path(f"scores/{stage}.json").read_text())["rejected"] == 1
     for store, count in (("cams", 8), ("crf", 5), ("crfmaps", 5), ("masks", 5), ("pseudo", 5), ("segment", 3)):
         ids = ImageStore(f"artifacts/{store}.zarr").complete_ids()
         assert len(ids) == count and bad not in ids

@@ -64,7 +64,7 @@ def test_stage_trains_predicts_every_val_image_and_scores(project, monkeypatch):
     monkeypatch.chdir(project)
     deeplab.main(Path("params.yaml"))
     assert STAGES["deeplab"].weights.is_file()
-    scores = json.loads(STAGES["deeplab"].metrics_file.read_text())
+    scores = json.loads(STAGES["deeplab"].scores_file.read_text())
     assert scores["enabled"] is True and scores["backbone"] == "small"
     assert 0 <= scores["miou"] <= 1 and 0 <= scores["miou_no_crf"] <= 1
     assert set(scores["iou"]) == {"background", "ant", "bee", "cat"}
@@ -88,7 +88,7 @@ def test_disabled_stage_writes_only_its_marker_outputs(tmp_path, monkeypatch):
 def test_supervised_reference_trains_the_deeplab_recipe_on_the_ground_truth(project, monkeypatch):
     monkeypatch.chdir(project)
     supervised.main(Path("params.yaml"))
-    scores = json.loads(STAGES["supervised"].metrics_file.read_text())
+    scores = json.loads(STAGES["supervised"].scores_file.read_text())
     assert scores["enabled"] is True and scores["backbone"] == "small" and 0 <= scores["miou"] <= 1
     predictions = StorageParams().store(SUPERVISED)
     assert predictions.is_complete() and len(predictions.complete_ids()) == PARAMS["data"]["val_images"]

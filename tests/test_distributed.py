@@ -175,7 +175,8 @@ def test_only_rank_0_writes_files_and_shows_progress(reference, tmp_path):
     launch(project, "classifier", processes=2)  # trained batch norm and dropout: runs, but equality is not expected
 
     assert writes(project, 0) == ["checkpoints/state/classifier.pt", "checkpoints/classifier.pth",
-                                  "checkpoints/classifier.json", "metrics/classifier.json"]
+                                  "checkpoints/classifier.json", "scores/classifier.json",
+                                  "metrics/classifier.json"]
     assert writes(project, 1) == []
     assert "classifier: 100%" in rank_log(project, 0)
     assert "classifier" not in rank_log(project, 1)
@@ -186,7 +187,8 @@ def test_cams_of_two_processes_equal_the_single_process_store(reference, tmp_pat
     launch(project, "cams", processes=2)
 
     assert store_digest(project / "artifacts/cams.zarr") == store_digest(reference / "cams/artifacts/cams.zarr")
-    assert writes(project, 0) == ["complete cams.zarr", "metrics/cams.json", "plots/cams_threshold.json"]
+    assert writes(project, 0) == ["complete cams.zarr", "scores/cams.json", "metrics/cams.json",
+                                  "plots/cams_threshold.json"]
     assert writes(project, 1) == []
     assert "cams train [1/2]" in rank_log(project, 0) and "cams" not in rank_log(project, 1)
 
@@ -202,8 +204,7 @@ def test_segment_of_two_processes_learns_the_single_process_weights_and_rank_0_a
         torch.testing.assert_close(two[name], one[name], rtol=1e-5, atol=1e-6, msg=name)
     assert writes(project, 0) == ["checkpoints/state/segment.pt", "checkpoints/state/segment.pt",  # steps 2 and 4
                                   "checkpoints/segment.pth", "checkpoints/segment.json", "complete segment.zarr",
-                                  "complete pseudo.zarr",
-                                  "metrics/segment.json"]
+                                  "complete pseudo.zarr", "scores/segment.json", "metrics/segment.json"]
     assert writes(project, 1) == []
 
 
@@ -222,10 +223,10 @@ def test_crfs_of_two_processes_with_the_torch_backend_equal_one_process_and_rank
     shared = ImageStore(project / "artifacts/crfmaps.zarr")
     for image_id in maps.ids():  # the torch mean field of another batch rounds the confidence's last digit otherwise
         np.testing.assert_allclose(shared.read(image_id)[0], maps.read(image_id)[0], atol=1e-6)
-    metrics, scores = json.loads((project / "metrics/crf.json").read_text()), expected.as_dict(manifest.label_names)
+    metrics, scores = json.loads((project / "scores/crf.json").read_text()), expected.as_dict(manifest.label_names)
     assert [metrics["crf"]["precision"], metrics["crf"]["coverage"]] == pytest.approx(
         [scores["crf"]["precision"], scores["crf"]["coverage"]], abs=1e-6)  # the file's are rounded
-    assert writes(project, 0) == ["complete crf.zarr", "complete crfmaps.zarr", "metrics/crf.json"]
+    assert writes(project, 0) == ["complete crf.zarr", "complete crfmaps.zarr", "scores/crf.json", "metrics/crf.json"]
     assert writes(project, 1) == []
     assert "crf train" in rank_log(project, 0) and "crf" not in rank_log(project, 1)
 

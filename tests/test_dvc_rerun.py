@@ -21,7 +21,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from click.testing import CliRunner
 
+from pipeline.cli import main
 from pipeline.core.registry import STAGES, STORES
 from tests.conftest import tiny_params
 
@@ -94,7 +96,7 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     dvc(root, "init", "--quiet")
     first = dvc(root, "repro")
     assert all(f"Running stage '{stage}'" in first for stage in (*UPSTREAM, "prune", "segment"))
-    assert json.loads((root / "metrics" / "prune.json").read_text())["images"] == 12
+    assert json.loads((root / "scores" / "prune.json").read_text())["images"] == 12
     return root
 
 
@@ -137,9 +139,10 @@ def test_a_prune_threshold_reruns_prune_and_nothing_before_it(project):
     assert set(status(project)) == set(changed) - {"prune"}
 
 
-def test_queued_threshold_experiments_compute_no_cams_and_no_crfs(project):
+def test_queued_threshold_experiments_compute_no_cams_and_no_crfs(project, monkeypatch):
     """A queued experiment runs in a workspace of its own, which gets the cached stores back: the
-    CAMs and the CRFs come from DVC's cache; the rule and what follows it run again."""
+    CAMs and the CRFs come from DVC's cache; the rule and what follows it run again. `rrm
+    experiments` then shows each with its threshold and headline scores in 120 columns."""
     shell(project, "git", "add", "-A")
     shell(project, "git", "-c", "user.name=test", "-c", "user.email=test@example.com", "commit", "--quiet", "-m", "run")
     for value in (0.5, 0.8):
@@ -153,3 +156,12 @@ def test_queued_threshold_experiments_compute_no_cams_and_no_crfs(project):
     for name in names:
         ran = set(re.findall(r"Running stage '(\w+)'", dvc(project, "queue", "logs", name)))
         assert "prune" in ran and not {"data", "classifier", "cams", "crf"} & ran
+    monkeypatch.chdir(project)
+    shown = CliRunner().invoke(main, ["experiments", "--width", "120"])
+    assert shown.exit_code == 0, shown.output
+    header, *rows = shown.output.splitlines()
+    assert header.split() == ["Experiment", "cam_quantile", "CAM", "prec", "cov", "refined", "pseudo", "one-step",
+                              "two-step", "seconds"]
+    assert max(map(len, shown.output.splitlines())) <= 120
+    quantiles = {row.split()[-9] for row in rows if any(name in row for name in names)}
+    assert quantiles == {"0.5", "0.8"}

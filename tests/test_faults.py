@@ -165,13 +165,14 @@ def without_timings(value: Any) -> Any:
 
 
 def outputs(project: Path) -> dict[str, Any]:
-    """Every output of the stages run in ``project``: stores and weights by digest, metrics and plots as read."""
+    """Every output of the stages run in ``project``: stores and weights by digest, the JSON files
+    (metrics, scores, plots) as read."""
     found: dict[str, Any] = {}
     for path in sorted(project.glob("artifacts/*.zarr")):
         found[str(path.relative_to(project))] = store_digest(path)
     for path in sorted(project.glob("checkpoints/*.pth")):
         found[str(path.relative_to(project))] = weights_digest(path)
-    for path in sorted([*project.glob("metrics/*.json"), *project.glob("plots/*.json")]):
+    for path in sorted(path for folder in ("metrics", "scores", "plots") for path in project.glob(f"{folder}/*.json")):
         found[str(path.relative_to(project))] = without_timings(json.loads(path.read_text()))
     return found
 

@@ -65,7 +65,7 @@ def tagged_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_a_dataset_without_masks_runs_every_stage_and_says_what_was_not_scored(tagged_project, monkeypatch):
     monkeypatch.chdir(tagged_project)
-    metrics = {name: json.loads(Path(f"metrics/{name}.json").read_text())
+    metrics = {name: json.loads(Path(f"scores/{name}.json").read_text())
                for name in ("classifier", "cams", "prune", "segment", "deeplab")}
     assert 0 <= metrics["classifier"]["map"] <= 1  # the tags are all it needs
     assert metrics["cams"]["miou"] is None and metrics["cams"]["scored_images"] == 0
@@ -231,7 +231,7 @@ def test_segment_steps_0_predicts_and_scores_released_weights_without_the_classi
     set_params("segment", checkpoint="rrm_final.pth", steps=0)
     segment.main(Path("params.yaml"))
     assert weights_digest(Path("checkpoints/segment.pth")) == before
-    metrics = json.loads(Path("metrics/segment.json").read_text())
+    metrics = json.loads(Path("scores/segment.json").read_text())
     assert metrics["train_seconds"] < 5 and metrics["pseudo"]["scored_images"] == 0
     assert json.loads(Path("checkpoints/segment.json").read_text())["inputs"]["checkpoint"]
     assert ImageStore("artifacts/pseudo.zarr").is_complete()

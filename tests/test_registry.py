@@ -42,6 +42,7 @@ def test_every_stage_s_outputs_in_dvc_yaml_are_the_registry_s():
             assert weights in outs or stage.weights.parent.as_posix() in outs, name
         if stage.metrics:
             assert names(declared["metrics"]) == {stage.metrics_file.as_posix()}, name
+            assert stage.scores_file.as_posix() in outs, name
 
 
 def test_each_store_is_written_by_one_stage_which_lists_it():

@@ -1,4 +1,4 @@
-"""`rrm report`: the stages' metrics as the paper's ablation rows."""
+"""`rrm report`: the stages' scores as the paper's ablation rows."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from click.testing import CliRunner
 
 from pipeline.cli import main
 from pipeline.core.registry import STAGES
-from pipeline.inspection.report import format_rows, read_metrics, report_rows
+from pipeline.inspection.report import format_rows, read_scores, report_rows
 
 METRICS = {
     "data": {"images": {"train": 400, "val": 100}, "seconds": 5.34},
@@ -26,10 +26,10 @@ METRICS = {
 }
 
 TIMED = [name for name, stage in STAGES.items() if stage.metrics]
-"""The stages that write metrics, each with its seconds."""
+"""The stages that write scores, each with its seconds."""
 
 
-def write_metrics_dir(folder: Path, metrics: dict[str, dict]) -> Path:
+def write_scores_dir(folder: Path, metrics: dict[str, dict]) -> Path:
     folder.mkdir()
     for stage, data in metrics.items():
         (folder / f"{stage}.json").write_text(json.dumps(data))
@@ -43,11 +43,11 @@ def table(text: str) -> dict[str, str]:
 
 def values(folder: Path) -> dict[str, float | None]:
     """Each row's label and its rounded value."""
-    return {row.label: row.value for row in report_rows(read_metrics(folder))}
+    return {row.label: row.value for row in report_rows(read_scores(folder))}
 
 
 def test_the_ablation_rows_are_percentages_with_one_decimal(tmp_path):
-    rows = values(write_metrics_dir(tmp_path / "m", METRICS))
+    rows = values(write_scores_dir(tmp_path / "m", METRICS))
     assert rows["Classifier mAP (val)"] == 96.3
     assert rows["CAM mIoU (val)"] == 51.5
     assert rows["CAM mIoU (train)"] == 48.7
@@ -64,16 +64,16 @@ def test_the_ablation_rows_are_percentages_with_one_decimal(tmp_path):
 
 def test_the_ratio_says_which_side_is_missing(tmp_path):
     metrics = {**METRICS, "supervised": {"enabled": False}}
-    shown = table(format_rows(report_rows(read_metrics(write_metrics_dir(tmp_path / "m", metrics)))))
+    shown = table(format_rows(report_rows(read_scores(write_scores_dir(tmp_path / "m", metrics)))))
     assert shown["Supervised reference mIoU (val)"] == "disabled"
     assert shown["Two-step / supervised"] == "disabled"
     del metrics["deeplab"]
-    shown = table(format_rows(report_rows(read_metrics(write_metrics_dir(tmp_path / "n", metrics)))))
+    shown = table(format_rows(report_rows(read_scores(write_scores_dir(tmp_path / "n", metrics)))))
     assert shown["Two-step / supervised"] == "not run"
 
 
 def test_stage_seconds_and_their_total_from_the_unrounded_times(tmp_path):
-    rows = values(write_metrics_dir(tmp_path / "m", METRICS))
+    rows = values(write_scores_dir(tmp_path / "m", METRICS))
     assert [rows[f"Time: {stage}"] for stage in TIMED] == [5.3, 67.1, 14.2, 60.0, 8.3, 21.2, 88.6, 120.0, 130.5]
     assert rows["Time: total"] == 515.3  # the sum of the rows as shown would be 515.2
 
@@ -82,7 +82,7 @@ def test_a_stage_not_run_disabled_or_unscored_says_so(tmp_path):
     metrics = {stage: data for stage, data in METRICS.items() if stage != "prune"}
     metrics["deeplab"] = metrics["supervised"] = {"enabled": False}
     metrics["segment"] = {**METRICS["segment"], "pseudo": {"miou": None}}
-    shown = table(format_rows(report_rows(read_metrics(write_metrics_dir(tmp_path / "m", metrics)))))
+    shown = table(format_rows(report_rows(read_scores(write_scores_dir(tmp_path / "m", metrics)))))
     assert shown["Reliable-region precision (train)"] == "not run"
     assert shown["Time: prune"] == "not run"
     assert shown["Two-step mIoU, DeepLab (val)"] == "disabled"
@@ -94,14 +94,14 @@ def test_a_stage_not_run_disabled_or_unscored_says_so(tmp_path):
 
 
 def test_nothing_run_gives_a_table_of_not_run(tmp_path):
-    rows = report_rows(read_metrics(tmp_path))
+    rows = report_rows(read_scores(tmp_path))
     assert {row.status for row in rows} == {"not run"}
     assert all(row.value is None for row in rows)
 
 
 def test_report_json_holds_the_table_values(tmp_path):
-    folder = write_metrics_dir(tmp_path / "m", {k: v for k, v in METRICS.items() if k not in ("deeplab", "supervised")})
-    result = CliRunner().invoke(main, ["report", "--metrics", str(folder), "--json"])
+    folder = write_scores_dir(tmp_path / "m", {k: v for k, v in METRICS.items() if k not in ("deeplab", "supervised")})
+    result = CliRunner().invoke(main, ["report", "--scores", str(folder), "--json"])
     assert result.exit_code == 0, result.output
     rows = {row["label"]: row for row in json.loads(result.output)}
     assert rows["One-step mIoU (val)"] == {"label": "One-step mIoU (val)", "stage": "segment", "value": 82.4,
@@ -114,8 +114,8 @@ def test_rows_name_the_settings_that_made_them_and_the_other_restriction_beside(
     metrics = {**METRICS, "segment": {**METRICS["segment"], "test_tags": "predicted", "labels": "refined",
                                       "miou_all_classes_no_crf": 0.70111},
                "deeplab": {**METRICS["deeplab"], "test_tags": "predicted", "labels": "refined"}}
-    folder = write_metrics_dir(tmp_path / "m", metrics)
-    rows = {row.label: row for row in report_rows(read_metrics(folder))}
+    folder = write_scores_dir(tmp_path / "m", metrics)
+    rows = {row.label: row for row in report_rows(read_scores(folder))}
     assert (rows["One-step mIoU (val)"].value, rows["One-step mIoU (val)"].settings) == (
         82.4, "test_tags: predicted, labels: refined")
     assert rows["One-step mIoU without CRF, every class (val)"].value == 70.1
@@ -125,16 +125,16 @@ def test_rows_name_the_settings_that_made_them_and_the_other_restriction_beside(
 
 
 def test_report_prints_the_table(tmp_path):
-    folder = write_metrics_dir(tmp_path / "m", METRICS)
-    result = CliRunner().invoke(main, ["report", "--metrics", str(folder)])
+    folder = write_scores_dir(tmp_path / "m", METRICS)
+    result = CliRunner().invoke(main, ["report", "--scores", str(folder)])
     assert result.exit_code == 0, result.output
     assert table(result.output)["CAM mIoU (val)"] == "51.5 %"
     assert list(table(result.output))[-1] == "Time: total"
 
 
-def test_a_broken_metrics_file_is_one_line_naming_it(tmp_path):
-    folder = write_metrics_dir(tmp_path / "m", {})
+def test_a_broken_scores_file_is_one_line_naming_it(tmp_path):
+    folder = write_scores_dir(tmp_path / "m", {})
     (folder / "cams.json").write_text("{not json")
-    result = CliRunner().invoke(main, ["report", "--metrics", str(folder)])
+    result = CliRunner().invoke(main, ["report", "--scores", str(folder)])
     assert result.exit_code == 2
     assert result.output.count("\n") == 1 and result.output.startswith(f"error: {folder / 'cams.json'}: ")

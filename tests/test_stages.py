@@ -18,7 +18,7 @@ from tests.conftest import write_tiny_project
 
 
 def _metrics(name: str) -> dict:
-    return json.loads(Path(f"metrics/{name}.json").read_text())
+    return json.loads(Path(f"scores/{name}.json").read_text())
 
 
 @pytest.fixture(scope="module")

@@ -139,6 +139,8 @@ def stage_entry(stage: Stage, root: Path = ROOT) -> dict[str, Any]:
     outs += [_out((DVC_ARTIFACTS / store.name).as_posix(), persist=True, **({} if store.cache else {"cache": False}))
              for store in stage.stores]
     outs += [_out(plot.path.as_posix(), cache=False) for plot in stage.plots if not plot.options]
+    if stage.scores_file is not None:
+        outs.append(_out(stage.scores_file.as_posix(), cache=False))
     code = code_deps(stage_code(stage, root), root)
     entry: dict[str, Any] = {**({"desc": stage.comment} if stage.comment else {}),
                              "cmd": f"python -m {stage.module}", "deps": deps + code, "params": list(stage.params),

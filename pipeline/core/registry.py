@@ -20,7 +20,11 @@ DVC_ARTIFACTS = Path("artifacts")
 the default ``storage.artifacts``, and where a revision's stores are read from."""
 
 METRICS = Path("metrics")
-"""The folder of the stages' metrics files, ``<stage>.json``, under ``storage.root``."""
+SCORES = Path("scores")
+"""The folders, under ``storage.root``, of each stage's scores: ``scores/<stage>.json`` holds all
+of them (per class, per split, counts, seconds), what the report and the plots read;
+``metrics/<stage>.json`` holds its headline (:attr:`Stage.headline`), DVC's metrics, short
+enough for ``dvc exp show`` and ``dvc metrics diff`` to be read."""
 
 ROLES = ("train", "val")
 """The two splits every stage knows: the dataset's training split and its validation split."""
@@ -195,8 +199,10 @@ class Stage:
     (the function that checks it is part of the stage's code), unless ``checks`` is false (the
     overlays, which inspection reads as they are); ``stores``, ``checkpoint``, ``plots``, ``outs``:
     what it writes (``outs``, other paths as dvc.yaml names them); ``metrics``: whether it writes
-    ``metrics/<name>.json``; ``options``: its command-line options (``skip_bad``, ``scheduler``);
-    ``scores``: the report's rows read from its metrics.
+    ``scores/<name>.json`` and ``metrics/<name>.json``; ``headline``: the keys (dotted paths) of its
+    scores that its metrics file keeps (with ``enabled`` and ``seconds``, where the scores have
+    them); ``options``: its command-line options (``skip_bad``, ``scheduler``); ``scores``: the
+    report's rows read from its scores.
     """
 
     name: str
@@ -207,6 +213,7 @@ class Stage:
     plots: tuple[Plot, ...] = ()
     outs: tuple[str, ...] = ()
     metrics: bool = True
+    headline: tuple[str, ...] = ()
     options: tuple[str, ...] = ("skip_bad",)
     checks: bool = True
     scores: tuple[Score, ...] = ()
@@ -229,6 +236,10 @@ class Stage:
         return METRICS / f"{self.name}.json" if self.metrics else None
 
     @property
+    def scores_file(self) -> Path | None:
+        return SCORES / f"{self.name}.json" if self.metrics else None
+
+    @property
     def state(self) -> Path | None:
         """Where a trained stage keeps its last training state, from which a killed run resumes."""
         return None if self.checkpoint is None else Path(f"checkpoints/state/{self.name}.pt")
@@ -236,25 +247,27 @@ class Stage:
 
 STAGES = {stage.name: stage for stage in (
     Stage("data", params=("data",), outs=("${data.root}", "${data.manifest}"), options=(),
+          headline=("images",),
           comment="the synthetic benchmark; a dataset of one's own starts at the classifier"),
-    Stage("classifier", params=("dataset", "classifier"), reads=(MANIFEST,), checkpoint=CLASSIFIER,
+    Stage("classifier", params=("dataset", "classifier"), reads=(MANIFEST,), checkpoint=CLASSIFIER, headline=("map",),
           scores=(Score("Classifier mAP (val)", ("map",)),)),
     Stage("cams", params=("dataset", "classifier.backbone", "classifier.output_stride", "cams"),
-          reads=(MANIFEST, CLASSIFIER), stores=(CAMS,), plots=(CAMS_CURVE,),
+          reads=(MANIFEST, CLASSIFIER), stores=(CAMS,), plots=(CAMS_CURVE,), headline=("miou", "train.miou"),
           scores=(Score("CAM mIoU (val)", ("miou",)), Score("CAM mIoU (train)", ("train", "miou")))),
     Stage("crf", params=("dataset", *CRF_SETTINGS), reads=(MANIFEST, CAMS), stores=(CRF, CRF_MAPS),
-          options=("scheduler", "skip_bad"),
+          options=("scheduler", "skip_bad"), headline=("crf.precision", "crf.coverage"),
           comment="the two dense CRFs of each training image, kept for the prune stage's rule"),
     Stage("prune", params=("dataset", "prune"), reads=(MANIFEST, CRF_MAPS), stores=(MASKS,),
-          plots=(PRUNE_PER_CLASS,),
+          plots=(PRUNE_PER_CLASS,), headline=("precision", "coverage"),
           scores=(Score("Reliable-region precision (train)", ("precision",)),
                   Score("Reliable-region coverage (train)", ("coverage",)))),
     Stage("refine", params=("dataset", "classifier.backbone", "classifier.output_stride", "refine"),
-          reads=(MANIFEST, CLASSIFIER, CAMS, REFINE_LABELS), stores=(REFINED,), checkpoint=AFFINITY,
+          reads=(MANIFEST, CLASSIFIER, CAMS, REFINE_LABELS), stores=(REFINED,), checkpoint=AFFINITY, headline=("miou",),
           scores=(Score("Refined-label mIoU (train)", ("miou",)),)),
     Stage("segment", params=("dataset", "classifier.backbone", "classifier.output_stride", "classifier.freeze_bn",
                              "prune", "segment"),
           reads=(MANIFEST, CLASSIFIER, CAMS, SEGMENT_LABELS), stores=(PSEUDO, SEGMENT), checkpoint=SEGNET,
+          headline=("miou", "miou_no_crf", "pseudo.miou"),
           scores=(Score("One-step mIoU without CRF (val)", ("miou_no_crf",), ("test_tags",)),
                   Score("One-step mIoU (val)", ("miou",), ("test_tags", "labels")),
                   Score("One-step mIoU without CRF, every class (val)", ("miou_all_classes_no_crf",), optional=True),
@@ -262,7 +275,7 @@ STAGES = {stage.name: stage for stage in (
                         optional=True),
                   Score("Pseudo-label mIoU (train)", ("pseudo", "miou")))),
     Stage("deeplab", params=("dataset", "deeplab"), reads=(MANIFEST, CAMS, DEEPLAB_LABELS, File(str(SEGMENT_WEIGHTS))),
-          stores=(DEEPLAB,), checkpoint=DEEPLAB_NET,
+          stores=(DEEPLAB,), checkpoint=DEEPLAB_NET, headline=("miou", "miou_no_crf"),
           comment="the optional two-step; off (deeplab.enabled: false) it only writes {enabled: false}",
           scores=(Score("Two-step mIoU without CRF, DeepLab (val)", ("miou_no_crf",), ("test_tags",), optional=True),
                   Score("Two-step mIoU, DeepLab (val)", ("miou",), ("test_tags", "labels")),
@@ -270,11 +283,11 @@ STAGES = {stage.name: stage for stage in (
                   Score("Two-step mIoU without CRF, predicted tags (val)", ("miou_predicted_tags_no_crf",),
                         optional=True))),
     Stage("supervised", params=("dataset", "deeplab", "supervised"), reads=(MANIFEST, CAMS, File(str(SEGMENT_WEIGHTS))),
-          stores=(SUPERVISED,), checkpoint=SUPERVISED_NET,
+          stores=(SUPERVISED,), checkpoint=SUPERVISED_NET, headline=("miou",),
           comment="the optional fully supervised reference: the deeplab recipe on the ground truth",
           scores=(Score("Supervised reference mIoU (val)", ("miou",)),)),
     Stage("overlays", params=("dataset", "cams", "prune", "refine", "segment", "deeplab", "overlays"),
-          reads=(MANIFEST, File("metrics/cams.json"), CAMS, *SHOWN), plots=(OVERLAYS, STATS_PER_CLASS, TRAINING_LABELS),
+          reads=(MANIFEST, File("scores/cams.json"), CAMS, *SHOWN), plots=(OVERLAYS, STATS_PER_CLASS, TRAINING_LABELS),
           metrics=False, options=(), checks=False,
           comment="pictures and per-class figures of every stage's masks, for `dvc plots show`"),
 )}

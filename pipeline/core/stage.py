@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from functools import cached_property
@@ -203,9 +203,36 @@ class Context:
             raise LookupError(f"stage {self.stage.name!r} does not declare {store.name} among its stores")
         return self.storage.store(store)
 
-    def write_metrics(self, metrics: Mapping[str, Any]) -> None:
-        """Write ``metrics/<stage>.json``."""
-        write_metrics(self.file(self.stage.metrics_file), metrics)
+    def write_metrics(self, scores: Mapping[str, Any]) -> None:
+        """Write ``scores`` to ``scores/<stage>.json`` and their headline to ``metrics/<stage>.json``."""
+        write_metrics(self.file(self.stage.scores_file), scores)
+        write_metrics(self.file(self.stage.metrics_file), headline(scores, self.stage.headline))
+
+
+ALWAYS_HEADLINE = ("enabled", "seconds")
+"""The keys of every stage's scores that its metrics file keeps, where the scores have them."""
+
+
+def headline(scores: Mapping[str, Any], keys: Sequence[str]) -> dict[str, Any]:
+    """The part of ``scores`` at ``keys`` (dotted paths) and :data:`ALWAYS_HEADLINE`, nested as in
+    ``scores``, in their order there; a key the scores lack is left out::
+
+        headline({"miou": 0.5, "iou": {...}, "train": {"miou": 0.6, "iou": {...}}, "seconds": 9.1},
+                 ("miou", "train.miou"))  # {"miou": 0.5, "train": {"miou": 0.6}, "seconds": 9.1}
+    """
+    wanted = [tuple(key.split(".")) for key in (*keys, *ALWAYS_HEADLINE)]
+
+    def kept(node: Mapping[str, Any], prefix: tuple[str, ...]) -> dict[str, Any]:
+        out = {}
+        for name, value in node.items():
+            path = (*prefix, name)
+            if path in wanted:
+                out[name] = value
+            elif isinstance(value, Mapping) and (inner := kept(value, path)):
+                out[name] = inner
+        return out
+
+    return kept(scores, ())
 
 
 def open_context(stage: Stage, params_path: Path, scheduler: str | None = None,

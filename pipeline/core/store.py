@@ -311,10 +311,10 @@ class StorageParams:
     """The `storage:` section: where a run writes.
 
     ``root`` is the one folder of everything a run writes: its checkpoints (``checkpoints/``),
-    metrics (``metrics/``), plots (``plots/``), rejects files (``rejects/``) and, unless
-    ``artifacts`` is an absolute path or a URL, its stores. The default, the project folder, is
-    where dvc.yaml expects them; a trial params file with a root of its own (``trials/a``) never
-    touches the default run's files.
+    metrics (``metrics/``), scores (``scores/``), plots (``plots/``), rejects files
+    (``rejects/``) and, unless ``artifacts`` is an absolute path or a URL, its stores. The
+    default, the project folder, is where dvc.yaml expects them; a trial params file with a root
+    of its own (``trials/a``) never touches the default run's files.
 
     ``artifacts`` is the folder of the stores (``cams.zarr``, ``masks.zarr``, ...): a local
     path, relative to ``root``, or an fsspec URL such as ``s3://bucket/project/artifacts``.

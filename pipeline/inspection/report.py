@@ -1,7 +1,8 @@
 """One table of what the stages measured, in the rows of the paper's ablation, and what they cost.
 
-Every stage writes ``metrics/<stage>.json`` with its scores (ratios in 0..1) and the wall time it
-took (``seconds``). The report reads them back: the scores as percentages with one decimal, as
+Every stage writes ``scores/<stage>.json`` with its scores (ratios in 0..1) and the wall time it
+took (``seconds``); ``metrics/<stage>.json``, DVC's metrics, holds their headline. The report
+reads the scores back: the scores as percentages with one decimal, as
 the paper prints them, then the seconds of each stage and their total. A stage without a file
 reads "not run"; a stage switched off (``{"enabled": false}``) reads "disabled"; a score its stage
 could not compute reads "no ground truth" where no image it scores has a mask (``scored_images``
@@ -18,8 +19,8 @@ from typing import Any
 from pipeline.core.io import read_json_object
 from pipeline.core.registry import STAGES, Score
 
-Metrics = Mapping[str, Mapping[str, Any] | None]
-"""The metrics file of each stage by stage name; None for a stage that has not run."""
+StageScores = Mapping[str, Mapping[str, Any] | None]
+"""The scores file of each stage by stage name; None for a stage that has not run."""
 
 
 SCORES = tuple((stage.name, score) for stage in STAGES.values() for score in stage.scores)
@@ -42,33 +43,33 @@ class Row:
     settings: str = ""
 
 
-def read_metrics(metrics_dir: Path) -> dict[str, dict[str, Any] | None]:
-    """``metrics_dir/<stage>.json`` of each stage that writes metrics, in pipeline order; None where
+def read_scores(scores_dir: Path) -> dict[str, dict[str, Any] | None]:
+    """``scores_dir/<stage>.json`` of each stage that writes scores, in pipeline order; None where
     the file does not exist."""
-    return {stage.name: _read_json(metrics_dir / stage.metrics_file.name) for stage in STAGES.values()
-            if stage.metrics_file is not None}
+    return {stage.name: _read_json(scores_dir / stage.scores_file.name) for stage in STAGES.values()
+            if stage.scores_file is not None}
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
-    return read_json_object(path, "metrics file") if path.is_file() else None
+    return read_json_object(path, "scores file") if path.is_file() else None
 
 
-def _lookup(metrics: Mapping[str, Any], key: tuple[str, ...]) -> Any:
-    value: Any = metrics
+def _lookup(scores: Mapping[str, Any], key: tuple[str, ...]) -> Any:
+    value: Any = scores
     for part in key:
         value = value.get(part) if isinstance(value, Mapping) else None
     return value
 
 
-def _measured(metrics: Mapping[str, Any] | None, key: tuple[str, ...]) -> tuple[float | None, str]:
-    """The number at ``key`` in a stage's metrics and "ok", or None and why there is none."""
-    if metrics is None:
+def _measured(scores: Mapping[str, Any] | None, key: tuple[str, ...]) -> tuple[float | None, str]:
+    """The number at ``key`` in a stage's scores and "ok", or None and why there is none."""
+    if scores is None:
         return None, "not run"
-    if metrics.get("enabled") is False:
+    if scores.get("enabled") is False:
         return None, "disabled"
-    value = _lookup(metrics, key)
+    value = _lookup(scores, key)
     if not isinstance(value, (int, float)) or isinstance(value, bool):
-        return None, "no ground truth" if _lookup(metrics, (*key[:-1], "scored_images")) == 0 else "n/a"
+        return None, "no ground truth" if _lookup(scores, (*key[:-1], "scored_images")) == 0 else "n/a"
     return float(value), "ok"
 
 
@@ -76,35 +77,35 @@ def _row(label: str, stage: str, value: float | None, status: str, unit: str, sc
     return Row(label, stage, None if value is None else round(value * scale, 1), unit, status)
 
 
-def _ratio(metrics: Metrics) -> Row:
+def _ratio(documents: StageScores) -> Row:
     """The :data:`RATIO` row: the first stage's mIoU over the second's, or why there is none."""
     label, numerator, denominator = RATIO
-    (top, top_status), (bottom, bottom_status) = (_measured(metrics.get(stage), ("miou",))
+    (top, top_status), (bottom, bottom_status) = (_measured(documents.get(stage), ("miou",))
                                                   for stage in (numerator, denominator))
     if top is None or bottom is None:
         return _row(label, numerator, None, top_status if top is None else bottom_status, "%")
     return _row(label, numerator, top / bottom if bottom else None, "ok" if bottom else "n/a", "%", 100.0)
 
 
-def _settings(score: Score, metrics: Mapping[str, Any] | None) -> str:
-    """The :attr:`Score.settings` the stage's metrics name, ``name: value, ...``."""
-    return ", ".join(f"{key}: {metrics[key]}" for key in score.settings if metrics is not None and key in metrics)
+def _settings(score: Score, scores: Mapping[str, Any] | None) -> str:
+    """The :attr:`Score.settings` the stage's scores name, ``name: value, ...``."""
+    return ", ".join(f"{key}: {scores[key]}" for key in score.settings if scores is not None and key in scores)
 
 
-def _shown(score: Score, metrics: Mapping[str, Any] | None) -> bool:
+def _shown(score: Score, scores: Mapping[str, Any] | None) -> bool:
     """Whether the row is shown: always, but an optional one where its stage ran without the key."""
-    return not (score.optional and metrics is not None and metrics.get("enabled") is not False
-                and _lookup(metrics, score.key) is None)
+    return not (score.optional and scores is not None and scores.get("enabled") is not False
+                and _lookup(scores, score.key) is None)
 
 
-def report_rows(metrics: Metrics) -> list[Row]:
+def report_rows(documents: StageScores) -> list[Row]:
     """The score rows (percent) with the two-step / supervised ratio, the seconds of every stage in
-    ``metrics``' order and their total."""
-    scores = [replace(_row(s.label, stage, *_measured(metrics.get(stage), s.key), "%", 100.0),
-                      settings=_settings(s, metrics.get(stage)))
-              for stage, s in SCORES if _shown(s, metrics.get(stage))]
-    scores.append(_ratio(metrics))
-    seconds = {stage: _measured(data, ("seconds",)) for stage, data in metrics.items()}
+    ``documents``' order and their total."""
+    scores = [replace(_row(s.label, stage, *_measured(documents.get(stage), s.key), "%", 100.0),
+                      settings=_settings(s, documents.get(stage)))
+              for stage, s in SCORES if _shown(s, documents.get(stage))]
+    scores.append(_ratio(documents))
+    seconds = {stage: _measured(data, ("seconds",)) for stage, data in documents.items()}
     times = [_row(f"Time: {stage}", stage, *measured, "s") for stage, measured in seconds.items()]
     spent = [value for value, _ in seconds.values() if value is not None]
     total = _row("Time: total", "", sum(spent), "ok", "s") if spent else _row("Time: total", "", None, "not run", "s")
