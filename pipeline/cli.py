@@ -12,7 +12,7 @@ from pathlib import Path
 import click
 
 from pipeline.core.errors import as_one_line
-from pipeline.core.registry import STAGES
+from pipeline.core.registry import STAGES, STORES
 
 
 class _Group(click.Group):
@@ -372,6 +372,8 @@ def gallery(params_path: Path, artifacts: Path | None, role: str, count: int, or
     page = gallery_html(project, role, rows[:count], title)
     with atomic_open(out) as handle:
         handle.write(page)
+    for problem in (problem for row in rows for problem in row.damaged):
+        click.echo(f"not scored: {problem}")
     click.echo(f"wrote {out}: {title}")
 
 
@@ -429,6 +431,38 @@ def sweep(settings: tuple[str, ...], params_path: Path, artifacts: Path | None, 
     png.parent.mkdir(parents=True, exist_ok=True)
     draw(rows, axes).save(png)
     click.echo(f"wrote {project.storage.file(SWEEP.path)}, {png}")
+
+
+@main.command()
+@_project_options
+@click.option("--store", "names", multiple=True, help="Only this store (masks, cams.zarr, ...); repeat for more "
+              "[default: every store of the run].")
+@click.option("--repair", is_flag=True, help="Delete the damaged chunk files, so that each store's stage writes "
+              "those images again when rerun.")
+def verify(params_path: Path, artifacts: Path | None, names: tuple[str, ...], repair: bool) -> None:
+    """Read back every image of the run's stores and list the damaged and missing ones per store.
+
+    Damaged: its chunk file is cut short, garbled or another array's; missing: never written in
+    full, or its chunk file is gone. Exits with 1 where any store has either. A stage rerun
+    rewrites missing images and those damaged in a way it sees without decoding; --repair
+    deletes every damaged chunk file, so that the rerun rewrites the others too.
+    """
+    from pipeline.inspection.project import open_project
+    from pipeline.inspection.verify import check_store, format_checks, store_by_name
+    from pipeline.inspection.verify import repair as delete_damaged
+
+    try:
+        stores = [store_by_name(name) for name in names] or list(STORES)
+    except ValueError as error:
+        raise click.BadParameter(str(error), param_hint="--store") from None
+    project = open_project(params_path, artifacts)
+    checks = [check_store(project, store) for store in stores]
+    click.echo(format_checks(checks))
+    if repair:
+        click.echo(f"deleted {delete_damaged(project, checks)} damaged chunk file(s); rerun their stages "
+                   "(`dvc repro`) to write them again")
+    if any(check.problems for check in checks):
+        raise SystemExit(1)
 
 
 @main.command()

@@ -32,6 +32,7 @@ from pipeline.data.folder import build_folder
 from pipeline.data.manifest import Manifest, default_palette, load_manifest
 from pipeline.data.screen import Reject, screen_splits
 from pipeline.method.cams import CamParams, extract_cams
+from pipeline.method.crf_runner import local_cluster
 from pipeline.method.prune import PruneParams
 from pipeline.models.backbones import build_backbone
 from pipeline.models.weights import load_checkpoint, save_checkpoint
@@ -430,7 +431,6 @@ def test_rrm_manifest_folder_with_a_mask_of_another_size(tmp_path):
 # The stages after one another: an image the CAM stage left out is left out by every later stage.
 
 def test_cams_crf_prune_and_segment_leave_out_the_same_bad_image(tmp_path, monkeypatch):
-    from distributed import LocalCluster
 
     from stages import cams, crf, data, prune, segment
 
@@ -448,7 +448,7 @@ def test_cams_crf_prune_and_segment_leave_out_the_same_bad_image(tmp_path, monke
     write_record(WEIGHTS, classifier_made_from(manifest, "train", classifier))
 
     cams.main(params)
-    with LocalCluster(n_workers=1, processes=False, dashboard_address=None) as cluster:
+    with local_cluster(1, processes=False) as cluster:
         crf.main(params, scheduler=cluster.scheduler_address)
     prune.main(params)
     segment.main(params)

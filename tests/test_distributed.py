@@ -25,13 +25,13 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from distributed import Client, LocalCluster, get_task_stream
+from distributed import Client, get_task_stream
 
 from pipeline.core.run import RunParams
 from pipeline.core.store import ImageStore
 from pipeline.data.manifest import load_manifest
 from pipeline.method.crf import INFERENCE_CRF
-from pipeline.method.crf_runner import environ_restored
+from pipeline.method.crf_runner import environ_restored, local_cluster
 from pipeline.method.mining import mine_split
 from pipeline.method.prune import PruneParams
 from pipeline.train.predict import infer_split
@@ -146,8 +146,7 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def cluster() -> Iterator[str]:
     """The address of a running scheduler with 2 single-threaded worker processes (dask's one-thread
     settings kept out of the environment of the processes later tests start)."""
-    with environ_restored(), LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                                          dashboard_address=None) as local:
+    with environ_restored(), local_cluster(2) as local:
         yield local.scheduler_address
 
 

@@ -119,7 +119,57 @@ def test_show_says_when_an_image_s_data_is_gone(project, artifacts):
         chunk.unlink()
     figure, notes = image_figure(project, "im4", scale=2)
     assert "segment" not in figure.titles
-    assert notes[0] == f"segment: {artifacts / 'segment.zarr'}: this image's data is gone (rerun the segment stage)"
+    chunk = artifacts / "segment.zarr" / "im4" / "c" / "0" / "0"
+    assert notes[0] == f"segment: {artifacts / 'segment.zarr'}: its chunk file {chunk} is gone (rerun the segment " \
+                       "stage to write it again)"
+
+
+def cut_short(store: Path, image_id: str) -> Path:
+    """Cut the chunk file of ``image_id`` in ``store`` to 10 bytes, as a full disk leaves it; the file."""
+    chunk = store / image_id / "c" / "0" / "0"
+    chunk.write_bytes(chunk.read_bytes()[:10])
+    return chunk
+
+
+def test_show_stats_and_gallery_name_a_damaged_image_and_go_on(project, artifacts, cli, tmp_path):
+    chunk = cut_short(artifacts / "masks.zarr", "im1")
+
+    shown = cli("show", "im1", "--out", str(tmp_path / "im1.png"))
+    assert shown.exit_code == 0 and "reliable" not in shown.output.splitlines()[-1]
+    assert f"not shown: reliable: {artifacts / 'masks.zarr'}: its chunk file {chunk} is damaged: cut short " \
+           "(10 bytes) (rerun the prune stage to write it again)" in shown.output
+    stats = cli("stats")
+    assert stats.exit_code == 0
+    assert "left out 1 image(s) that cannot be read (`rrm verify`, then rerun the prune stage):" in stats.output
+    assert f"  im1: its chunk file {chunk} is damaged: cut short (10 bytes)" in stats.output
+    gallery = cli("gallery", "--out", str(tmp_path / "gallery.html"))
+    assert gallery.exit_code == 0 and f"not scored: {artifacts / 'masks.zarr'}: image 'im1': its chunk file" in \
+        gallery.output
+
+
+def test_verify_lists_the_damaged_and_missing_images_of_each_store_and_repair_deletes_the_damaged(artifacts, cli):
+    assert cli("verify").exit_code == 0
+    damaged = cut_short(artifacts / "masks.zarr", "im1")
+    (artifacts / "segment.zarr" / "im4" / "c" / "0" / "0").unlink()
+
+    found = cli("verify")
+    assert found.exit_code == 1
+    lines = found.stdout.splitlines()  # the progress bars are on stderr
+    assert f"masks.zarr: 3 of 4 images whole, 1 damaged, 0 missing ({artifacts / 'masks.zarr'})" in lines
+    assert f"  damaged im1: its chunk file {damaged} is damaged: cut short (10 bytes)" in lines
+    assert "  to mend: `rrm verify --repair`, then rerun the prune stage (`dvc repro prune`)" in lines
+    assert f"segment.zarr: 1 of 2 images whole, 0 damaged, 1 missing ({artifacts / 'segment.zarr'})" in lines
+    assert "deeplab.zarr: not run (has the deeplab stage run?)" in lines
+    only = cli("verify", "--store", "masks")
+    assert only.exit_code == 1 and only.stdout.startswith("masks.zarr: 3 of 4") and "segment" not in only.stdout
+
+    repaired = cli("verify", "--store", "masks", "--repair")
+    assert repaired.stdout.splitlines()[-1].startswith("deleted 1 damaged chunk file(s)")
+    assert not damaged.exists()
+    after = cli("verify", "--store", "masks.zarr")
+    assert after.exit_code == 1 and "1 damaged" not in after.stdout and "  missing im1: its chunk file" in after.stdout
+    unknown = cli("verify", "--store", "nope")
+    assert unknown.exit_code == 2 and "no store 'nope'" in unknown.output
 
 
 def test_unreliable_pixels_are_hatched_grey_not_background_black():

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from distributed import Client, LocalCluster, get_task_stream
+from distributed import Client, get_task_stream
 from scipy.ndimage import gaussian_filter
 
 from pipeline.core.errors import InputError
@@ -22,6 +22,7 @@ from pipeline.core.params import load_params
 from pipeline.core.run import RunParams, load_run
 from pipeline.core.store import ImageStore
 from pipeline.data.manifest import Item, Manifest
+from pipeline.method.crf_runner import local_cluster
 from pipeline.method.mining import (
     MiningJob,
     MiningScore,
@@ -94,7 +95,7 @@ def expected_masks(manifest: Manifest, cams: ImageStore, params: PruneParams) ->
 @pytest.fixture(scope="module")
 def scheduler() -> Iterator[str]:
     """The address of a running scheduler with one in-process worker (cheap to start)."""
-    with LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address=None) as cluster:
+    with local_cluster(1, processes=False, threads=2) as cluster:
         yield cluster.scheduler_address
 
 

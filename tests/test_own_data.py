@@ -11,13 +11,13 @@ import pytest
 import torch
 import yaml
 from click.testing import CliRunner
-from distributed import LocalCluster
 
 from pipeline.cli import main as rrm
 from pipeline.core.errors import InputError
 from pipeline.core.io import read_image, write_image
 from pipeline.core.store import ImageStore
 from pipeline.data.manifest import load_manifest
+from pipeline.method.crf_runner import local_cluster
 from pipeline.train.segment import SegmentParams
 from stages import cams, classifier, crf, data, deeplab, prune, segment, supervised
 from tests.conftest import tiny_params
@@ -40,7 +40,7 @@ def without_masks(source: Path, target: Path) -> None:
 
 def run_prune(params: Path) -> None:
     """The crf stage on an in-process cluster, then the prune stage's rule."""
-    with LocalCluster(n_workers=1, processes=False, dashboard_address=None) as cluster:
+    with local_cluster(1, processes=False) as cluster:
         crf.main(params, scheduler=cluster.scheduler_address)
     prune.main(params)
 

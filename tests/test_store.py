@@ -1,11 +1,12 @@
 import multiprocessing
+from pathlib import Path
 
 import numpy as np
 import pytest
 import zarr
 
 from pipeline.core.errors import InputError
-from pipeline.core.store import COMPLETE, ImageStore
+from pipeline.core.store import COMPLETE, DamagedImageError, ImageStore, chunk_problem
 
 
 @pytest.fixture
@@ -38,7 +39,8 @@ def test_an_array_whose_chunk_file_is_gone_counts_as_not_written(store):
         chunk.unlink()
 
     assert "background" not in store and store.complete_ids() == ["object"]  # a rerun writes it again
-    with pytest.raises(InputError, match=r"image 'background' has lost its data \(chunk file gone\) \(rerun the cams"):
+    with pytest.raises(DamagedImageError, match=r"image 'background': its chunk file .*/background/c/0/0 is gone "
+                                                r"\(rerun the cams stage to write it again\)"):
         store.read("background")
     store.write("background", np.zeros((3, 4), dtype=np.uint8))
     assert store.complete_ids() == ["background", "object"]
@@ -146,3 +148,70 @@ def test_only_a_store_marked_complete_is_taken_as_complete(tmp_path):
     store.mark_complete(["a"])
     store.require_complete()
     assert store.reset_unless("y") is False and not store.is_complete()
+
+
+def chunk_file(store: ImageStore, image_id: str) -> Path:
+    (chunk,) = [path for path in (store.path / image_id / "c").rglob("*") if path.is_file()]
+    return chunk
+
+
+def cut_short(chunk: Path, other: Path) -> None:
+    chunk.write_bytes(chunk.read_bytes()[:10])  # a full disk, an interrupted copy
+
+
+def garbled(chunk: Path, other: Path) -> None:
+    chunk.write_bytes(bytes(255 - byte for byte in chunk.read_bytes()))  # the same size, every byte wrong
+
+
+def another_array_s(chunk: Path, other: Path) -> None:
+    chunk.write_bytes(other.read_bytes())  # a chunk of another shape
+
+
+ARRAYS = {"cams": (np.linspace(0, 1, 2 * 6 * 8, dtype=np.float16).reshape(2, 6, 8), {"classes": [0, 4]}),
+          "mask": (np.arange(6 * 8, dtype=np.uint8).reshape(6, 8) % 3, {})}
+
+
+@pytest.mark.parametrize("damage", [cut_short, garbled, another_array_s])
+@pytest.mark.parametrize("kind", ARRAYS)
+def test_a_damaged_chunk_counts_as_not_written_and_reading_it_names_the_file(store, kind, damage):
+    array, attrs = ARRAYS[kind]
+    store.write("a", array, **attrs)
+    store.write("other", ARRAYS["mask" if kind == "cams" else "cams"][0])
+    store.write("kept", array, **attrs)
+    damage(chunk_file(store, "a"), chunk_file(store, "other"))
+
+    assert "a" not in store and store.complete_ids() == ["kept", "other"]  # its stage writes it again
+    assert store.whole_ids(["a", "kept"]) == {"kept"}
+    with pytest.raises(DamagedImageError, match=rf"image 'a': its chunk file {chunk_file(store, 'a')} is damaged: "):
+        store.read("a")
+    assert {image_id: kind for image_id, (kind, _) in store.check(["a", "kept"]).items()} == {"a": "damaged"}
+    store.write("a", array, **attrs)
+    assert np.array_equal(store.read("a")[0], array) and store.check(["a"]) == {}
+
+
+def test_bytes_garbled_past_the_header_fail_their_checksum_when_decoded(store):
+    store.write("a", ARRAYS["mask"][0])
+    chunk = chunk_file(store, "a")
+    data = bytearray(chunk.read_bytes())
+    data[20] ^= 0xFF  # one byte of the compressed data: the header still matches the array
+    chunk.write_bytes(bytes(data))
+
+    assert "a" in store  # what a stage sees without decoding
+    with pytest.raises(DamagedImageError, match=r"image 'a': its chunk file .* does not decode \(Stored and "
+                                                r"computed checksum do not match\) \(`rrm verify --repair` deletes "
+                                                r"it; then rerun the cams stage\)"):
+        store.read("a")
+    ((kind, why),) = store.check(["a"]).values()
+    assert kind == "damaged" and "does not decode" in why
+    store.remove_chunk("a")
+    assert "a" not in store and store.check(["a"])["a"][0] == "missing"
+
+
+def test_the_header_check_reads_sizes_only():
+    header = bytes([2, 1, 0x91, 1]) + (100).to_bytes(4, "little") + (100).to_bytes(4, "little") + \
+        (40).to_bytes(4, "little")
+    assert chunk_problem(header, 44, 100, checksum=True) is None
+    assert chunk_problem(header, 40, 100, checksum=True) == "cut short (40 bytes of 44)"
+    assert chunk_problem(header, 50, 100, checksum=True) == "too long (50 bytes of 44)"
+    assert chunk_problem(header, 44, 200, checksum=True).startswith("not this array's (100 bytes of data")
+    assert chunk_problem(header[:10], 10, 100, checksum=False) == "cut short (10 bytes)"

@@ -13,6 +13,14 @@ out and read the fill value back), so an array whose chunk file is gone (deleted
 copy) counts as absent too: a rerun of its stage writes it again, and reading it is an error,
 never an all-background mask.
 
+A chunk file that is there but damaged (cut short by a full disk or an interrupted copy, garbled,
+or another array's) counts as absent in the same way. Telling costs one small read per array,
+not a decode: the file's blosc header must give the array's size in bytes and the file's own
+length (:func:`chunk_problem`). Every chunk ends with a CRC-32C checksum, so bytes garbled past
+the header fail when the array is decoded: reading it is then an error that names the file
+(``rrm verify`` decodes every array, :meth:`ImageStore.check`, and ``--repair`` deletes such
+files).
+
 Safe for several processes writing their own ids into one store at once: in zarr v3 an array
 lives in its own folder with its own ``zarr.json``; creating it only adds the parent group's
 ``zarr.json`` if that is missing (an exclusive create, never a rewrite), and listing the members
@@ -31,6 +39,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import struct
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,7 +49,7 @@ import numpy as np
 import zarr
 import zarr.api.asynchronous as zarr_async
 from upath import UPath
-from zarr.codecs import BloscCodec
+from zarr.codecs import BloscCodec, Crc32cCodec
 from zarr.core.sync import sync
 from zarr.errors import ArrayNotFoundError, ContainsGroupError
 from zarr.storage import FsspecStore
@@ -61,6 +70,39 @@ MADE_FROM = "made_from"
 
 COMPRESSOR = BloscCodec(cname="zstd", clevel=1, shuffle="shuffle")
 """Fast, and byte shuffling suits smooth float16 maps."""
+
+CHECKSUM = Crc32cCodec()
+"""Four bytes after each compressed chunk: a garbled chunk fails to decode instead of reading
+back as other numbers."""
+
+BLOSC_HEADER = struct.Struct("<4xIII")
+"""The first 16 bytes of a blosc chunk: version and flags, then the uncompressed size, the block
+size and the compressed size (the chunk's own length), little-endian."""
+
+
+class DamagedImageError(InputError):
+    """An image's array cannot be read back: its chunk file is gone, damaged or does not decode.
+    Its stage writes it again on a rerun; ``rrm verify`` lists every such image."""
+
+
+def chunk_problem(head: bytes, size: int, data_bytes: int, checksum: bool) -> str | None:
+    """Why a chunk file of ``size`` bytes starting with ``head`` cannot be the whole blosc chunk
+    of an array of ``data_bytes`` bytes (``checksum``: followed by its CRC-32C), or None where it
+    can; read from the header alone, nothing is decoded."""
+    trailer = 4 if checksum else 0
+    if size < BLOSC_HEADER.size + trailer or len(head) < BLOSC_HEADER.size:
+        return f"cut short ({size} bytes)"
+    held, _, compressed = BLOSC_HEADER.unpack_from(head)
+    if held != data_bytes:
+        return f"not this array's ({held} bytes of data where the array has {data_bytes})"
+    if compressed + trailer != size:
+        return f"{'cut short' if size < compressed + trailer else 'too long'} ({size} bytes of {compressed + trailer})"
+    return None
+
+
+DECODE_ERRORS = (RuntimeError, ValueError, TypeError)
+"""What decoding a damaged chunk raises: blosc's "error during decompression", a checksum or a
+size that does not match."""
 
 
 class ImageStore:
@@ -114,11 +156,16 @@ class ImageStore:
         sync(_gathered(write(*entry) for entry in arrays))
 
     def read(self, image_id: str) -> tuple[np.ndarray, dict[str, Any]]:
-        """The array of ``image_id`` and the attributes it was written with."""
+        """The array of ``image_id`` and the attributes it was written with. An image not written
+        in full is an :class:`InputError`; one whose chunk file is gone, damaged or does not
+        decode a :class:`DamagedImageError`, naming the file."""
         self._require_store()
         node = self._open(image_id)
         attrs = self._checked(image_id, node)
-        return node[...], attrs
+        try:
+            return node[...], attrs
+        except DECODE_ERRORS as error:
+            raise self._undecodable(image_id, node, error) from None
 
     def read_many(self, image_ids: Sequence[str]) -> list[tuple[np.ndarray, dict[str, Any]]]:
         """:meth:`read` of several ids at once, concurrently (one round trip to zarr's event loop
@@ -130,9 +177,44 @@ class ImageStore:
         async def read(image_id: str) -> tuple[np.ndarray, dict[str, Any]]:
             node = await self._open_async(image_id)
             attrs = self._checked(image_id, node)
-            return await node.getitem(Ellipsis), attrs
+            try:
+                return await node.getitem(Ellipsis), attrs
+            except DECODE_ERRORS as error:
+                raise self._undecodable(image_id, node, error) from None
 
         return sync(_gathered(read(image_id) for image_id in image_ids))
+
+    def check(self, image_ids: Sequence[str]) -> dict[str, tuple[str, str]]:
+        """What is wrong with each of ``image_ids`` that cannot be read back, decoding every array
+        (concurrently): ``(kind, why)``, ``kind`` ``"missing"`` (never written, or not in full)
+        or ``"damaged"`` (its chunk file gone, damaged or undecodable). The others are left out."""
+        if not self.exists():
+            return {image_id: ("missing", "no store") for image_id in image_ids}
+
+        async def check(image_id: str) -> tuple[str, str] | None:
+            node = await self._open_async(image_id)
+            if node is None or not node.metadata.attributes.get(COMPLETE, False):
+                return "missing", "not written" if node is None else "not written in full"
+            problem = self._chunk_problem(image_id, node)
+            if problem is not None:  # a chunk file that is gone counts as not written, as in a stage
+                return "missing" if problem.endswith(" is gone") else "damaged", problem
+            try:
+                await node.getitem(Ellipsis)
+            except DECODE_ERRORS as error:
+                return "damaged", self._decode_problem(image_id, node, error)
+            return None
+
+        found = sync(_gathered(check(image_id) for image_id in image_ids))
+        return {image_id: problem for image_id, problem in zip(image_ids, found, strict=True) if problem is not None}
+
+    def remove_chunk(self, image_id: str) -> None:
+        """Delete the chunk file of ``image_id``'s array (a damaged one): the array then counts as
+        absent and its stage writes it again."""
+        node = self._open(image_id)
+        if node is not None and node.nchunks:
+            path = self._chunk_file(image_id, node)
+            if path.exists():
+                path.unlink()
 
     def whole_ids(self, image_ids: Sequence[str]) -> set[str]:
         """Those of ``image_ids`` written in full whose data is there (``in`` of each, concurrently)."""
@@ -160,10 +242,22 @@ class ImageStore:
             raise InputError(
                 self.path, f"image {image_id!r} was not written in full{self._hint('rerun the {} stage')}"
             )
-        if not self._has_data(image_id, node):
-            raise InputError(self.path, f"image {image_id!r} has lost its data (chunk file gone)"
-                                        f"{self._hint('rerun the {} stage to write it again')}")
+        problem = self._chunk_problem(image_id, node)
+        if problem is not None:
+            raise DamagedImageError(self.path, f"image {image_id!r}: {problem}"
+                                               f"{self._hint('rerun the {} stage to write it again')}")
         return attrs
+
+    def _decode_problem(self, image_id: str, node: Any, error: Exception) -> str:
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0].split(". ")[0].rstrip(".")
+        return f"its chunk file {self._chunk_file(image_id, node)} does not decode ({reason})"
+
+    def _undecodable(self, image_id: str, node: Any, error: Exception) -> DamagedImageError:
+        """The error of an array whose chunk passed the header check but does not decode (its
+        stage counts it as written, so the file must go first)."""
+        then = "" if self.stage is None else f"; then rerun the {self.stage} stage"
+        return DamagedImageError(self.path, f"image {image_id!r}: {self._decode_problem(image_id, node, error)} "
+                                            f"(`rrm verify --repair` deletes it{then})")
 
     def exists(self) -> bool:
         return (self.path / "zarr.json").is_file()
@@ -274,14 +368,29 @@ class ImageStore:
         except (ArrayNotFoundError, FileNotFoundError):
             return None
 
-    def _has_data(self, image_id: str, node: Any) -> bool:
-        """Whether the array's one chunk file is there (one file check; an empty array has none)."""
-        return node.nchunks == 0 or (self.path / image_id / node.metadata.encode_chunk_key((0,) * node.ndim)).is_file()
+    def _chunk_file(self, image_id: str, node: Any) -> Path | UPath:
+        return self.path / image_id / node.metadata.encode_chunk_key((0,) * node.ndim)
+
+    def _chunk_problem(self, image_id: str, node: Any) -> str | None:
+        """Why the array's one chunk file is not whole (gone, or damaged by :func:`chunk_problem`),
+        or None; one read of its first bytes, no decode (an empty array has no chunk)."""
+        if node.nchunks == 0:
+            return None
+        path = self._chunk_file(image_id, node)
+        try:
+            with path.open("rb") as file:
+                head = file.read(BLOSC_HEADER.size)
+                size = file.seek(0, 2)
+        except FileNotFoundError:
+            return f"its chunk file {path} is gone"
+        checksum = any(isinstance(codec, Crc32cCodec) for codec in node.metadata.codecs)
+        problem = chunk_problem(head, size, node.nbytes, checksum)
+        return None if problem is None else f"its chunk file {path} is damaged: {problem}"
 
     def _is_whole(self, image_id: str, node: Any) -> bool:
-        """Written in full (its ``complete`` attribute) and its data still there (``node``: a
-        zarr array, or the asynchronous one of :meth:`read_many`)."""
-        return bool(node.metadata.attributes.get(COMPLETE, False)) and self._has_data(image_id, node)
+        """Written in full (its ``complete`` attribute) and its chunk file there and whole
+        (``node``: a zarr array, or the asynchronous one of :meth:`read_many`)."""
+        return bool(node.metadata.attributes.get(COMPLETE, False)) and self._chunk_problem(image_id, node) is None
 
     def _hint(self, template: str) -> str:
         """`` (template with the stage name)``, or nothing for a store of no named stage."""
@@ -289,9 +398,10 @@ class ImageStore:
 
 
 def _layout(array: np.ndarray) -> dict[str, Any]:
-    """How every array is stored: its shape and dtype, one chunk (kept even when all zeros), zstd."""
+    """How every array is stored: its shape and dtype, one chunk (kept even when all zeros), zstd,
+    then its checksum."""
     return {"shape": array.shape, "dtype": array.dtype, "chunks": tuple(max(1, n) for n in array.shape),
-            "compressors": COMPRESSOR, "overwrite": True, "config": {"write_empty_chunks": True}}
+            "compressors": (COMPRESSOR, CHECKSUM), "overwrite": True, "config": {"write_empty_chunks": True}}
 
 
 async def _gathered(coroutines: Iterable[Any]) -> list[Any]:

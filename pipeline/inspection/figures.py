@@ -9,7 +9,7 @@ import numpy as np
 
 from pipeline.core.errors import InputError
 from pipeline.core.params import check_range
-from pipeline.core.store import ImageStore
+from pipeline.core.store import DamagedImageError, ImageStore
 from pipeline.inspection.panels import (
     Figure,
     Panel,
@@ -34,8 +34,13 @@ class OverlayParams:
         check_range("samples", self.samples, 0)
 
 
-def _mask_if_present(store: ImageStore, image_id: str) -> np.ndarray | None:
-    return store.read(image_id)[0] if image_id in store else None
+def _read_mask(store: ImageStore, image_id: str) -> tuple[np.ndarray | None, str]:
+    """The mask of ``image_id`` in ``store``, or None and why not (the store has none of it, or
+    its data is gone or damaged)."""
+    try:
+        return store.read(image_id)[0], ""
+    except InputError as error:
+        return None, str(error.problem).removeprefix(f"image {image_id!r}: ")
 
 
 def image_figure(project: Project, image_id: str, scale: int | None = None,
@@ -52,27 +57,27 @@ def image_figure(project: Project, image_id: str, scale: int | None = None,
     image = manifest.read_image(image_id)
     scale = scale or default_scale(image.shape)
     big = enlarge(image, scale)
-    cams, attrs = project.cams().read(image_id)
+    panels = [Panel("image", big)]
+    notes = []
+    try:
+        cams, attrs = project.cams().read(image_id)
+        panels += [Panel(f"CAM {manifest.classes[c]}", cam_panel(big, enlarge(cam.astype(np.float32), scale)))
+                   for c, cam in zip(attrs["classes"], cams)]
+    except DamagedImageError as error:
+        notes.append(f"CAMs: {error}")
     stale = project.problem(project.cams())
     if stale is not None:
         raise InputError(project.cams().path, stale)
-    panels = [Panel("image", big)]
-    panels += [Panel(f"CAM {manifest.classes[c]}", cam_panel(big, enlarge(cam.astype(np.float32), scale)))
-               for c, cam in zip(attrs["classes"], cams)]
     masks: list[tuple[str, np.ndarray]] = []
-    notes = []
     for src in (s for s in SOURCES if s.store.role == role):
         store = project.store(src)
         problem = project.problem(store)
-        mask = None if problem is not None else _mask_if_present(store, image_id)
+        mask, why = (None, problem) if problem is not None else _read_mask(store, image_id)
         if mask is None:
-            lost = problem is None and image_id in store.ids()
-            problem = problem or (f"this image's data is gone (rerun the {store.stage} stage)" if lost
-                                  else "no mask of this image")
-            notes.append(f"{src.name}: {store.path}: {problem}")
+            notes.append(f"{src.name}: {store.path}: {why}")
             continue
         masks.append((src.title, mask))
-        other = None if against is None else _mask_if_present(against.store(src), image_id)
+        other = None if against is None else _read_mask(against.store(src), image_id)[0]
         if other is not None:
             masks.append((f"{src.title} ({against_label})", other))
     gt = manifest.read_mask(item)

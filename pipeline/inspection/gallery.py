@@ -16,7 +16,7 @@ import numpy as np
 
 from pipeline.core.errors import InputError
 from pipeline.core.io import IGNORE
-from pipeline.core.store import ImageStore
+from pipeline.core.store import DamagedImageError, ImageStore
 from pipeline.data.manifest import Item, Manifest
 from pipeline.inspection.panels import (
     LegendEntry,
@@ -43,7 +43,8 @@ def source(name: str) -> Source:
 class ImageRow:
     """One image's figures (NaN where there is nothing to score): precision and coverage of its
     partial mask, IoU (mean over the labels present) of its dense prediction and of each further
-    dense labelling of :data:`GALLERY_SOURCES`."""
+    dense labelling of :data:`GALLERY_SOURCES`; ``damaged``: why each array of it that could not be
+    read back (its figures NaN) cannot be."""
 
     id: str
     classes: tuple[str, ...]
@@ -51,14 +52,22 @@ class ImageRow:
     coverage: float
     iou: float
     more_iou: tuple[float, ...] = ()
+    damaged: tuple[str, ...] = ()
 
 
-def _single(project: Project, store: ImageStore | None, item: Item, gt: np.ndarray | None) -> MaskStats | None:
-    """The stats of one image's mask in ``store`` (None without a store or a ground truth)."""
+def _single(project: Project, store: ImageStore | None, item: Item, gt: np.ndarray | None,
+            damaged: list[str]) -> MaskStats | None:
+    """The stats of one image's mask in ``store`` (None without a store or a ground truth, or
+    where the mask cannot be read back: then why is added to ``damaged``)."""
     if store is None or gt is None:
         return None
+    try:
+        mask = store.read(item.id)[0]
+    except DamagedImageError as error:
+        damaged.append(str(error))
+        return None
     stats = MaskStats(project.manifest.num_classes + 1)
-    stats.update(store.read(item.id)[0], item.labels, gt)
+    stats.update(mask, item.labels, gt)
     return stats
 
 
@@ -82,8 +91,9 @@ def image_rows(project: Project, role: str, class_name: str | None = None) -> It
         if wanted is not None and wanted not in item.labels:
             continue
         gt = project.manifest.read_mask(item)
-        mined = _single(project, partial, item, gt)
-        predicted = [_single(project, store, item, gt) for store in (dense, *more)]
+        damaged: list[str] = []
+        mined = _single(project, partial, item, gt, damaged)
+        predicted = [_single(project, store, item, gt, damaged) for store in (dense, *more)]
         ious = tuple(nanmean(stats.iou()) if stats else math.nan for stats in predicted)
         yield ImageRow(
             item.id,
@@ -92,6 +102,7 @@ def image_rows(project: Project, role: str, class_name: str | None = None) -> It
             mined.score.coverage() if mined else math.nan,
             ious[0],
             ious[1:],
+            tuple(damaged),
         )
 
 

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.core.io import IGNORE
+from pipeline.core.store import DamagedImageError
 from pipeline.data.manifest import Item
 from pipeline.inspection.project import SOURCES, Project, Source
 from pipeline.method.metrics import DIGITS, PartialLabelScore, iou_from_confusion, nanmean
@@ -113,13 +114,21 @@ def split_items(project: Project, role: str, ids: Sequence[str] | None) -> tuple
     return tuple(item for item in items if item.id in wanted)
 
 
-def source_stats(project: Project, src: Source, ids: Sequence[str] | None = None) -> MaskStats:
-    """The counts of one stage's masks over its split (or the images ``ids`` of it), read one at a time."""
+def source_stats(project: Project, src: Source,
+                 ids: Sequence[str] | None = None) -> tuple[MaskStats, dict[str, str]]:
+    """The counts of one stage's masks over its split (or the images ``ids`` of it), read one at a
+    time, and the images left out because their data is gone or damaged, with why."""
     store = project.store(src)
     stats = MaskStats(project.manifest.num_classes + 1)
+    damaged = {}
     for item in split_items(project, src.store.role, ids):
-        stats.update(store.read(item.id)[0], item.labels, project.manifest.read_mask(item))
-    return stats
+        try:
+            mask = store.read(item.id)[0]
+        except DamagedImageError as error:
+            damaged[item.id] = str(error.problem).removeprefix(f"image {item.id!r}: ")
+            continue
+        stats.update(mask, item.labels, project.manifest.read_mask(item))
+    return stats, damaged
 
 
 def all_stats(project: Project, ids: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
@@ -131,7 +140,8 @@ def all_stats(project: Project, ids: Sequence[str] | None = None) -> dict[str, d
                                  "split": project.split(src.store.role)}
         problem = project.problem(store)
         if problem is None:
-            entry.update(status="ok", **source_stats(project, src, ids).as_dict(project.manifest.label_names))
+            stats, damaged = source_stats(project, src, ids)
+            entry.update(status="ok", **stats.as_dict(project.manifest.label_names), damaged=damaged)
         else:
             entry["status"] = problem
         report[src.name] = entry
@@ -171,8 +181,19 @@ def format_stats(report: dict[str, dict[str, Any]]) -> str:
         rows = [(label, *_stat_cells(figures, "iou")) for label, figures in entry["per_class"].items()]
         rows.append(("all", *_stat_cells(entry, "miou")))
         counts = f"{entry['images']} images, {entry['scored_images']} with ground truth"
-        blocks.append("\n".join([f"{title} ({counts})", *text_table(("class", *STAT_COLUMNS), rows)]))
+        blocks.append("\n".join([f"{title} ({counts})", *text_table(("class", *STAT_COLUMNS), rows),
+                                 *damaged_lines(entry["damaged"], entry["stage"])]))
     return "\n\n".join(blocks)
+
+
+def damaged_lines(damaged: dict[str, str], stage: str, shown: int = 5) -> list[str]:
+    """What a table left out: how many images could not be read, the first ``shown`` of them with
+    why, and what mends them."""
+    if not damaged:
+        return []
+    lines = [f"left out {len(damaged)} image(s) that cannot be read (`rrm verify`, then rerun the {stage} stage):"]
+    lines += [f"  {image_id}: {why}" for image_id, why in list(damaged.items())[:shown]]
+    return lines + ([f"  ... and {len(damaged) - shown} more"] if len(damaged) > shown else [])
 
 
 def per_class_rows(report: dict[str, dict[str, Any]], label_names: Sequence[str]) -> list[dict[str, Any]]:

@@ -34,7 +34,7 @@ from pipeline.method.crf import CRFParams, check_inputs, pydensecrf_marginals
 
 if TYPE_CHECKING:
     import torch
-    from distributed import Client
+    from distributed import Client, LocalCluster
 
 T = TypeVar("T")
 
@@ -146,21 +146,32 @@ def scheduler_client(address: str) -> Iterator[Client]:
         yield client
 
 
+def local_cluster(workers: int, processes: bool = True, threads: int = 1, **options: Any) -> LocalCluster:
+    """A dask cluster of ``workers`` on this machine, without a dashboard; its scheduler's HTTP
+    server (which dask starts even so, on port 8787 unless told) listens on any free port of the
+    loopback interface, so that several clusters never compete for a port, nor warn that one is
+    taken. ``options``: LocalCluster's others."""
+    from distributed import LocalCluster
+
+    return LocalCluster(n_workers=workers, threads_per_worker=threads, processes=processes, dashboard_address=None,
+                        scheduler_kwargs={"dashboard_address": "127.0.0.1:0"}, **options)
+
+
 @contextmanager
 def connect(run: RunParams) -> Iterator[Client]:
     """A client of the scheduler at ``run.scheduler``, or of a new local cluster of
     ``run.local_workers()`` processes closed on exit.
 
     Without an address in the params, dask's own setting (``DASK_SCHEDULER_ADDRESS``) is used
-    if present. The local cluster has no dashboard, so that several runs never compete for its
-    port, and its workers keep glibc's default memory trimming: dask sets
+    if present. The local cluster (:func:`local_cluster`) competes with no other run for a port.
+    Its workers keep glibc's default memory trimming: dask sets
     ``MALLOC_TRIM_THRESHOLD_``, which turns off glibc's adaptive mmap threshold, so each CRF's
     large buffers would be mapped and faulted in afresh, slower per image.
     This process's environment is put back on exit (see :func:`environ_restored`). Its workers
     leave Ctrl-C to this process (see :func:`dask_setup`).
     """
     import dask.config
-    from distributed import Client, LocalCluster
+    from distributed import Client
 
     address = run.scheduler or dask.config.get("scheduler-address", None)
     if address:
@@ -170,8 +181,7 @@ def connect(run: RunParams) -> Iterator[Client]:
     with (
         environ_restored(),
         dask.config.set({f"{PRE_SPAWN_ENVIRON}.MALLOC_TRIM_THRESHOLD_": None}),
-        LocalCluster(n_workers=run.local_workers(), threads_per_worker=1, processes=True, dashboard_address=None,
-                     preload=[__name__]) as local,
+        local_cluster(run.local_workers(), preload=[__name__]) as local,
         Client(local) as client,
     ):
         yield client
