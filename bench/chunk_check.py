@@ -52,6 +52,14 @@ def existence_only(store: ImageStore) -> list[str]:
                   if node.metadata.attributes.get("complete") and store._chunk_file(name, node).is_file())
 
 
+def measure(store: ImageStore, ids: list[str], repeat: int) -> tuple[float, float, float]:
+    """Seconds of the three ways of telling which images are whole: existence, header, decode."""
+    exists = best_of(repeat, lambda: existence_only(store))
+    header = best_of(repeat, store.complete_ids)
+    decode = best_of(repeat, lambda: [store.read_many(ids[i:i + 64]) for i in range(0, len(ids), 64)])
+    return exists, header, decode
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=1000)
@@ -69,9 +77,7 @@ def main() -> None:
             for start in range(0, len(ids), 64):
                 store.write_many([(image_id, make(), {}) for image_id in ids[start:start + 64]])
             assert existence_only(store) == store.complete_ids() == ids
-            exists = best_of(args.repeat, lambda: existence_only(store))
-            header = best_of(args.repeat, store.complete_ids)
-            decode = best_of(args.repeat, lambda: [store.read_many(ids[i:i + 64]) for i in range(0, len(ids), 64)])
+            exists, header, decode = measure(store, ids, args.repeat)
             per = 1000 / args.images
             print(f"{name} ({args.images} images of {args.size}x{args.size}): existence {exists:.2f} s "
                   f"({exists * per:.2f} ms/img), header {header:.2f} s ({header * per:.2f} ms/img, "

@@ -28,7 +28,9 @@ from pipeline.core.registry import STAGES, STORES
 from tests.conftest import tiny_params
 
 ROOT = Path(__file__).resolve().parents[1]
-PROJECT = ("dvc.yaml", "params.yaml", "pipeline", "stages")
+PROJECT = ("dvc.yaml", "params.yaml", ".gitignore", "pipeline", "stages")
+"""What a clone of the repository holds that a run needs; its .gitignore keeps the stores out of
+git, as in a user's clone (a queued experiment gets them from DVC's cache only)."""
 TINY = tiny_params(data={"train_images": 12, "val_images": 4}, classifier={"steps": 2}, cams={"scales": [1.0]},
                    segment={"steps": 2, "crf": False})
 UPSTREAM = ("data", "classifier", "cams", "crf")
@@ -103,7 +105,7 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_a_run_setting_reruns_no_stage_and_keeps_every_finished_store(project, monkeypatch):
     original = (project / "params.yaml").read_text()
     stores = store_bytes(project)
-    metrics = {path: path.read_bytes() for path in (project / "metrics").glob("*.json")}
+    metrics = {path: path.read_bytes() for path in [*project.glob("metrics/*.json"), *project.glob("scores/*.json")]}
     for key, value in RUN_CHANGES.items():
         set_param(project, "run", key, value)
         assert status(project) == {}, f"run.{key} changed a stage"

@@ -136,8 +136,7 @@ def stage_entry(stage: Stage, root: Path = ROOT) -> dict[str, Any]:
     outs: list[Any] = list(stage.outs)
     if stage.checkpoint is not None:
         outs += [path.as_posix() for path in stage.checkpoint.outs]
-    outs += [_out((DVC_ARTIFACTS / store.name).as_posix(), persist=True, **({} if store.cache else {"cache": False}))
-             for store in stage.stores]
+    outs += [_out((DVC_ARTIFACTS / store.name).as_posix(), persist=True) for store in stage.stores]
     outs += [_out(plot.path.as_posix(), cache=False) for plot in stage.plots if not plot.options]
     if stage.scores_file is not None:
         outs.append(_out(stage.scores_file.as_posix(), cache=False))

@@ -56,7 +56,9 @@ class Store:
 
     ``record``: the function that gives the record a reader must find in it now; ``inputs``: the
     inputs that record names, by the names it gives them (what inspection looks up to hold a
-    store to the current run). ``cache``: whether DVC keeps a copy of each version.
+    store to the current run). DVC keeps a copy of each version of every store in its cache:
+    what a queued experiment's workspace gets its inputs from, so that a threshold tried in one
+    computes no CAMs.
     """
 
     name: str
@@ -67,7 +69,6 @@ class Store:
     inputs: tuple[tuple[str, Checkpoint | Store], ...] = ()
     shown: str | None = None
     title: str | None = None
-    cache: bool = True
 
 
 @dataclass(frozen=True)
@@ -128,7 +129,7 @@ SUPERVISED_NET = Checkpoint(Path("checkpoints/supervised/model.pth"), "supervise
 """The trained networks; the classifier is the one other stages start from and check."""
 
 CAMS = Store("cams.zarr", "cams", None, "cams", "pipeline.method.cams:expected_cams",
-             (("classifier", CLASSIFIER),), cache=False)
+             (("classifier", CLASSIFIER),))
 CRF = Store("crf.zarr", "crf", "train", "prune", "pipeline.method.mining:expected_crf", (("cams.zarr", CAMS),))
 CRF_MAPS = Store("crfmaps.zarr", "crf", "train", "prune", "pipeline.method.mining:expected_crf",
                  (("cams.zarr", CAMS),))
@@ -147,8 +148,7 @@ alone (before the confidence filters) and the maps the rule reads (see
 :mod:`pipeline.method.mining`), the prune stage's reliable masks, the
 refine stage's dense labels of the training split, the segment stage's training-split pseudo labels and val predictions,
 DeepLab's val predictions, and those of the supervised reference (trained by the `deeplab:`
-recipe, hence its section). The CAM store is left out of DVC's cache (a copy per version would
-double the largest store)."""
+recipe, hence its section)."""
 
 STORES = (CAMS, CRF, CRF_MAPS, MASKS, REFINED, PSEUDO, SEGMENT, DEEPLAB, SUPERVISED)
 
