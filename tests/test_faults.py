@@ -315,10 +315,13 @@ def test_a_damaged_chunk_is_named_by_readers_and_verify_and_written_again_by_its
         images.read(image_id)
     found = CliRunner().invoke(main, ["verify", "--store", store])
     assert found.exit_code == 1 and f"  damaged {image_id}: its chunk file {chunk}" in found.stdout
-    if damage == "garbled past its header":  # its stage cannot tell without decoding: verify deletes it
+    if damage == "garbled past its header":  # nothing tells but decoding it
         assert image_id in images
-        CliRunner().invoke(main, ["verify", "--store", store, "--repair"])
-    assert image_id not in images
+        if stage == "cams":  # which the cams stage does not before it scores: verify deletes it
+            CliRunner().invoke(main, ["verify", "--store", store, "--repair"])
+            assert image_id not in images
+    else:
+        assert image_id not in images
 
     MAINS[stage](Path("params.yaml"))
     assert CliRunner().invoke(main, ["verify", "--store", store]).exit_code == 0

@@ -17,9 +17,10 @@ A chunk file that is there but damaged (cut short by a full disk or an interrupt
 or another array's) counts as absent in the same way. Telling costs one small read per array,
 not a decode: the file's blosc header must give the array's size in bytes and the file's own
 length (:func:`chunk_problem`). Every chunk ends with a CRC-32C checksum, so bytes garbled past
-the header fail when the array is decoded: reading it is then an error that names the file
-(``rrm verify`` decodes every array, :meth:`ImageStore.check`, and ``--repair`` deletes such
-files).
+the header fail when the array is decoded: a stage that reads its images back
+(:meth:`ImageStore.read_whole`) writes such an image again, and any other read is an error that
+names the file (``rrm verify`` decodes every array, :meth:`ImageStore.check`, and ``--repair``
+deletes such files).
 
 Safe for several processes writing their own ids into one store at once: in zarr v3 an array
 lives in its own folder with its own ``zarr.json``; creating it only adds the parent group's
@@ -215,6 +216,27 @@ class ImageStore:
             path = self._chunk_file(image_id, node)
             if path.exists():
                 path.unlink()
+
+    def read_whole(self, image_ids: Sequence[str]) -> dict[str, tuple[np.ndarray, dict[str, Any]]]:
+        """The arrays and attributes of those of ``image_ids`` that are whole and decode, read
+        concurrently: what a stage that reads its own images back keeps. It writes the others
+        again, those garbled past their header included, which it learns of here at no cost of
+        its own (the read is the one it makes anyway)."""
+        if not self.exists():
+            return {}
+
+        async def read(image_id: str) -> tuple[np.ndarray, dict[str, Any]] | None:
+            node = await self._open_async(image_id)
+            if node is None or not self._is_whole(image_id, node):
+                return None
+            try:
+                array = await node.getitem(Ellipsis)
+            except DECODE_ERRORS:
+                return None
+            return array, {key: value for key, value in node.metadata.attributes.items() if key != COMPLETE}
+
+        found = sync(_gathered(read(image_id) for image_id in image_ids))
+        return {image_id: read for image_id, read in zip(image_ids, found, strict=True) if read is not None}
 
     def whole_ids(self, image_ids: Sequence[str]) -> set[str]:
         """Those of ``image_ids`` written in full whose data is there (``in`` of each, concurrently)."""

@@ -190,12 +190,6 @@ def _read_cams(job: MiningJob, items: Sequence[Item]) -> tuple[list[np.ndarray],
     return [array.astype(np.float32) for array, _ in read], [attrs["classes"] for _, attrs in read]
 
 
-def _kept(job: MiningJob, image_id: str) -> CrfOutputs:
-    """An image's CRF outputs as the crf stage kept them."""
-    planes, attrs = job.maps.read(image_id)
-    return CrfOutputs.from_planes(planes, attrs["present"])
-
-
 def _write_crf(job: MiningJob, image_id: str, crf: CrfOutputs) -> None:
     """The maps first, the labels last: an image counts as done once its labels are in."""
     job.maps.write(image_id, crf.planes(), present=list(crf.present))
@@ -212,8 +206,9 @@ def _crf_outputs(job: MiningJob, items: Sequence[Item], cams: Sequence[np.ndarra
     known about it, and calling it all background would teach that any untagged object is
     background.
     """
-    found = {index: (_kept(job, item.id), False) for index, item in enumerate(items)
-             if item.id in job.crf and item.id in job.maps}
+    kept = job.maps.read_whole([item.id for item in items if item.id in job.crf])
+    found = {index: (CrfOutputs.from_planes(kept[item.id][0], kept[item.id][1]["present"]), False)
+             for index, item in enumerate(items) if item.id in kept}
     todo = [index for index in range(len(items)) if index not in found]
     images = {index: job.manifest.read_image(items[index].id) for index in todo if cams[index].shape[0] > 0}
     for index, image in images.items():
@@ -287,8 +282,7 @@ def prune_chunk(job: RuleJob, items: Sequence[Item]) -> MiningScore:
     an image, of the order of a round trip to zarr."""
     score = MiningScore(job.manifest.num_classes + 1)
     ids = [item.id for item in items]
-    done = [] if job.fresh else sorted(job.masks.whole_ids(ids))
-    masks = {image_id: mask for image_id, (mask, _) in zip(done, job.masks.read_many(done), strict=True)}
+    masks = {} if job.fresh else {image_id: mask for image_id, (mask, _) in job.masks.read_whole(ids).items()}
     todo = [image_id for image_id in ids if image_id not in masks]
     written = [(image_id, apply_rule(CrfOutputs.from_planes(planes, attrs["present"]), job.params), {})
                for image_id, (planes, attrs) in zip(todo, job.maps.read_many(todo), strict=True)]
