@@ -12,7 +12,7 @@ same store:
 - **decode**: reading every array back (``read_many``), what catching damage by decoding on the
   happy path would cost, and what ``rrm verify`` does.
 
-Stores: ``--images`` masks (uint8) and CAMs (float16, 3 classes) of ``--size`` pixels square,
+Stores: ``--images`` masks (uint8, blocks) and CAMs (float16, 3 smooth maps) of ``--size`` pixels square,
 written once into a temporary folder; each figure is the best of ``--repeat`` runs (a warm page
 cache, as a rerun right after a run finds it).
 
@@ -52,6 +52,19 @@ def existence_only(store: ImageStore) -> list[str]:
                   if node.metadata.attributes.get("complete") and store._chunk_file(name, node).is_file())
 
 
+def blocks(rng: np.random.Generator, size: int) -> np.ndarray:
+    """A mask of 20x20-pixel blocks of 4 labels: it compresses as masks do."""
+    cells = rng.integers(0, 4, (size // 20 + 1, size // 20 + 1), dtype=np.uint8)
+    return np.kron(cells, np.ones((20, 20), dtype=np.uint8))[:size, :size]
+
+
+def smooth_maps(rng: np.random.Generator, size: int) -> np.ndarray:
+    """Three smooth maps in 0..1, float16, as CAMs are."""
+    ramp = np.linspace(0, np.pi, size)
+    return np.stack([np.outer(np.sin(ramp * k), np.cos(ramp * phase)) ** 2
+                     for k, phase in rng.uniform(0.5, 2.0, (3, 2))]).astype(np.float16)
+
+
 def measure(store: ImageStore, ids: list[str], repeat: int) -> tuple[float, float, float]:
     """Seconds of the three ways of telling which images are whole: existence, header, decode."""
     exists = best_of(repeat, lambda: existence_only(store))
@@ -69,8 +82,7 @@ def main() -> None:
     rng = np.random.default_rng(0)
     print(f"load average before: {load_average()}")
     with tempfile.TemporaryDirectory() as folder:
-        for name, make in (("masks", lambda: rng.integers(0, 4, (args.size, args.size), dtype=np.uint8)),
-                           ("cams", lambda: rng.random((3, args.size, args.size)).astype(np.float16))):
+        for name, make in (("masks", lambda: blocks(rng, args.size)), ("cams", lambda: smooth_maps(rng, args.size))):
             store = ImageStore(Path(folder) / f"{name}.zarr")
             store.reset_unless("bench")
             ids = [f"im{index:05d}" for index in range(args.images)]
