@@ -180,9 +180,9 @@ def test_the_cams_stage_with_dataset_and_stores_in_a_bucket_matches_the_local_ru
     write_record(WEIGHTS, classifier_made_from(tiny_manifest, "train", classifier))  # the same images' in the bucket
 
     cams.main(local_params)
-    local_metrics = json.loads(STAGES["cams"].metrics_file.read_text())
+    local_metrics = json.loads(STAGES["cams"].scores_file.read_text())
     cams.main(remote_params)
-    remote_metrics = json.loads(STAGES["cams"].metrics_file.read_text())
+    remote_metrics = json.loads(STAGES["cams"].scores_file.read_text())
 
     local = ImageStore(tmp_path / "artifacts" / "cams.zarr")
     remote = load_params(StorageParams, "storage", remote_params).store(CAMS)
