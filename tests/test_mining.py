@@ -293,3 +293,10 @@ def test_the_torch_backend_mines_in_this_process_in_batches_as_it_prunes_alone(t
     assert stored(run.masks) == expected_masks(tiny_manifest, cams, params)
     assert run.maps.read("im0")[0].dtype == np.float32
 
+
+
+def test_two_local_clusters_at_once_take_no_fixed_port_and_warn_of_none(recwarn):
+    with local_cluster(1, processes=False) as first, local_cluster(1, processes=False) as second:
+        ports = {cluster.scheduler.http_server.port for cluster in (first, second)}
+    assert len(ports) == 2 and 8787 not in ports
+    assert not [warning for warning in recwarn if "already in use" in str(warning.message)]
