@@ -256,7 +256,8 @@ class ImageStore:
 
     def _checked(self, image_id: str, node: Any) -> dict[str, Any]:
         """The attributes of ``image_id``'s array ``node`` (None: none), refused unless it was
-        written in full and its data is there."""
+        written in full and its chunk file is there (one presence test: a reader learns of a
+        damaged chunk when it decodes it, see :meth:`_undecodable`)."""
         if node is None:
             raise InputError(self.path, f"no image {image_id!r}{self._hint('has the {} stage run?')}")
         attrs = dict(node.metadata.attributes)
@@ -264,10 +265,9 @@ class ImageStore:
             raise InputError(
                 self.path, f"image {image_id!r} was not written in full{self._hint('rerun the {} stage')}"
             )
-        problem = self._chunk_problem(image_id, node)
-        if problem is not None:
-            raise DamagedImageError(self.path, f"image {image_id!r}: {problem}"
-                                               f"{self._hint('rerun the {} stage to write it again')}")
+        if node.nchunks and not self._chunk_file(image_id, node).is_file():
+            raise DamagedImageError(self.path, f"image {image_id!r}: its chunk file {self._chunk_file(image_id, node)} "
+                                               f"is gone{self._hint('rerun the {} stage to write it again')}")
         return attrs
 
     def _decode_problem(self, image_id: str, node: Any, error: Exception) -> str:
@@ -275,8 +275,13 @@ class ImageStore:
         return f"its chunk file {self._chunk_file(image_id, node)} does not decode ({reason})"
 
     def _undecodable(self, image_id: str, node: Any, error: Exception) -> DamagedImageError:
-        """The error of an array whose chunk passed the header check but does not decode (its
-        stage counts it as written, so the file must go first)."""
+        """The error of an array whose chunk does not decode: damaged in a way its stage sees
+        without decoding (:meth:`_chunk_problem`), which a rerun of the stage mends, or past its
+        header, which the stage counts as written: then the file must go first."""
+        problem = self._chunk_problem(image_id, node)
+        if problem is not None:
+            return DamagedImageError(self.path, f"image {image_id!r}: {problem}"
+                                                f"{self._hint('rerun the {} stage to write it again')}")
         then = "" if self.stage is None else f"; then rerun the {self.stage} stage"
         return DamagedImageError(self.path, f"image {image_id!r}: {self._decode_problem(image_id, node, error)} "
                                             f"(`rrm verify --repair` deletes it{then})")
