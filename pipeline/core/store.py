@@ -196,9 +196,12 @@ class ImageStore:
             node = await self._open_async(image_id)
             if node is None or not node.metadata.attributes.get(COMPLETE, False):
                 return "missing", "not written" if node is None else "not written in full"
+            gone = self._gone(image_id, node)
+            if gone is not None:  # counts as not written, as in a stage
+                return "missing", gone
             problem = self._chunk_problem(image_id, node)
-            if problem is not None:  # a chunk file that is gone counts as not written, as in a stage
-                return "missing" if problem.endswith(" is gone") else "damaged", problem
+            if problem is not None:
+                return "damaged", problem
             try:
                 await node.getitem(Ellipsis)
             except DECODE_ERRORS as error:
@@ -233,22 +236,10 @@ class ImageStore:
                 array = await node.getitem(Ellipsis)
             except DECODE_ERRORS:
                 return None
-            return array, {key: value for key, value in node.metadata.attributes.items() if key != COMPLETE}
+            return array, _attributes(node)
 
         found = sync(_gathered(read(image_id) for image_id in image_ids))
         return {image_id: read for image_id, read in zip(image_ids, found, strict=True) if read is not None}
-
-    def whole_ids(self, image_ids: Sequence[str]) -> set[str]:
-        """Those of ``image_ids`` written in full whose data is there (``in`` of each, concurrently)."""
-        if not self.exists():
-            return set()
-
-        async def whole(image_id: str) -> bool:
-            node = await self._open_async(image_id)
-            return node is not None and self._is_whole(image_id, node)
-
-        found = sync(_gathered(whole(image_id) for image_id in image_ids))
-        return {image_id for image_id, present in zip(image_ids, found, strict=True) if present}
 
     def _require_store(self) -> None:
         if not self.exists():
@@ -260,15 +251,15 @@ class ImageStore:
         damaged chunk when it decodes it, see :meth:`_undecodable`)."""
         if node is None:
             raise InputError(self.path, f"no image {image_id!r}{self._hint('has the {} stage run?')}")
-        attrs = dict(node.metadata.attributes)
-        if not attrs.pop(COMPLETE, False):
+        if not node.metadata.attributes.get(COMPLETE, False):
             raise InputError(
                 self.path, f"image {image_id!r} was not written in full{self._hint('rerun the {} stage')}"
             )
-        if node.nchunks and not self._chunk_file(image_id, node).is_file():
-            raise DamagedImageError(self.path, f"image {image_id!r}: its chunk file {self._chunk_file(image_id, node)} "
-                                               f"is gone{self._hint('rerun the {} stage to write it again')}")
-        return attrs
+        gone = self._gone(image_id, node)
+        if gone is not None:
+            raise DamagedImageError(self.path, f"image {image_id!r}: {gone}"
+                                               f"{self._hint('rerun the {} stage to write it again')}")
+        return _attributes(node)
 
     def _decode_problem(self, image_id: str, node: Any, error: Exception) -> str:
         reason = (str(error).strip().splitlines() or [type(error).__name__])[0].split(". ")[0].rstrip(".")
@@ -398,6 +389,12 @@ class ImageStore:
     def _chunk_file(self, image_id: str, node: Any) -> Path | UPath:
         return self.path / image_id / node.metadata.encode_chunk_key((0,) * node.ndim)
 
+    def _gone(self, image_id: str, node: Any) -> str | None:
+        """``its chunk file ... is gone`` where the array's one chunk file is not there (one
+        presence test; an empty array has no chunk), else None."""
+        path = self._chunk_file(image_id, node) if node.nchunks else None
+        return None if path is None or path.is_file() else f"its chunk file {path} is gone"
+
     def _chunk_problem(self, image_id: str, node: Any) -> str | None:
         """Why the array's one chunk file is not whole (gone, or damaged by :func:`chunk_problem`),
         or None; one read of its first bytes, no decode (an empty array has no chunk)."""
@@ -429,6 +426,18 @@ def _layout(array: np.ndarray) -> dict[str, Any]:
     then its checksum."""
     return {"shape": array.shape, "dtype": array.dtype, "chunks": tuple(max(1, n) for n in array.shape),
             "compressors": (COMPRESSOR, CHECKSUM), "overwrite": True, "config": {"write_empty_chunks": True}}
+
+
+def _attributes(node: Any) -> dict[str, Any]:
+    """The attributes an array was written with (``node``: a zarr array or an asynchronous one),
+    less the ``complete`` the store adds."""
+    return {key: value for key, value in node.metadata.attributes.items() if key != COMPLETE}
+
+
+def unreadable(error: InputError, image_id: str) -> str:
+    """Why ``image_id`` could not be read, as ``error`` (from :meth:`ImageStore.read`) says it,
+    without the store and the image it names first: for a line that names them itself."""
+    return str(error.problem).removeprefix(f"image {image_id!r}: ")
 
 
 async def _gathered(coroutines: Iterable[Any]) -> list[Any]:

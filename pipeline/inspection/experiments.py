@@ -21,20 +21,22 @@ from typing import Any
 from pipeline.core.errors import InputError
 from pipeline.core.params import PARAMS_FILE
 from pipeline.core.registry import STAGES
+from pipeline.inspection.report import measured
 
 
 @dataclass(frozen=True)
 class Column:
-    """A headline score: its title, the stage whose metrics hold it and its dotted key there."""
+    """A headline score: its title, the stage whose metrics hold it and its key path there."""
 
     title: str
     stage: str
-    key: str
+    key: tuple[str, ...]
 
 
-COLUMNS = (Column("CAM", "cams", "miou"), Column("prec", "prune", "precision"), Column("cov", "prune", "coverage"),
-           Column("refined", "refine", "miou"), Column("pseudo", "segment", "pseudo.miou"),
-           Column("one-step", "segment", "miou"), Column("two-step", "deeplab", "miou"))
+COLUMNS = (Column("CAM", "cams", ("miou",)), Column("prec", "prune", ("precision",)),
+           Column("cov", "prune", ("coverage",)), Column("refined", "refine", ("miou",)),
+           Column("pseudo", "segment", ("pseudo", "miou")), Column("one-step", "segment", ("miou",)),
+           Column("two-step", "deeplab", ("miou",)))
 """The scores of the table, in pipeline order (percent); the seconds of every stage follow, summed."""
 
 
@@ -106,10 +108,7 @@ def changed_params(rows: Sequence[Experiment]) -> list[str]:
 def score(row: Experiment, column: Column) -> float | None:
     """``column``'s value in ``row`` (a ratio), None where the stage has no such number (not run,
     switched off, no ground truth)."""
-    value: Any = row.metrics.get(STAGES[column.stage].metrics_file.as_posix(), {})
-    for part in column.key.split("."):
-        value = value.get(part) if isinstance(value, Mapping) else None
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+    return measured(row.metrics.get(STAGES[column.stage].metrics_file.as_posix()), column.key)[0]
 
 
 def seconds(row: Experiment) -> float | None:

@@ -9,7 +9,7 @@ import numpy as np
 
 from pipeline.core.errors import InputError
 from pipeline.core.params import check_range
-from pipeline.core.store import DamagedImageError, ImageStore
+from pipeline.core.store import DamagedImageError, ImageStore, unreadable
 from pipeline.inspection.panels import (
     Figure,
     Panel,
@@ -40,7 +40,7 @@ def _read_mask(store: ImageStore, image_id: str) -> tuple[np.ndarray | None, str
     try:
         return store.read(image_id)[0], ""
     except InputError as error:
-        return None, str(error.problem).removeprefix(f"image {image_id!r}: ")
+        return None, unreadable(error, image_id)
 
 
 def image_figure(project: Project, image_id: str, scale: int | None = None,

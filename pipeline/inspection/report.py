@@ -61,7 +61,7 @@ def _lookup(scores: Mapping[str, Any], key: tuple[str, ...]) -> Any:
     return value
 
 
-def _measured(scores: Mapping[str, Any] | None, key: tuple[str, ...]) -> tuple[float | None, str]:
+def measured(scores: Mapping[str, Any] | None, key: tuple[str, ...]) -> tuple[float | None, str]:
     """The number at ``key`` in a stage's scores and "ok", or None and why there is none."""
     if scores is None:
         return None, "not run"
@@ -80,7 +80,7 @@ def _row(label: str, stage: str, value: float | None, status: str, unit: str, sc
 def _ratio(documents: StageScores) -> Row:
     """The :data:`RATIO` row: the first stage's mIoU over the second's, or why there is none."""
     label, numerator, denominator = RATIO
-    (top, top_status), (bottom, bottom_status) = (_measured(documents.get(stage), ("miou",))
+    (top, top_status), (bottom, bottom_status) = (measured(documents.get(stage), ("miou",))
                                                   for stage in (numerator, denominator))
     if top is None or bottom is None:
         return _row(label, numerator, None, top_status if top is None else bottom_status, "%")
@@ -101,11 +101,11 @@ def _shown(score: Score, scores: Mapping[str, Any] | None) -> bool:
 def report_rows(documents: StageScores) -> list[Row]:
     """The score rows (percent) with the two-step / supervised ratio, the seconds of every stage in
     ``documents``' order and their total."""
-    scores = [replace(_row(s.label, stage, *_measured(documents.get(stage), s.key), "%", 100.0),
+    scores = [replace(_row(s.label, stage, *measured(documents.get(stage), s.key), "%", 100.0),
                       settings=_settings(s, documents.get(stage)))
               for stage, s in SCORES if _shown(s, documents.get(stage))]
     scores.append(_ratio(documents))
-    seconds = {stage: _measured(data, ("seconds",)) for stage, data in documents.items()}
+    seconds = {stage: measured(data, ("seconds",)) for stage, data in documents.items()}
     times = [_row(f"Time: {stage}", stage, *measured, "s") for stage, measured in seconds.items()]
     spent = [value for value, _ in seconds.values() if value is not None]
     total = _row("Time: total", "", sum(spent), "ok", "s") if spent else _row("Time: total", "", None, "not run", "s")

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.core.io import IGNORE
-from pipeline.core.store import DamagedImageError
+from pipeline.core.store import DamagedImageError, unreadable
 from pipeline.data.manifest import Item
 from pipeline.inspection.project import SOURCES, Project, Source
 from pipeline.method.metrics import DIGITS, PartialLabelScore, iou_from_confusion, nanmean
@@ -125,7 +125,7 @@ def source_stats(project: Project, src: Source,
         try:
             mask = store.read(item.id)[0]
         except DamagedImageError as error:
-            damaged[item.id] = str(error.problem).removeprefix(f"image {item.id!r}: ")
+            damaged[item.id] = unreadable(error, item.id)
             continue
         stats.update(mask, item.labels, project.manifest.read_mask(item))
     return stats, damaged
