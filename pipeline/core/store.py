@@ -3,15 +3,20 @@
 CAMs are float16 ``(k, H, W)`` with the present class indices in ``attrs["classes"]``; masks are
 uint8 ``(H, W)``. Every stage reads and writes them through :class:`ImageStore`.
 
-Safe against a kill at any moment: zarr's local store writes each file through a temporary file
-and a rename, so a file is there whole or not at all. An array is present when its metadata
-carries the ``complete`` attribute and its one chunk file is there: a write (which replaces
-whatever was under the id) writes the metadata, ``complete`` in it, then the chunk, so a write
-cut short leaves an array without its chunk, which counts as absent and is replaced by the next
-write of that id. Every array keeps its chunk file, even one all zeros (zarr would leave that
-out and read the fill value back), so an array whose chunk file is gone (deleted, lost in a
-copy) counts as absent too: a rerun of its stage writes it again, and reading it is an error,
-never an all-background mask.
+In a local folder an array's two files are made and read directly (:mod:`pipeline.core.chunkfile`,
+the files zarr makes, byte for byte, without its per-array cost); zarr does the rest, and all of
+it at an fsspec URL.
+
+Safe against a kill at any moment: every file is written through a temporary file and a rename,
+so a file is there whole or not at all. An array is present when its metadata carries the
+``complete`` attribute and its one chunk file is there. A write replaces whatever was under the
+id; in a local folder it writes the chunk, then the metadata, so a write cut short leaves a
+folder without metadata, which zarr does not list and a rerun removes as debris; through zarr
+(the metadata, ``complete`` in it, then the chunk) it leaves an array without its chunk, which
+counts as absent and is replaced by the next write of that id. Every array keeps its chunk
+file, even one all zeros (zarr would leave that out and read the fill value back), so an array
+whose chunk file is gone (deleted, lost in a copy) counts as absent too: a rerun of its stage
+writes it again, and reading it is an error, never an all-background mask.
 
 A chunk file that is there but damaged (cut short by a full disk or an interrupted copy, garbled,
 or another array's) counts as absent in the same way. Telling costs one small read per array,
@@ -40,7 +45,6 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-import struct
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,35 +54,22 @@ import numpy as np
 import zarr
 import zarr.api.asynchronous as zarr_async
 from upath import UPath
-from zarr.codecs import BloscCodec, Crc32cCodec
+from zarr.codecs import Crc32cCodec
 from zarr.core.sync import sync
 from zarr.errors import ArrayNotFoundError, ContainsGroupError
 from zarr.storage import FsspecStore
 
+from pipeline.core import chunkfile
+from pipeline.core.chunkfile import BLOSC_HEADER, COMPLETE, layout
 from pipeline.core.errors import InputError
 from pipeline.core.io import detached, location
 from pipeline.core.registry import DVC_ARTIFACTS, Store
-
-COMPLETE = "complete"
-"""Attribute set last on every array: its presence means the array was written in full. On the
-store's group it means every image the stage had to write is there."""
 
 FINGERPRINT = "fingerprint"
 """Group attribute: digest of the settings and inputs the store's arrays were made from."""
 
 MADE_FROM = "made_from"
 """Group attribute: the record of what the arrays were made from (see :mod:`pipeline.core.provenance`)."""
-
-COMPRESSOR = BloscCodec(cname="zstd", clevel=1, shuffle="shuffle")
-"""Fast, and byte shuffling suits smooth float16 maps."""
-
-CHECKSUM = Crc32cCodec()
-"""Four bytes after each compressed chunk: a garbled chunk fails to decode instead of reading
-back as other numbers."""
-
-BLOSC_HEADER = struct.Struct("<4xIII")
-"""The first 16 bytes of a blosc chunk: version and flags, then the uncompressed size, the block
-size and the compressed size (the chunk's own length), little-endian."""
 
 
 class DamagedImageError(InputError):
@@ -133,44 +124,41 @@ class ImageStore:
 
         Replaces an existing array of that id. The array counts as present only once this returns.
         """
-        _check_id(self.path, image_id)
-        array = np.asarray(array)
-        node = self._group_for_writing().create_array(image_id, **_layout(array), attributes={**attrs, COMPLETE: True})
-        node[...] = array
+        self.write_many([(image_id, array, attrs)])
 
     def write_many(self, arrays: Sequence[tuple[str, np.ndarray, Mapping[str, Any]]]) -> None:
-        """:meth:`write` of several ``(image_id, array, attrs)`` at once, concurrently: one round
-        trip to zarr's event loop for all instead of two each, which is most of what writing a
-        small array costs. Each array counts as present once its own write is done."""
+        """:meth:`write` of several ``(image_id, array, attrs)`` at once: in a local folder each
+        directly (:mod:`pipeline.core.chunkfile`), elsewhere (and what that declines) through
+        zarr, concurrently, one round trip to its event loop for all. Each array counts as
+        present once its own write is done."""
         if not arrays:
             return
         for image_id, _, _ in arrays:
             _check_id(self.path, image_id)
         self._group_for_writing()
+        local = isinstance(self._location, Path)
+        rest = [(image_id, array, attrs) for image_id, array, attrs in arrays
+                if not (local and chunkfile.write(self._location / image_id, array, attrs))]
 
         async def write(image_id: str, array: np.ndarray, attrs: Mapping[str, Any]) -> None:
             array = np.asarray(array)
-            node = await zarr_async.create_array(self._root(), name=image_id, **_layout(array),
+            node = await zarr_async.create_array(self._root(), name=image_id, **layout(array),
                                                  attributes={**attrs, COMPLETE: True})
             await node.setitem(Ellipsis, array)
 
-        sync(_gathered(write(*entry) for entry in arrays))
+        if rest:
+            sync(_gathered(write(*entry) for entry in rest))
 
     def read(self, image_id: str) -> tuple[np.ndarray, dict[str, Any]]:
         """The array of ``image_id`` and the attributes it was written with. An image not written
         in full is an :class:`InputError`; one whose chunk file is gone, damaged or does not
         decode a :class:`DamagedImageError`, naming the file."""
-        self._require_store()
-        node = self._open(image_id)
-        attrs = self._checked(image_id, node)
-        try:
-            return node[...], attrs
-        except DECODE_ERRORS as error:
-            raise self._undecodable(image_id, node, error) from None
+        return self.read_many([image_id])[0]
 
     def read_many(self, image_ids: Sequence[str]) -> list[tuple[np.ndarray, dict[str, Any]]]:
-        """:meth:`read` of several ids at once, concurrently (one round trip to zarr's event loop
-        for all instead of two each), in the order given."""
+        """:meth:`read` of several ids at once, in the order given: in a local folder each
+        directly, elsewhere (and where that fails, for zarr's own errors) through zarr,
+        concurrently."""
         if not image_ids:
             return []
         self._require_store()
@@ -183,7 +171,11 @@ class ImageStore:
             except DECODE_ERRORS as error:
                 raise self._undecodable(image_id, node, error) from None
 
-        return sync(_gathered(read(image_id) for image_id in image_ids))
+        found = self._read_directly(image_ids)
+        rest = [image_id for image_id in image_ids if image_id not in found]
+        if rest:
+            found |= dict(zip(rest, sync(_gathered(read(image_id) for image_id in rest)), strict=True))
+        return [found[image_id] for image_id in image_ids]
 
     def check(self, image_ids: Sequence[str]) -> dict[str, tuple[str, str]]:
         """What is wrong with each of ``image_ids`` that cannot be read back, decoding every array
@@ -221,10 +213,10 @@ class ImageStore:
                 path.unlink()
 
     def read_whole(self, image_ids: Sequence[str]) -> dict[str, tuple[np.ndarray, dict[str, Any]]]:
-        """The arrays and attributes of those of ``image_ids`` that are whole and decode, read
-        concurrently: what a stage that reads its own images back keeps. It writes the others
-        again, those garbled past their header included, which it learns of here at no cost of
-        its own (the read is the one it makes anyway)."""
+        """The arrays and attributes of those of ``image_ids`` that are whole and decode (read as
+        :meth:`read_many` reads): what a stage that reads its own images back keeps. It writes
+        the others again, those garbled past their header included, which it learns of here at
+        no cost of its own (the read is the one it makes anyway)."""
         if not self.exists():
             return {}
 
@@ -238,8 +230,20 @@ class ImageStore:
                 return None
             return array, _attributes(node)
 
-        found = sync(_gathered(read(image_id) for image_id in image_ids))
-        return {image_id: read for image_id, read in zip(image_ids, found, strict=True) if read is not None}
+        found = self._read_directly(image_ids)
+        rest = [image_id for image_id in image_ids if image_id not in found]
+        if rest:
+            read_back = sync(_gathered(read(image_id) for image_id in rest))
+            found |= {image_id: got for image_id, got in zip(rest, read_back, strict=True) if got is not None}
+        return {image_id: found[image_id] for image_id in image_ids if image_id in found}
+
+    def _read_directly(self, image_ids: Sequence[str]) -> dict[str, tuple[np.ndarray, dict[str, Any]]]:
+        """Those of ``image_ids`` that :func:`chunkfile.read` reads whole, with the attributes
+        they were written with; none where the store is not a local folder."""
+        if not isinstance(self._location, Path):
+            return {}
+        read_back = {image_id: chunkfile.read(self._location / image_id) for image_id in image_ids}
+        return {image_id: (got[0], _without_complete(got[1])) for image_id, got in read_back.items() if got is not None}
 
     def _require_store(self) -> None:
         if not self.exists():
@@ -421,17 +425,14 @@ class ImageStore:
         return "" if self.stage is None else f" ({template.format(self.stage)})"
 
 
-def _layout(array: np.ndarray) -> dict[str, Any]:
-    """How every array is stored: its shape and dtype, one chunk (kept even when all zeros), zstd,
-    then its checksum."""
-    return {"shape": array.shape, "dtype": array.dtype, "chunks": tuple(max(1, n) for n in array.shape),
-            "compressors": (COMPRESSOR, CHECKSUM), "overwrite": True, "config": {"write_empty_chunks": True}}
-
-
 def _attributes(node: Any) -> dict[str, Any]:
     """The attributes an array was written with (``node``: a zarr array or an asynchronous one),
     less the ``complete`` the store adds."""
-    return {key: value for key, value in node.metadata.attributes.items() if key != COMPLETE}
+    return _without_complete(node.metadata.attributes)
+
+
+def _without_complete(attributes: Mapping[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in attributes.items() if key != COMPLETE}
 
 
 def unreadable(error: InputError, image_id: str) -> str:
