@@ -118,7 +118,7 @@ def _plain(value: float) -> float | None:
 
 
 CHUNK = 16
-"""Images whose stores are read together (one round trip to zarr for all)."""
+"""Images whose stores are read together (:meth:`ImageStore.read_many`)."""
 
 
 def _chunk_points(manifest: Manifest, maps: ImageStore, items: Sequence[Item],

@@ -278,8 +278,9 @@ def prune_chunk(job: RuleJob, items: Sequence[Item]) -> MiningScore:
     the prune stage's task. (The CRF labels and the CAM argmax, which no threshold changes, are
     scored by :func:`mine_chunk`.)
 
-    The stores are read and written a chunk at a time, concurrently: the rule takes milliseconds
-    an image, of the order of a round trip to zarr."""
+    The stores are read and written a chunk at a time (:meth:`ImageStore.read_many`,
+    :meth:`ImageStore.write_many`): the rule takes milliseconds an image, as much as its reads and
+    writes."""
     score = MiningScore(job.manifest.num_classes + 1)
     ids = [item.id for item in items]
     masks = {} if job.fresh else {image_id: mask for image_id, (mask, _) in job.masks.read_whole(ids).items()}
@@ -399,7 +400,7 @@ def prune_split(manifest: Manifest, split: str, maps: ImageStore, masks: ImageSt
     Refuses to start unless the maps store is complete. Keeps the masks the store holds if it
     was started from the same settings and maps; marks it complete once every image is in. In
     this process, a chunk of images at a time: no cluster to start for a rule of milliseconds an
-    image (threads gain nothing: zarr's one event loop does the reading and writing).
+    image.
     """
     maps.require_complete()
     items = manifest.split(split)
