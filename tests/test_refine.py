@@ -156,6 +156,14 @@ def affinity_net() -> AffinityNet:
     return AffinityNet(backbone, LEVELS["small"], 4, AFFINITIES["boundary"][0])
 
 
+def test_a_small_grid_walks_fewer_steps_in_proportion_to_its_area():
+    params = RefineParams()  # 256 steps from a grid of 96 cells across
+    assert params.steps_on((125, 94)) == params.steps_on((54, 80)) == 256  # VOC's 500x375, MSRC's 320x213
+    assert params.steps_on((24, 24)) == 32  # a 96x96 image at stride 4
+    assert params.steps_on((1, 1)) == 1
+    assert RefineParams(walk_diagonal=0).steps_on((24, 24)) == 256
+
+
 def test_the_affinity_network_learns_only_its_new_layers(affinity_net):
     features = affinity_net(torch.randn(2, 3, 20, 24))
     assert features.shape == (2, 1, 5, 6)

@@ -8,7 +8,8 @@ layers from the pairs of cells the prune stage's labels label (PSA's affinity la
 which is what PSA and IRN learn from, rather than the reliable masks, whose confidence filters
 leave the pixels around each object unlabelled and so teach the network little of where objects
 end. Each training image's CAMs are then averaged down to the network's grid, walked
-``2 ** log_steps`` steps over the affinities raised to ``beta``, upsampled back bilinearly, and
+``2 ** log_steps`` steps over the affinities raised to ``beta`` (fewer on a small grid, see
+:meth:`RefineParams.steps_on`), upsampled back bilinearly, and
 background competes with them (see :attr:`RefineParams.background`); the argmax over background
 and the image's own tags gives its label: every pixel gets one, and none gets a class the image
 is not tagged with.
@@ -78,7 +79,12 @@ class RefineParams(TrainingParams):
     beta: float = 10.0
     """Power of the affinities in the transition matrix (IRN's 10; PSA's 8)."""
     log_steps: int = 8
-    """The walk takes ``2 ** log_steps`` steps (PSA's ``logt`` 8, IRN's ``exp_times`` 8)."""
+    """The walk takes ``2 ** log_steps`` steps (PSA's ``logt`` 8, IRN's ``exp_times`` 8) on a grid
+    of ``walk_diagonal`` cells across and more."""
+    walk_diagonal: float = 96.0
+    """The grid diagonal, in cells, from which the walk takes all its ``2 ** log_steps`` steps; a
+    smaller grid takes fewer, in proportion to its area (:meth:`steps_on`). 0: all of them on
+    every grid, as PSA and IRN, whose images are VOC's."""
     background: str = "threshold"
     """How background competes with the walked CAMs: IRN's ``threshold`` (the tagged classes'
     CAMs walk alone, are divided by their largest value in the image, and background scores
@@ -98,12 +104,27 @@ class RefineParams(TrainingParams):
         check_range("radius", self.radius, 2)
         check_range("beta", self.beta, 0)
         check_range("log_steps", self.log_steps, 0, 16)
+        check_range("walk_diagonal", self.walk_diagonal, 0)
         check_range("bg_threshold", self.bg_threshold, 0, 1)
         check_range("bg_power", self.bg_power, 0)
 
     @property
     def walk_steps(self) -> int:
         return 2**self.log_steps
+
+    def steps_on(self, grid: tuple[int, int]) -> int:
+        """The walk's steps on a grid of ``grid`` cells: :attr:`walk_steps` times the grid's
+        squared diagonal over ``walk_diagonal``'s, at most 1, at least one step.
+
+        How far a walk carries the CAMs grows as the square root of its steps, so a fixed count
+        carries them over a larger part of a smaller image: the published 256 steps, set on VOC's
+        500x375 images (a grid of 125x94 at stride 4), spread the CAMs of neighbouring objects
+        over each other on small images. Scaling the steps by the grid's area keeps the part of
+        the image a walk reaches."""
+        if self.walk_diagonal == 0:
+            return self.walk_steps
+        share = (grid[0] ** 2 + grid[1] ** 2) / self.walk_diagonal**2
+        return max(1, round(self.walk_steps * min(1.0, share)))
 
     def optimizer(self, net: torch.nn.Module) -> torch.optim.Optimizer:
         """Adam over the new layers, not PSA's and IRN's SGD: at IRN's rate (0.1, no momentum) the
@@ -219,8 +240,9 @@ def refine_split(net: AffinityNet, manifest: Manifest, split: str, cams: ImageSt
             with torch.autocast(device.type, enabled=device.type == "cuda" and params.amp):
                 features = net(images)
             weights = transition_weights(features.float(), params.radius, params.beta, AFFINITIES[params.affinity][1])
-            walked = random_walk(walk_scores(maps.to(device), tuple(features.shape[-2:]), params), weights,
-                                 params.radius, params.walk_steps)
+            grid = tuple(features.shape[-2:])
+            walked = random_walk(walk_scores(maps.to(device), grid, params), weights, params.radius,
+                                 params.steps_on(grid))
             best = walked_labels(walked, size, params).cpu().numpy()
             for image_id, choice, own in zip(batch["id"], best, values, strict=True):
                 store.write(image_id, own[choice])
