@@ -44,6 +44,12 @@ def test_what_zarr_wrote_reads_back_whole_and_writable(tmp_path, array):
     assert attributes == {"present": [0, 2], chunkfile.COMPLETE: True}
 
 
+def test_a_big_endian_array_is_written_in_the_layout_s_order(tmp_path):
+    array = ARRAYS["kept CRF maps, float32 (4, H, W)"]
+    assert chunkfile.write(tmp_path / "store.zarr" / "a", array.astype(">f4"), {})
+    assert np.array_equal(chunkfile.read(tmp_path / "store.zarr" / "a")[0], array)
+
+
 def test_a_store_written_before_the_checksum_reads_directly(tmp_path):
     array = ARRAYS["a mask, uint8 (H, W)"]
     group = zarr.open_group(tmp_path / "old.zarr", mode="a", zarr_format=3)

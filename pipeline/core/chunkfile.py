@@ -107,9 +107,10 @@ def write(folder: Path, array: np.ndarray, attributes: Mapping[str, Any]) -> boo
     array = np.asarray(array)
     if array.size == 0:
         return False
+    array = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))  # the bytes codec's order
     template, codec = _template(array.shape, array.dtype.str)
     text = json.dumps({**template, "attributes": {**attributes, COMPLETE: True}}, indent=2).encode()
-    data = codec.encode(np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).view(np.uint8).ravel())
+    data = codec.encode(array.view(np.uint8).ravel())
     chunk = data + np.uint32(google_crc32c.value(data)).astype("<u4").tobytes()
     if folder.exists():
         shutil.rmtree(folder)
