@@ -56,6 +56,21 @@ METADATA = "zarr.json"
 SHUFFLES = {"noshuffle": Blosc.NOSHUFFLE, "shuffle": Blosc.SHUFFLE, "bitshuffle": Blosc.BITSHUFFLE}
 
 
+def chunk_problem(head: bytes, size: int, data_bytes: int, checksum: bool) -> str | None:
+    """Why a chunk file of ``size`` bytes starting with ``head`` cannot be the whole blosc chunk
+    of an array of ``data_bytes`` bytes (``checksum``: followed by its CRC-32C), or None where it
+    can; read from the header alone, nothing is decoded."""
+    trailer = 4 if checksum else 0
+    if size < BLOSC_HEADER.size + trailer or len(head) < BLOSC_HEADER.size:
+        return f"cut short ({size} bytes)"
+    held, _, compressed = BLOSC_HEADER.unpack_from(head)
+    if held != data_bytes:
+        return f"not this array's ({held} bytes of data where the array has {data_bytes})"
+    if compressed + trailer != size:
+        return f"{'cut short' if size < compressed + trailer else 'too long'} ({size} bytes of {compressed + trailer})"
+    return None
+
+
 def layout(array: np.ndarray) -> dict[str, Any]:
     """How every array is stored (zarr's ``create_array`` arguments): its shape and dtype, one
     chunk (kept even when all zeros), zstd, then its checksum."""
@@ -72,9 +87,8 @@ def chunk_key(ndim: int) -> str:
 def _template(shape: tuple[int, ...], dtype: str) -> tuple[dict[str, Any], Blosc]:
     """zarr's own metadata for an array of :func:`layout` with ``shape`` and ``dtype``, without
     attributes, and the blosc codec it names."""
-    store = MemoryStore()
-    zarr.create_array(store, **layout(np.empty(shape, dtype=dtype)))
-    files = zarr.open_array(store, mode="r").metadata.to_buffer_dict(default_buffer_prototype())
+    array = zarr.create_array(MemoryStore(), **layout(np.empty(shape, dtype=dtype)))
+    files = array.metadata.to_buffer_dict(default_buffer_prototype())
     metadata = json.loads(files[METADATA].to_bytes())
     codec = _blosc(metadata)
     if codec is None:
@@ -140,13 +154,14 @@ def read(folder: Path) -> tuple[np.ndarray, dict[str, Any]] | None:
         chunk = (folder / chunk_key(len(shape))).read_bytes()
     except OSError:
         return None
-    if metadata["codecs"][-1]["name"] == "crc32c":
-        chunk, checksum = chunk[:-4], chunk[-4:]
-        if np.uint32(google_crc32c.value(chunk)).astype("<u4").tobytes() != checksum:
-            return None
-    head = chunk[: BLOSC_HEADER.size]
-    if len(head) < BLOSC_HEADER.size or BLOSC_HEADER.unpack(head)[0] != int(np.prod(shape)) * dtype.itemsize:
+    checksum = metadata["codecs"][-1]["name"] == "crc32c"
+    data_bytes = int(np.prod(shape)) * dtype.itemsize
+    if chunk_problem(chunk[: BLOSC_HEADER.size], len(chunk), data_bytes, checksum) is not None:
         return None
+    if checksum:
+        chunk, stored = chunk[:-4], chunk[-4:]
+        if np.uint32(google_crc32c.value(chunk)).astype("<u4").tobytes() != stored:
+            return None
     out = np.empty(shape, dtype=dtype)
     try:
         codec.decode(chunk, out=out)

@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,7 +60,7 @@ from zarr.errors import ArrayNotFoundError, ContainsGroupError
 from zarr.storage import FsspecStore
 
 from pipeline.core import chunkfile
-from pipeline.core.chunkfile import BLOSC_HEADER, COMPLETE, layout
+from pipeline.core.chunkfile import BLOSC_HEADER, COMPLETE, chunk_problem, layout
 from pipeline.core.errors import InputError
 from pipeline.core.io import detached, location
 from pipeline.core.registry import DVC_ARTIFACTS, Store
@@ -75,21 +75,6 @@ MADE_FROM = "made_from"
 class DamagedImageError(InputError):
     """An image's array cannot be read back: its chunk file is gone, damaged or does not decode.
     Its stage writes it again on a rerun; ``rrm verify`` lists every such image."""
-
-
-def chunk_problem(head: bytes, size: int, data_bytes: int, checksum: bool) -> str | None:
-    """Why a chunk file of ``size`` bytes starting with ``head`` cannot be the whole blosc chunk
-    of an array of ``data_bytes`` bytes (``checksum``: followed by its CRC-32C), or None where it
-    can; read from the header alone, nothing is decoded."""
-    trailer = 4 if checksum else 0
-    if size < BLOSC_HEADER.size + trailer or len(head) < BLOSC_HEADER.size:
-        return f"cut short ({size} bytes)"
-    held, _, compressed = BLOSC_HEADER.unpack_from(head)
-    if held != data_bytes:
-        return f"not this array's ({held} bytes of data where the array has {data_bytes})"
-    if compressed + trailer != size:
-        return f"{'cut short' if size < compressed + trailer else 'too long'} ({size} bytes of {compressed + trailer})"
-    return None
 
 
 DECODE_ERRORS = (RuntimeError, ValueError, TypeError)
@@ -171,10 +156,7 @@ class ImageStore:
             except DECODE_ERRORS as error:
                 raise self._undecodable(image_id, node, error) from None
 
-        found = self._read_directly(image_ids)
-        rest = [image_id for image_id in image_ids if image_id not in found]
-        if rest:
-            found |= dict(zip(rest, sync(_gathered(read(image_id) for image_id in rest)), strict=True))
+        found = self._read_each(image_ids, read)
         return [found[image_id] for image_id in image_ids]
 
     def check(self, image_ids: Sequence[str]) -> dict[str, tuple[str, str]]:
@@ -230,20 +212,23 @@ class ImageStore:
                 return None
             return array, _attributes(node)
 
-        found = self._read_directly(image_ids)
+        found = self._read_each(image_ids, read)
+        return {image_id: found[image_id] for image_id in image_ids if found[image_id] is not None}
+
+    def _read_each(self, image_ids: Sequence[str], through_zarr: Callable[[str], Awaitable[Any]]) -> dict[str, Any]:
+        """Each of ``image_ids`` read: ``(array, attributes)`` where :func:`chunkfile.read` reads
+        it whole in a local folder, else what ``through_zarr`` makes of it (all those
+        concurrently, one round trip to zarr's event loop)."""
+        local = isinstance(self._location, Path)
+        found: dict[str, Any] = {}
+        for image_id in image_ids:
+            got = chunkfile.read(self._location / image_id) if local else None
+            if got is not None:
+                found[image_id] = got[0], _without_complete(got[1])
         rest = [image_id for image_id in image_ids if image_id not in found]
         if rest:
-            read_back = sync(_gathered(read(image_id) for image_id in rest))
-            found |= {image_id: got for image_id, got in zip(rest, read_back, strict=True) if got is not None}
-        return {image_id: found[image_id] for image_id in image_ids if image_id in found}
-
-    def _read_directly(self, image_ids: Sequence[str]) -> dict[str, tuple[np.ndarray, dict[str, Any]]]:
-        """Those of ``image_ids`` that :func:`chunkfile.read` reads whole, with the attributes
-        they were written with; none where the store is not a local folder."""
-        if not isinstance(self._location, Path):
-            return {}
-        read_back = {image_id: chunkfile.read(self._location / image_id) for image_id in image_ids}
-        return {image_id: (got[0], _without_complete(got[1])) for image_id, got in read_back.items() if got is not None}
+            found |= dict(zip(rest, sync(_gathered(through_zarr(image_id) for image_id in rest)), strict=True))
+        return found
 
     def _require_store(self) -> None:
         if not self.exists():
