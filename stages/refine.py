@@ -1,7 +1,7 @@
 """Stage `refine`: learn inter-pixel affinities on the classifier's backbone from the prune
 stage's labels that `refine.labels` names (its two CRFs' labels or its reliable masks), walk the
-training split's CAMs over them into dense pseudo-labels (refined.zarr in `storage.artifacts`),
-and score those.
+training split's CAMs over them into dense pseudo-labels (refined.zarr in `storage.artifacts`)
+that keep those labels' foreground (`refine.keep`), and score those.
 
 A killed run resumes: training from its last saved state, the walk from the last image written.
 """
@@ -41,9 +41,9 @@ def body(ctx: Context) -> None:
         return
     write_record(weights, affinity_made_from(manifest, split, params, init, labels))
     store = ctx.output(REFINED)
-    start(store, refined_made_from(manifest, split, params, weights, cams))
+    start(store, refined_made_from(manifest, split, params, weights, cams, labels))
     with stopwatch() as walking:
-        refine_split(net, manifest, split, cams, store, params, ctx.device, ctx.run)
+        refine_split(net, manifest, split, cams, labels, store, params, ctx.device, ctx.run)
     store.mark_complete(item.id for item in manifest.split(split))
     ctx.write_metrics({**score_labels(store, manifest, split), "rejected": ctx.rejected,
                        "train_seconds": training["seconds"], "walk_seconds": walking["seconds"],

@@ -33,6 +33,7 @@ from pipeline.train.classifier import ClassifierParams, build_classifier
 from pipeline.train.refine import (
     RefineParams,
     build_affinity_net,
+    keep_foreground,
     refine_split,
     refined_made_from,
     score_labels,
@@ -184,47 +185,71 @@ def _cams_store(manifest, folder: Path) -> ImageStore:
     return store
 
 
-def test_refined_labels_hold_only_background_and_the_image_s_tags(tiny_manifest, tmp_path, affinity_net):
-    cams = _cams_store(tiny_manifest, tmp_path)
+def _labels_store(manifest, folder: Path) -> ImageStore:
+    """Affinity labels that give each image's top row its tag and its last column a class it is
+    not tagged with, and leave the rest unlabelled."""
+    store = ImageStore(folder / "crf.zarr")
+    store.reset_unless("test")
+    for item in manifest.split("train"):
+        labels = np.full((20, 24), IGNORE, dtype=np.uint8)
+        labels[0] = item.labels[0] + 1
+        labels[1:, -1] = (item.labels[0] + 1) % 3 + 1
+        store.write(item.id, labels)
+    store.mark_complete(item.id for item in manifest.split("train"))
+    return store
+
+
+def test_the_affinity_labels_foreground_stays_and_the_walk_labels_the_rest():
+    walked = np.array([[1, 1, 0, 0, 2]], dtype=np.uint8)
+    labels = np.array([[2, IGNORE, 0, 5, 1]], dtype=np.uint8)  # class 5 is not among the image's tags
+    assert keep_foreground(walked, labels, np.array([1, 2])).tolist() == [[2, 1, 0, 0, 1]]
+
+
+@pytest.mark.parametrize("keep", ["foreground", "none"])
+def test_refined_labels_hold_only_background_and_the_image_s_tags(tiny_manifest, tmp_path, affinity_net, keep):
+    cams, labels = _cams_store(tiny_manifest, tmp_path), _labels_store(tiny_manifest, tmp_path)
     store = ImageStore(tmp_path / "refined.zarr")
     store.reset_unless("test")
-    params = RefineParams(log_steps=3)
-    written = refine_split(affinity_net, tiny_manifest, "train", cams, store, params, torch.device("cpu"),
+    params = RefineParams(log_steps=3, keep=keep)
+    written = refine_split(affinity_net, tiny_manifest, "train", cams, labels, store, params, torch.device("cpu"),
                            progress=False)
     assert written == [item.id for item in tiny_manifest.split("train")]
     for item in tiny_manifest.split("train"):
-        labels, _ = store.read(item.id)
-        assert labels.dtype == np.uint8 and labels.shape == (20, 24)
-        assert set(np.unique(labels)) <= {0, *(c + 1 for c in item.labels)}
+        refined, _ = store.read(item.id)
+        assert refined.dtype == np.uint8 and refined.shape == (20, 24)
+        assert set(np.unique(refined)) <= {0, *(c + 1 for c in item.labels)}
+        assert (refined[0] == item.labels[0] + 1).all() == (keep == "foreground")  # the walk alone misses the row
     assert score_labels(store, tiny_manifest, "train")["scored_images"] == 4
 
 
 def test_a_killed_walk_resumes_with_the_images_not_yet_written(tiny_manifest, tmp_path, affinity_net):
-    cams = _cams_store(tiny_manifest, tmp_path)
+    cams, labels = _cams_store(tiny_manifest, tmp_path), _labels_store(tiny_manifest, tmp_path)
     store = ImageStore(tmp_path / "refined.zarr")
     store.reset_unless("test")
     first = tiny_manifest.split("train")[0].id
     store.write(first, np.zeros((20, 24), dtype=np.uint8))
-    written = refine_split(affinity_net, tiny_manifest, "train", cams, store, RefineParams(log_steps=2),
+    written = refine_split(affinity_net, tiny_manifest, "train", cams, labels, store, RefineParams(log_steps=2),
                            torch.device("cpu"), progress=False)
     assert first not in written and len(written) == 3
-    assert refine_split(affinity_net, tiny_manifest, "train", cams, store, RefineParams(log_steps=2),
+    assert refine_split(affinity_net, tiny_manifest, "train", cams, labels, store, RefineParams(log_steps=2),
                         torch.device("cpu"), progress=False) == []
 
 
-def test_the_refined_store_records_its_settings_network_and_cams(tiny_manifest, tmp_path):
-    cams = _cams_store(tiny_manifest, tmp_path)
+def test_the_refined_store_records_its_settings_network_cams_and_the_labels_it_keeps(tiny_manifest, tmp_path):
+    cams, labels = _cams_store(tiny_manifest, tmp_path), _labels_store(tiny_manifest, tmp_path)
     weights = tmp_path / "refine.pth"
     weights.write_bytes(b"trained")
     store = ImageStore(tmp_path / "refined.zarr")
-    made = refined_made_from(tiny_manifest, "train", RefineParams(), weights, cams)
+    made = refined_made_from(tiny_manifest, "train", RefineParams(), weights, cams, labels)
     start(store, made)
     assert store.made_from["settings"]["refine.beta"] == 10.0
-    assert set(store.made_from["inputs"]) == {"weights", "cams.zarr"}
+    assert set(store.made_from["inputs"]) == {"weights", "cams.zarr", "labels"}
+    assert set(refined_made_from(tiny_manifest, "train", RefineParams(keep="none"), weights, cams,
+                                 labels).inputs) == {"weights", "cams.zarr"}
     store.write("im0", np.zeros((20, 24), dtype=np.uint8))
-    start(store, refined_made_from(tiny_manifest, "train", RefineParams(), weights, cams))
+    start(store, refined_made_from(tiny_manifest, "train", RefineParams(), weights, cams, labels))
     assert "im0" in store  # the same settings keep what was walked
-    start(store, refined_made_from(tiny_manifest, "train", RefineParams(beta=12.0), weights, cams))
+    start(store, refined_made_from(tiny_manifest, "train", RefineParams(beta=12.0), weights, cams, labels))
     assert store.is_empty()  # another beta walks anew
 
 

@@ -11,8 +11,9 @@ end. Each training image's CAMs are then averaged down to the network's grid, wa
 ``2 ** log_steps`` steps over the affinities raised to ``beta`` (fewer on a small grid, see
 :meth:`RefineParams.steps_on`), upsampled back bilinearly, and
 background competes with them (see :attr:`RefineParams.background`); the argmax over background
-and the image's own tags gives its label: every pixel gets one, and none gets a class the image
-is not tagged with.
+and the image's own tags gives its label, except where the affinity labels give the pixel one of
+those classes, which it keeps (:attr:`RefineParams.keep`): every pixel gets a label, and none
+gets a class the image is not tagged with.
 
 Defaults are the published ones where a measurement did not pick another (sources in the
 fields' notes; the measurements in ``docs/results/refine.md``).
@@ -34,7 +35,7 @@ from pipeline.core.distributed import Distributed
 from pipeline.core.io import file_digest, fingerprint
 from pipeline.core.params import check_choice, check_range
 from pipeline.core.provenance import MadeFrom, settings
-from pipeline.core.registry import CAMS, REFINE_LABELS, REFINE_WEIGHTS
+from pipeline.core.registry import CAMS, LABELS, REFINE_LABELS, REFINE_WEIGHTS
 from pipeline.core.run import DEFAULT_RUN, RunParams
 from pipeline.core.store import ImageStore
 from pipeline.data.datasets import ImageDataset, SegmentationDataset
@@ -51,6 +52,7 @@ if TYPE_CHECKING:
     from pipeline.core.stage import Context
 
 BACKGROUNDS = ("threshold", "power")
+KEEPS = ("foreground", "none")
 
 
 @dataclass(frozen=True)
@@ -94,12 +96,21 @@ class RefineParams(TrainingParams):
     """IRN's ``sem_seg_bg_thres`` is 0.25."""
     bg_power: float = 16.0
     """PSA's alpha in ``infer_aff.py``."""
+    keep: str = "foreground"
+    """What of the affinity labels (``labels``) the refined labels keep: ``foreground``, each pixel
+    they give a class keeps it and the walk labels the rest (their background and unlabelled
+    pixels), or ``none``, the walk labels every pixel (PSA, IRN). The walk starts from the CAMs,
+    coarser than the CRFs that made these labels, and where a neighbour's affinities are
+    strong it carries that neighbour's class over a confidently labelled object; the labels'
+    background is kept out of the rule because it is where they are least sure of an object's
+    extent, which is what the walk adds (docs/results/refine.md)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_choice("labels", self.labels, REFINE_LABELS.names)
         check_choice("affinity", self.affinity, tuple(AFFINITIES))
         check_choice("background", self.background, BACKGROUNDS)
+        check_choice("keep", self.keep, KEEPS)
         check_range("stride", self.stride, 1)
         check_range("radius", self.radius, 2)
         check_range("beta", self.beta, 0)
@@ -151,18 +162,22 @@ def affinity_made_from(manifest: Manifest, split: str, params: RefineParams, cla
                          {"classifier": file_digest(classifier), "labels": labels.fingerprint})
 
 
-def refined_made_from(manifest: Manifest, split: str, params: RefineParams, weights: Path,
-                      cams: ImageStore) -> MadeFrom:
+def refined_made_from(manifest: Manifest, split: str, params: RefineParams, weights: Path, cams: ImageStore,
+                      labels: ImageStore) -> MadeFrom:
     """What the refined labels are made from: the images and tags of ``split``, the `refine:`
-    settings, the affinity network and the CAMs it walks."""
-    return MadeFrom.made(manifest, (split,), settings("refine", params),
-                         {"weights": file_digest(weights), "cams.zarr": cams.fingerprint})
+    settings, the affinity network, the CAMs it walks and, where they keep some of them
+    (``params.keep``), the affinity labels ``labels``."""
+    inputs = {"weights": file_digest(weights), "cams.zarr": cams.fingerprint}
+    if params.keep != "none":
+        inputs["labels"] = labels.fingerprint
+    return MadeFrom.made(manifest, (split,), settings("refine", params), inputs)
 
 
 def expected_refined(ctx: Context) -> MadeFrom:
     """The record a reader must find in the refined labels now (registered in :mod:`pipeline.core.registry`)."""
-    return refined_made_from(ctx.manifest, ctx.dataset.train_split, ctx.params(RefineParams, "refine"),
-                             ctx.file(REFINE_WEIGHTS), ctx.storage.store(CAMS))
+    params = ctx.params(RefineParams, "refine")
+    return refined_made_from(ctx.manifest, ctx.dataset.train_split, params, ctx.file(REFINE_WEIGHTS),
+                             ctx.storage.store(CAMS), ctx.storage.store(LABELS[params.labels]))
 
 
 def train_affinity(net: AffinityNet, manifest: Manifest, split: str, params: RefineParams, labels: ImageStore,
@@ -213,15 +228,22 @@ def walked_labels(walked: torch.Tensor, size: tuple[int, int], params: RefinePar
     return torch.cat([torch.full_like(scores[:, :1], params.bg_threshold), scores], dim=1).argmax(dim=1)
 
 
+def keep_foreground(walked: np.ndarray, labels: np.ndarray, tagged: np.ndarray) -> np.ndarray:
+    """The walk's labels ``walked`` (H, W), each pixel to which ``labels`` (H, W: 0 background,
+    class + 1, 255 unlabelled) give one of the label values ``tagged`` taking that value instead."""
+    kept = (labels != 0) & np.isin(labels, tagged)
+    return np.where(kept, labels, walked).astype(walked.dtype)
+
+
 @torch.inference_mode()
-def refine_split(net: AffinityNet, manifest: Manifest, split: str, cams: ImageStore, store: ImageStore,
-                 params: RefineParams, device: torch.device, run: RunParams = DEFAULT_RUN,
+def refine_split(net: AffinityNet, manifest: Manifest, split: str, cams: ImageStore, labels: ImageStore,
+                 store: ImageStore, params: RefineParams, device: torch.device, run: RunParams = DEFAULT_RUN,
                  progress: bool = True) -> list[str]:
     """Write the refined labels of ``split`` to ``store`` (uint8 (H, W): 0 background, class + 1),
     skipping the images it holds in full, so that a killed run resumes where it stopped. Images
     of one size walk together (``run.inference_batch`` of them, at most ``run.batch_pixels``
-    pixels), each with its own tags' CAMs, padded with empty maps to the batch's most. Returns
-    the ids written."""
+    pixels), each with its own tags' CAMs, padded with empty maps to the batch's most; the
+    affinity labels ``labels`` keep what ``params.keep`` says. Returns the ids written."""
     net.eval()
     dataset = ImageDataset(manifest, split)
     done = set(store.complete_ids())
@@ -245,7 +267,10 @@ def refine_split(net: AffinityNet, manifest: Manifest, split: str, cams: ImageSt
                                  params.steps_on(grid))
             best = walked_labels(walked, size, params).cpu().numpy()
             for image_id, choice, own in zip(batch["id"], best, values, strict=True):
-                store.write(image_id, own[choice])
+                refined = own[choice]
+                if params.keep == "foreground":
+                    refined = keep_foreground(refined, labels.read(image_id)[0], own[1:])
+                store.write(image_id, refined)
                 written.append(image_id)
             bar.update(len(batch["id"]))
     return written
