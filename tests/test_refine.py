@@ -186,23 +186,29 @@ def _cams_store(manifest, folder: Path) -> ImageStore:
 
 
 def _labels_store(manifest, folder: Path) -> ImageStore:
-    """Affinity labels that give each image's top row its tag and its last column a class it is
-    not tagged with, and leave the rest unlabelled."""
+    """Affinity labels that give each image's tag to every row from the top down to its object's
+    last and a class it is not tagged with to the rest of its last column, and leave the rest
+    unlabelled."""
     store = ImageStore(folder / "crf.zarr")
     store.reset_unless("test")
     for item in manifest.split("train"):
         labels = np.full((20, 24), IGNORE, dtype=np.uint8)
-        labels[0] = item.labels[0] + 1
-        labels[1:, -1] = (item.labels[0] + 1) % 3 + 1
+        bottom = np.flatnonzero(manifest.read_mask(item).any(axis=1)).max()
+        labels[: bottom + 1] = item.labels[0] + 1
+        labels[bottom + 1 :, -1] = (item.labels[0] + 1) % 3 + 1
         store.write(item.id, labels)
     store.mark_complete(item.id for item in manifest.split("train"))
     return store
 
 
-def test_the_affinity_labels_foreground_stays_and_the_walk_labels_the_rest():
-    walked = np.array([[1, 1, 0, 0, 2]], dtype=np.uint8)
-    labels = np.array([[2, IGNORE, 0, 5, 1]], dtype=np.uint8)  # class 5 is not among the image's tags
-    assert keep_foreground(walked, labels, np.array([1, 2])).tolist() == [[2, 1, 0, 0, 1]]
+def test_the_affinity_labels_complete_the_objects_the_walk_found():
+    walked = np.array([[0, 1, 0, 0, 0, 0, 2, 2]], dtype=np.uint8)
+    labels = np.array([[1, 1, 1, X, 1, 0, 5, 2]], dtype=np.uint8)
+    kept = keep_foreground(walked, labels, np.array([1, 2]))
+    # the region of 1 the walk reached is kept whole; the one it did not reach (a CRF's stray
+    # patch) adds nothing, nor does a class the image is not tagged with (5); the labels'
+    # background and their 255 leave the walk as it is; 2 is kept where the walk found it
+    assert kept.tolist() == [[1, 1, 1, 0, 0, 0, 2, 2]]
 
 
 @pytest.mark.parametrize("keep", ["foreground", "none"])

@@ -11,9 +11,9 @@ end. Each training image's CAMs are then averaged down to the network's grid, wa
 ``2 ** log_steps`` steps over the affinities raised to ``beta`` (fewer on a small grid, see
 :meth:`RefineParams.steps_on`), upsampled back bilinearly, and
 background competes with them (see :attr:`RefineParams.background`); the argmax over background
-and the image's own tags gives its label, except where the affinity labels give the pixel one of
-those classes, which it keeps (:attr:`RefineParams.keep`): every pixel gets a label, and none
-gets a class the image is not tagged with.
+and the image's own tags gives its label, and the affinity labels' regions of those classes
+complete the objects the walk found (:attr:`RefineParams.keep`): every pixel gets a label, and
+none gets a class the image is not tagged with.
 
 Defaults are the published ones where a measurement did not pick another (sources in the
 fields' notes; the measurements in ``docs/results/refine.md``).
@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy import ndimage
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
@@ -97,13 +98,15 @@ class RefineParams(TrainingParams):
     bg_power: float = 16.0
     """PSA's alpha in ``infer_aff.py``."""
     keep: str = "foreground"
-    """What of the affinity labels (``labels``) the refined labels keep: ``foreground``, each pixel
-    they give a class keeps it and the walk labels the rest (their background and unlabelled
-    pixels), or ``none``, the walk labels every pixel (PSA, IRN). The walk starts from the CAMs,
-    coarser than the CRFs that made these labels, and where a neighbour's affinities are
-    strong it carries that neighbour's class over a confidently labelled object; the labels'
-    background is kept out of the rule because it is where they are least sure of an object's
-    extent, which is what the walk adds (docs/results/refine.md)."""
+    """What of the affinity labels (``labels``) the refined labels keep: ``foreground``, each of
+    their regions of one class that the walk gives that class somewhere keeps it whole and the
+    walk labels the rest (:func:`keep_foreground`), or ``none``, the walk labels every pixel (PSA,
+    IRN). The walk starts from the CAMs, coarser than the CRFs that made these labels: it leaves
+    the far parts of an object to background, and where a neighbour's affinities are strong it
+    carries that neighbour's class over the object. The labels' background is kept out of the
+    rule, being where they are least sure of an object's extent, which is what the walk adds; so
+    are their regions the walk does not touch, where a CRF on a faint CAM painted a smooth
+    background as an object (docs/results/refine.md)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -229,10 +232,16 @@ def walked_labels(walked: torch.Tensor, size: tuple[int, int], params: RefinePar
 
 
 def keep_foreground(walked: np.ndarray, labels: np.ndarray, tagged: np.ndarray) -> np.ndarray:
-    """The walk's labels ``walked`` (H, W), each pixel to which ``labels`` (H, W: 0 background,
-    class + 1, 255 unlabelled) give one of the label values ``tagged`` taking that value instead."""
-    kept = (labels != 0) & np.isin(labels, tagged)
-    return np.where(kept, labels, walked).astype(walked.dtype)
+    """The walk's labels ``walked`` (H, W) where ``labels`` (H, W: 0 background, class + 1, 255
+    unlabelled) complete the objects the walk found: each connected region of ``labels`` of one
+    of the label values ``tagged`` that the walk gives that value somewhere takes it whole; a
+    region the walk gives that value nowhere, an object it did not find, adds nothing."""
+    refined = walked.copy()
+    for value in np.unique(tagged[tagged != 0]):
+        regions, _ = ndimage.label(labels == value)
+        found = np.unique(regions[(regions != 0) & (walked == value)])
+        refined[np.isin(regions, found[found != 0])] = value
+    return refined
 
 
 @torch.inference_mode()
