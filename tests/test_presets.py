@@ -36,8 +36,8 @@ SECTIONS = {
 }
 METHOD = ("mode", "dense_weight", "sigma_rgb", "sigma_xy", "energy_scale", "energy_tags", "cls_weight", "crf")
 """The segment stage's method parameters, which no preset changes but VOC's mode (the paper's end to end)."""
-REFINE_METHOD = ("labels", "affinity", "stride", "radius", "beta", "log_steps", "walk_diagonal", "background", "keep",
-                 "bg_threshold", "bg_power")
+REFINE_METHOD = ("labels", "affinity", "stride", "radius", "beta", "log_steps", "walk_diagonal", "background",
+                 "bg_threshold", "bg_power", "keep", "keep_share")
 """The refine stage's method parameters, the same in every preset; presets set its crops and schedule."""
 ALL = sorted([PRESETS.parent / "params.yaml", *PRESETS.glob("*.yaml")])
 

@@ -202,13 +202,15 @@ def _labels_store(manifest, folder: Path) -> ImageStore:
 
 
 def test_the_affinity_labels_complete_the_objects_the_walk_found():
-    walked = np.array([[0, 1, 0, 0, 0, 0, 2, 2]], dtype=np.uint8)
-    labels = np.array([[1, 1, 1, X, 1, 0, 5, 2]], dtype=np.uint8)
-    kept = keep_foreground(walked, labels, np.array([1, 2]))
-    # the region of 1 the walk reached is kept whole; the one it did not reach (a CRF's stray
-    # patch) adds nothing, nor does a class the image is not tagged with (5); the labels'
-    # background and their 255 leave the walk as it is; 2 is kept where the walk found it
-    assert kept.tolist() == [[1, 1, 1, 0, 0, 0, 2, 2]]
+    walked = np.array([[0, 1, 0, 0, 0, 0, 2, 2, 0, 0, 0, 0, 0, 0, 2]], dtype=np.uint8)
+    labels = np.array([[1, 1, 1, X, 1, 0, 5, 2, X, 2, 2, 2, 2, 2, 2]], dtype=np.uint8)
+    kept = keep_foreground(walked, labels, np.array([1, 2]), share=0.25)
+    # the region of 1 of which the walk found a third is kept whole; the one it did not reach
+    # adds nothing, nor does a class the image is not tagged with (5); the labels' background
+    # and their 255 leave the walk as it is; of the last region of 2 the walk found a sixth
+    assert kept.tolist() == [[1, 1, 1, 0, 0, 0, 2, 2, 0, 0, 0, 0, 0, 0, 2]]
+    assert keep_foreground(walked, labels, np.array([1, 2]), share=0.1)[0, 9:].tolist() == [2] * 6
+    assert np.array_equal(keep_foreground(walked, labels, np.array([1, 2]), share=1.0), walked)
 
 
 @pytest.mark.parametrize("keep", ["foreground", "none"])
@@ -216,7 +218,7 @@ def test_refined_labels_hold_only_background_and_the_image_s_tags(tiny_manifest,
     cams, labels = _cams_store(tiny_manifest, tmp_path), _labels_store(tiny_manifest, tmp_path)
     store = ImageStore(tmp_path / "refined.zarr")
     store.reset_unless("test")
-    params = RefineParams(log_steps=3, keep=keep)
+    params = RefineParams(log_steps=3, keep=keep, keep_share=0.1)  # the object: a fifth of its labels region or more
     written = refine_split(affinity_net, tiny_manifest, "train", cams, labels, store, params, torch.device("cpu"),
                            progress=False)
     assert written == [item.id for item in tiny_manifest.split("train")]

@@ -99,14 +99,18 @@ class RefineParams(TrainingParams):
     """PSA's alpha in ``infer_aff.py``."""
     keep: str = "foreground"
     """What of the affinity labels (``labels``) the refined labels keep: ``foreground``, each of
-    their regions of one class that the walk gives that class somewhere keeps it whole and the
-    walk labels the rest (:func:`keep_foreground`), or ``none``, the walk labels every pixel (PSA,
-    IRN). The walk starts from the CAMs, coarser than the CRFs that made these labels: it leaves
-    the far parts of an object to background, and where a neighbour's affinities are strong it
-    carries that neighbour's class over the object. The labels' background is kept out of the
-    rule, being where they are least sure of an object's extent, which is what the walk adds; so
-    are their regions the walk does not touch, where a CRF on a faint CAM painted a smooth
-    background as an object (docs/results/refine.md)."""
+    their regions of one class to which the walk gives that class on ``keep_share`` of its pixels
+    or more keeps it whole and the walk labels the rest (:func:`keep_foreground`), or ``none``,
+    the walk labels every pixel (PSA, IRN). The walk starts from the CAMs, coarser than the CRFs
+    that made these labels: it leaves the far parts of an object to background, and where a
+    neighbour's affinities are strong it carries that neighbour's class over the object. The
+    labels' background is kept out of the rule, being where they are least sure of an object's
+    extent, which is what the walk adds."""
+    keep_share: float = 0.25
+    """The least share of a region of the affinity labels the walk must give its class for the
+    region to be kept (``keep: foreground``): a region the walk hardly touches is most often a
+    CRF's stray patch, a smooth background painted as an object around a faint CAM
+    (docs/results/refine.md)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -114,6 +118,7 @@ class RefineParams(TrainingParams):
         check_choice("affinity", self.affinity, tuple(AFFINITIES))
         check_choice("background", self.background, BACKGROUNDS)
         check_choice("keep", self.keep, KEEPS)
+        check_range("keep_share", self.keep_share, 0, 1)
         check_range("stride", self.stride, 1)
         check_range("radius", self.radius, 2)
         check_range("beta", self.beta, 0)
@@ -231,16 +236,20 @@ def walked_labels(walked: torch.Tensor, size: tuple[int, int], params: RefinePar
     return torch.cat([torch.full_like(scores[:, :1], params.bg_threshold), scores], dim=1).argmax(dim=1)
 
 
-def keep_foreground(walked: np.ndarray, labels: np.ndarray, tagged: np.ndarray) -> np.ndarray:
+def keep_foreground(walked: np.ndarray, labels: np.ndarray, tagged: np.ndarray, share: float) -> np.ndarray:
     """The walk's labels ``walked`` (H, W) where ``labels`` (H, W: 0 background, class + 1, 255
     unlabelled) complete the objects the walk found: each connected region of ``labels`` of one
-    of the label values ``tagged`` that the walk gives that value somewhere takes it whole; a
-    region the walk gives that value nowhere, an object it did not find, adds nothing."""
+    of the label values ``tagged`` to at least ``share`` of which the walk gives that value takes
+    it whole; a region the walk gives less of it (nothing: an object it did not find) adds
+    nothing."""
     refined = walked.copy()
     for value in np.unique(tagged[tagged != 0]):
-        regions, _ = ndimage.label(labels == value)
-        found = np.unique(regions[(regions != 0) & (walked == value)])
-        refined[np.isin(regions, found[found != 0])] = value
+        regions, count = ndimage.label(labels == value)
+        area = np.bincount(regions.ravel(), minlength=count + 1)
+        found = np.bincount(regions[walked == value], minlength=count + 1)
+        kept = (found > 0) & (found >= share * area)
+        kept[0] = False
+        refined[kept[regions]] = value
     return refined
 
 
@@ -278,7 +287,7 @@ def refine_split(net: AffinityNet, manifest: Manifest, split: str, cams: ImageSt
             for image_id, choice, own in zip(batch["id"], best, values, strict=True):
                 refined = own[choice]
                 if params.keep == "foreground":
-                    refined = keep_foreground(refined, labels.read(image_id)[0], own[1:])
+                    refined = keep_foreground(refined, labels.read(image_id)[0], own[1:], params.keep_share)
                 store.write(image_id, refined)
                 written.append(image_id)
             bar.update(len(batch["id"]))
