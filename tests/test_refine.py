@@ -218,7 +218,7 @@ def test_refined_labels_hold_only_background_and_the_image_s_tags(tiny_manifest,
     cams, labels = _cams_store(tiny_manifest, tmp_path), _labels_store(tiny_manifest, tmp_path)
     store = ImageStore(tmp_path / "refined.zarr")
     store.reset_unless("test")
-    params = RefineParams(log_steps=3, keep=keep, keep_share=0.1)  # the object: a fifth of its labels region or more
+    params = RefineParams(log_steps=3, keep=keep, keep_share=0.1)  # the object: a fifth of its labels' region or more
     written = refine_split(affinity_net, tiny_manifest, "train", cams, labels, store, params, torch.device("cpu"),
                            progress=False)
     assert written == [item.id for item in tiny_manifest.split("train")]
