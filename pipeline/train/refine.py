@@ -284,12 +284,12 @@ def refine_split(net: AffinityNet, manifest: Manifest, split: str, cams: ImageSt
             walked = random_walk(walk_scores(maps.to(device), grid, params), weights, params.radius,
                                  params.steps_on(grid))
             best = walked_labels(walked, size, params).cpu().numpy()
-            for image_id, choice, own in zip(batch["id"], best, values, strict=True):
-                refined = own[choice]
-                if params.keep == "foreground":
-                    refined = keep_foreground(refined, labels.read(image_id)[0], own[1:], params.keep_share)
-                store.write(image_id, refined)
-                written.append(image_id)
+            refined = [own[choice] for choice, own in zip(best, values, strict=True)]
+            if params.keep == "foreground":
+                refined = [keep_foreground(walk, kept, own[1:], params.keep_share)
+                           for walk, (kept, _), own in zip(refined, labels.read_many(batch["id"]), values, strict=True)]
+            store.write_many([(image_id, array, {}) for image_id, array in zip(batch["id"], refined, strict=True)])
+            written += batch["id"]
             bar.update(len(batch["id"]))
     return written
 
@@ -298,7 +298,7 @@ def _padded_cams(cams: ImageStore, ids: list[str], size: tuple[int, int]) -> tup
     """The stored CAMs of ``ids`` as float32 (N, K, H, W), K the most classes of any of them, one
     at least (the others padded with zero maps), and each image's label value of every walked
     map (background, then its classes + 1; the padding maps too, which never win: they stay 0)."""
-    read = [cams.read(image_id) for image_id in ids]
+    read = cams.read_many(ids)
     width = max(1, *(len(attrs["classes"]) for _, attrs in read))
     maps = torch.zeros((len(ids), width, *size))
     values = []
