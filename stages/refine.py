@@ -11,16 +11,9 @@ from __future__ import annotations
 from pipeline.core.provenance import forget, start, write_record
 from pipeline.core.registry import CAMS, CLASSIFIER, REFINE_LABELS, REFINED
 from pipeline.core.stage import Context, run, stage_main, stopwatch
+from pipeline.train.affinity import build_affinity_net, refine_split, score_labels, train_affinity
 from pipeline.train.classifier import ClassifierParams
-from pipeline.train.refine import (
-    RefineParams,
-    affinity_made_from,
-    build_affinity_net,
-    refine_split,
-    refined_made_from,
-    score_labels,
-    train_affinity,
-)
+from pipeline.train.refine import RefineParams, affinity_made_from, refined_made_from
 
 
 def body(ctx: Context) -> None:

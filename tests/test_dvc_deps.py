@@ -62,6 +62,13 @@ def test_a_stage_that_checks_an_input_runs_its_producer_s_record_function():
     assert {"pipeline/method/mining.py", "pipeline/train/refine.py"} <= found  # segment.labels: masks | refined
 
 
+@pytest.mark.parametrize("name", ["segment", "deeplab"])
+def test_a_stage_that_may_learn_from_the_refined_labels_does_not_run_the_walk(name):
+    found = {str(path.relative_to(ROOT)) for path in stage_code(STAGES[name])}
+    assert "pipeline/train/refine.py" in found  # the refined labels' record
+    assert not {"pipeline/train/affinity.py", "pipeline/models/affinity.py"} & found
+
+
 def test_the_closure_follows_imports_and_packages():
     found = {str(path.relative_to(ROOT)) for path in closure([ROOT / "stages" / "classifier.py"])}
     assert {"stages/classifier.py", "pipeline/train/classifier.py", "pipeline/models/__init__.py",

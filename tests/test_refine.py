@@ -29,17 +29,16 @@ from pipeline.method.affinity import (
 )
 from pipeline.models import CAMNet, build_backbone, save_checkpoint
 from pipeline.models.affinity import LEVELS, AffinityNet
-from pipeline.train.classifier import ClassifierParams, build_classifier
-from pipeline.train.refine import (
-    RefineParams,
+from pipeline.train.affinity import (
     build_affinity_net,
     keep_foreground,
     refine_split,
-    refined_made_from,
     score_labels,
     walk_scores,
     walked_labels,
 )
+from pipeline.train.classifier import ClassifierParams, build_classifier
+from pipeline.train.refine import RefineParams, refined_made_from
 
 X = IGNORE
 

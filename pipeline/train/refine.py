@@ -1,19 +1,9 @@
-"""Stage 7 (beyond the paper): affinities learnt from the prune stage's labels, and the training
-split's CAMs propagated over them into dense pseudo-labels.
+"""Stage 7 (beyond the paper): the refine stage's settings and the records of what it makes.
 
-The affinity network (:class:`~pipeline.models.affinity.AffinityNet`) reads the classifier's
-backbone as the classifier stage left it, as IRN keeps its backbone, and learns only its new
-layers from the pairs of cells the prune stage's labels label (PSA's affinity labels and loss,
-:mod:`pipeline.method.affinity`): by default the labels of its two CRFs alone (``crf.zarr``),
-which is what PSA and IRN learn from, rather than the reliable masks, whose confidence filters
-leave the pixels around each object unlabelled and so teach the network little of where objects
-end. Each training image's CAMs are then averaged down to the network's grid, walked
-``2 ** log_steps`` steps over the affinities raised to ``beta`` (fewer on a small grid, see
-:meth:`RefineParams.steps_on`), upsampled back bilinearly, and
-background competes with them (see :attr:`RefineParams.background`); the argmax over background
-and the image's own tags gives its label, and the affinity labels' regions of those classes
-complete the objects the walk found (:attr:`RefineParams.keep`): every pixel gets a label, and
-none gets a class the image is not tagged with.
+What the stage does is in :mod:`pipeline.train.affinity`. A stage that may learn from the
+refined labels runs the record function here (:func:`expected_refined`) to check them, and so
+depends on this module, not on the training and the walk: an edit of those reruns the refine
+stage alone, and the stages that learn from its labels only where the labels change.
 
 Defaults are the published ones where a measurement did not pick another (sources in the
 fields' notes; the measurements in ``docs/results/refine.md``).
@@ -21,33 +11,20 @@ fields' notes; the measurements in ``docs/results/refine.md``).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
-import torch.nn.functional as F
-from scipy import ndimage
-from torch.utils.data import DataLoader
-from tqdm import tqdm
 
-from pipeline.core.distributed import Distributed
-from pipeline.core.io import file_digest, fingerprint
+from pipeline.core.io import file_digest
 from pipeline.core.params import check_choice, check_range
 from pipeline.core.provenance import MadeFrom, settings
 from pipeline.core.registry import CAMS, LABELS, REFINE_LABELS, REFINE_WEIGHTS
-from pipeline.core.run import DEFAULT_RUN, RunParams
 from pipeline.core.store import ImageStore
-from pipeline.data.datasets import ImageDataset, SegmentationDataset
 from pipeline.data.manifest import Manifest
-from pipeline.method.affinity import AFFINITIES, affinity_loss, label_grid, random_walk, transition_weights
-from pipeline.method.cams import image_size, size_grouped_batches
-from pipeline.method.metrics import SegmentationScore
-from pipeline.models import fold_batch_norms, save_checkpoint
-from pipeline.models.affinity import LEVELS, AffinityNet, to_grid
-from pipeline.train.classifier import ClassifierParams, load_classifier
-from pipeline.train.loop import Checkpoint, TrainingParams, data_parallel, train, unwrap
+from pipeline.method.affinity import AFFINITIES
+from pipeline.train.loop import TrainingParams
 
 if TYPE_CHECKING:
     from pipeline.core.stage import Context
@@ -153,15 +130,6 @@ class RefineParams(TrainingParams):
         return torch.optim.Adam(trainable, lr=self.lr, betas=(self.momentum, 0.999), weight_decay=self.weight_decay)
 
 
-def build_affinity_net(classifier: ClassifierParams, num_classes: int, weights: Path,
-                       params: RefineParams) -> AffinityNet:
-    """The affinity network of ``params`` on the trained classifier's backbone (batch norms
-    folded: it only infers), its new layers drawn from ``params.seed``."""
-    torch.manual_seed(params.seed)
-    backbone = fold_batch_norms(load_classifier(classifier, num_classes, weights)).backbone
-    return AffinityNet(backbone, LEVELS[classifier.backbone], params.stride, AFFINITIES[params.affinity][0])
-
-
 def affinity_made_from(manifest: Manifest, split: str, params: RefineParams, classifier: Path,
                        labels: ImageStore) -> MadeFrom:
     """What the affinity network is made from: the images and tags of ``split``, the `refine:`
@@ -186,138 +154,3 @@ def expected_refined(ctx: Context) -> MadeFrom:
     params = ctx.params(RefineParams, "refine")
     return refined_made_from(ctx.manifest, ctx.dataset.train_split, params, ctx.file(REFINE_WEIGHTS),
                              ctx.storage.store(CAMS), ctx.storage.store(LABELS[params.labels]))
-
-
-def train_affinity(net: AffinityNet, manifest: Manifest, split: str, params: RefineParams, labels: ImageStore,
-                   out: Path, state: Path, ctx: Distributed, device: torch.device, run: RunParams = DEFAULT_RUN,
-                   progress: bool = True) -> AffinityNet:
-    """Train (or resume training) the new layers of ``net`` on the affinity labels of the
-    ``labels`` of ``split``; write them to ``out`` (rank 0): the backbone is the classifier's,
-    recorded as an input."""
-    labels.require_complete()
-    torch.manual_seed(params.seed)
-    net.to(device)
-    dataset = SegmentationDataset(manifest, split, lambda image_id: labels.read(image_id)[0], params.augmentation(),
-                                  params.seed)
-    loader = params.loader(dataset, ctx, device, run)
-    model = data_parallel(net, ctx, device)
-    optimizer = params.optimizer(net)
-
-    def step(batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        features = model(batch["image"].to(device, non_blocking=True)).float()
-        grid = label_grid(batch["label"].to(device), params.stride)
-        return affinity_loss(features, grid, params.radius, AFFINITIES[params.affinity][1])
-
-    key = fingerprint(asdict(params), labels.fingerprint, manifest.name, split, len(dataset))
-    train(model, loader, step, optimizer, params.loop("refine", progress, run), Checkpoint(state, key), ctx, device)
-    if ctx.is_main:
-        save_checkpoint(unwrap(net).head, out)
-    return net
-
-
-def walk_scores(cams: torch.Tensor, grid: tuple[int, int], params: RefineParams) -> torch.Tensor:
-    """The maps that walk, averaged over each cell of ``grid``: the (N, K, H, W) max-normalised
-    ``cams`` and, for PSA's ``power`` background, ``(1 - max_k cam_k) ** bg_power`` in front
-    (an image without a CAM has that score 1 everywhere)."""
-    if params.background == "threshold":
-        return to_grid(cams, grid)
-    peak = cams.amax(dim=1, keepdim=True) if cams.shape[1] else cams.new_zeros((cams.shape[0], 1, *cams.shape[2:]))
-    return to_grid(torch.cat([(1 - peak).clamp_min(0) ** params.bg_power, cams], dim=1), grid)
-
-
-def walked_labels(walked: torch.Tensor, size: tuple[int, int], params: RefineParams) -> torch.Tensor:
-    """The index, per pixel of ``size``, of the best of background (0) and the walked maps
-    (:func:`walk_scores`, then upsampled bilinearly): against IRN's constant threshold after each
-    image's maps are divided by their largest value, or against PSA's walked background score."""
-    scores = F.interpolate(walked, size=size, mode="bilinear", align_corners=False)
-    if params.background == "power":
-        return scores.argmax(dim=1)
-    scores = scores / scores.amax(dim=(1, 2, 3), keepdim=True).clamp_min(torch.finfo(scores.dtype).tiny)
-    return torch.cat([torch.full_like(scores[:, :1], params.bg_threshold), scores], dim=1).argmax(dim=1)
-
-
-def keep_foreground(walked: np.ndarray, labels: np.ndarray, tagged: np.ndarray, share: float) -> np.ndarray:
-    """The walk's labels ``walked`` (H, W) where ``labels`` (H, W: 0 background, class + 1, 255
-    unlabelled) complete the objects the walk found: each connected region of ``labels`` of one
-    of the label values ``tagged`` to at least ``share`` of which the walk gives that value takes
-    it whole; a region the walk gives less of it (nothing: an object it did not find) adds
-    nothing."""
-    refined = walked.copy()
-    for value in np.unique(tagged[tagged != 0]):
-        regions, count = ndimage.label(labels == value)
-        area = np.bincount(regions.ravel(), minlength=count + 1)
-        found = np.bincount(regions[walked == value], minlength=count + 1)
-        kept = (found > 0) & (found >= share * area)
-        kept[0] = False
-        refined[kept[regions]] = value
-    return refined
-
-
-@torch.inference_mode()
-def refine_split(net: AffinityNet, manifest: Manifest, split: str, cams: ImageStore, labels: ImageStore,
-                 store: ImageStore, params: RefineParams, device: torch.device, run: RunParams = DEFAULT_RUN,
-                 progress: bool = True) -> list[str]:
-    """Write the refined labels of ``split`` to ``store`` (uint8 (H, W): 0 background, class + 1),
-    skipping the images it holds in full, so that a killed run resumes where it stopped. Images
-    of one size walk together (``run.inference_batch`` of them, at most ``run.batch_pixels``
-    pixels), each with its own tags' CAMs, padded with empty maps to the batch's most; the
-    affinity labels ``labels`` keep what ``params.keep`` says. Returns the ids written."""
-    net.eval()
-    dataset = ImageDataset(manifest, split)
-    done = set(store.complete_ids())
-    todo = {index: image_size(manifest.image_path(item.id)) for index, item in enumerate(dataset.items)
-            if item.id not in done}
-    if not todo:
-        return []
-    loader = DataLoader(dataset, batch_sampler=size_grouped_batches(todo, run.inference_batch, run.batch_pixels),
-                        num_workers=run.loader_processes(device), pin_memory=device.type == "cuda")
-    written = []
-    with tqdm(total=len(todo), desc=f"refine {split}", unit="img", disable=not progress) as bar:
-        for batch in loader:
-            images = batch["image"].to(device, non_blocking=True)
-            size = tuple(images.shape[-2:])
-            maps, values = _padded_cams(cams, batch["id"], size)
-            with torch.autocast(device.type, enabled=device.type == "cuda" and params.amp):
-                features = net(images)
-            weights = transition_weights(features.float(), params.radius, params.beta, AFFINITIES[params.affinity][1])
-            grid = tuple(features.shape[-2:])
-            walked = random_walk(walk_scores(maps.to(device), grid, params), weights, params.radius,
-                                 params.steps_on(grid))
-            best = walked_labels(walked, size, params).cpu().numpy()
-            refined = [own[choice] for choice, own in zip(best, values, strict=True)]
-            if params.keep == "foreground":
-                refined = [keep_foreground(walk, kept, own[1:], params.keep_share)
-                           for walk, (kept, _), own in zip(refined, labels.read_many(batch["id"]), values, strict=True)]
-            store.write_many([(image_id, array, {}) for image_id, array in zip(batch["id"], refined, strict=True)])
-            written += batch["id"]
-            bar.update(len(batch["id"]))
-    return written
-
-
-def _padded_cams(cams: ImageStore, ids: list[str], size: tuple[int, int]) -> tuple[torch.Tensor, list[np.ndarray]]:
-    """The stored CAMs of ``ids`` as float32 (N, K, H, W), K the most classes of any of them, one
-    at least (the others padded with zero maps), and each image's label value of every walked
-    map (background, then its classes + 1; the padding maps too, which never win: they stay 0)."""
-    read = cams.read_many(ids)
-    width = max(1, *(len(attrs["classes"]) for _, attrs in read))
-    maps = torch.zeros((len(ids), width, *size))
-    values = []
-    for index, (image_cams, attrs) in enumerate(read):
-        maps[index, : len(attrs["classes"])] = torch.from_numpy(image_cams.astype(np.float32))
-        classes = np.asarray(attrs["classes"], dtype=np.int64) + 1
-        values.append(np.concatenate([[0], classes, np.zeros(width - len(classes), dtype=np.int64)]).astype(np.uint8))
-    return maps, values
-
-
-def score_labels(store: ImageStore, manifest: Manifest, split: str) -> dict[str, Any]:
-    """``store``'s labels of ``split`` against the ground truth where it exists: ``{"miou", "iou",
-    "scored_images"}`` (None without any)."""
-    score = SegmentationScore(manifest.num_classes + 1)
-    scored = 0
-    for item in manifest.split(split):
-        gt = manifest.read_mask(item)
-        if gt is not None:
-            score.update(gt, store.read(item.id)[0])
-            scored += 1
-    return {"miou": score.miou() if scored else None,
-            "iou": score.as_dict(manifest.label_names)["iou"] if scored else None, "scored_images": scored}
