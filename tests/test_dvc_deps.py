@@ -57,14 +57,18 @@ def test_a_stage_depends_on_no_project_file_it_does_not_run(name):
     assert not idle, f"dvc.yaml stage {name!r} depends on code it never runs: {'; '.join(idle)}"
 
 
+def code_of(name: str) -> set[str]:
+    """The project files stage ``name`` runs, relative to the repository."""
+    return {str(path.relative_to(ROOT)) for path in stage_code(STAGES[name])}
+
+
 def test_a_stage_that_checks_an_input_runs_its_producer_s_record_function():
-    found = {str(path.relative_to(ROOT)) for path in stage_code(STAGES["segment"])}
-    assert {"pipeline/method/mining.py", "pipeline/train/refine.py"} <= found  # segment.labels: masks | refined
+    assert {"pipeline/method/mining.py", "pipeline/train/refine.py"} <= code_of("segment")  # labels: masks | refined
 
 
 @pytest.mark.parametrize("name", ["segment", "deeplab"])
 def test_a_stage_that_may_learn_from_the_refined_labels_does_not_run_the_walk(name):
-    found = {str(path.relative_to(ROOT)) for path in stage_code(STAGES[name])}
+    found = code_of(name)
     assert "pipeline/train/refine.py" in found  # the refined labels' record
     assert not {"pipeline/train/affinity.py", "pipeline/models/affinity.py"} & found
 
