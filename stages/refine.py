@@ -11,7 +11,7 @@ from __future__ import annotations
 from pipeline.core.provenance import forget, start, write_record
 from pipeline.core.registry import CAMS, CLASSIFIER, REFINE_LABELS, REFINED
 from pipeline.core.stage import Context, run, stage_main, stopwatch
-from pipeline.train.affinity import build_affinity_net, refine_split, score_labels, train_affinity
+from pipeline.train.affinity import background_threshold, build_affinity_net, refine_split, score_labels, train_affinity
 from pipeline.train.classifier import ClassifierParams
 from pipeline.train.refine import RefineParams, affinity_made_from, refined_made_from
 
@@ -36,9 +36,10 @@ def body(ctx: Context) -> None:
     store = ctx.output(REFINED)
     start(store, refined_made_from(manifest, split, params, weights, cams, labels))
     with stopwatch() as walking:
-        refine_split(net, manifest, split, cams, labels, store, params, ctx.device, ctx.run)
+        threshold = background_threshold(net, manifest, split, cams, params, ctx.device, ctx.run)
+        refine_split(net, manifest, split, cams, labels, store, params, threshold, ctx.device, ctx.run)
     store.mark_complete(item.id for item in manifest.split(split))
-    ctx.write_metrics({**score_labels(store, manifest, split), "rejected": ctx.rejected,
+    ctx.write_metrics({**score_labels(store, manifest, split), "bg_threshold": threshold, "rejected": ctx.rejected,
                        "train_seconds": training["seconds"], "walk_seconds": walking["seconds"],
                        "seconds": training["seconds"] + walking["seconds"]})
 

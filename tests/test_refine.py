@@ -17,6 +17,7 @@ from pipeline.method.affinity import (
     AFFINITIES,
     affinity_loss,
     boundary_affinities,
+    boundary_affinity,
     dense_transition,
     feature_affinities,
     label_grid,
@@ -30,6 +31,7 @@ from pipeline.method.affinity import (
 from pipeline.models import CAMNet, build_backbone, save_checkpoint
 from pipeline.models.affinity import LEVELS, AffinityNet
 from pipeline.train.affinity import (
+    background_threshold,
     build_affinity_net,
     keep_foreground,
     refine_split,
@@ -38,7 +40,7 @@ from pipeline.train.affinity import (
     walked_labels,
 )
 from pipeline.train.classifier import ClassifierParams, build_classifier
-from pipeline.train.refine import RefineParams, refined_made_from
+from pipeline.train.refine import BACKGROUND_CANDIDATES, RefineParams, refined_made_from
 
 X = IGNORE
 
@@ -144,9 +146,34 @@ def test_the_walked_scores_are_the_cams_on_the_grid_with_psa_s_background_in_fro
 def test_background_is_irn_s_threshold_on_each_image_s_walked_maps_divided_by_their_largest():
     walked = torch.tensor([[[[4.0, 1.0]], [[0.0, 2.0]]],  # two classes: the largest value 4
                            [[[0.0, 0.0]], [[0.0, 0.0]]]])  # nothing walked here: background
-    labels = walked_labels(walked, (1, 2), RefineParams(bg_threshold=0.4))
+    labels = walked_labels(walked, (1, 2), RefineParams(), 0.4)
     assert labels.tolist() == [[[1, 2]], [[0, 0]]]  # 1/4 < 0.4 < 2/4
-    assert walked_labels(walked, (1, 2), RefineParams(bg_threshold=0.6)).tolist() == [[[1, 0]], [[0, 0]]]
+    assert walked_labels(walked, (1, 2), RefineParams(), 0.6).tolist() == [[[1, 0]], [[0, 0]]]
+
+
+def test_the_chosen_background_threshold_parts_cells_where_the_affinities_are_weakest():
+    features = torch.zeros(1, 1, 12, 12)
+    features[..., 6:] = 5.0  # two regions of the affinity network's output: an edge between columns 5 and 6
+    scores = torch.linspace(1.0, 0.0, 12).expand(1, 1, 12, 12)  # a walked map falling from left to right
+    thresholds = torch.tensor([0.2, 0.5, 0.8])  # the scores cross 0.5 at the edge, the others inside a region
+    totals = boundary_affinity(features, scores, thresholds, 5, AFFINITIES["feature"][1])
+    means = totals[:, 0] / totals[:, 1]
+    assert torch.all(totals[:, 1] > 0) and int(means.argmin()) == 1
+    torch.testing.assert_close(means[1], torch.exp(torch.tensor(-5.0)))  # every parted pair crosses the edge
+    assert means[0] > 0.5 and means[2] > 0.5  # most parted pairs lie inside one region
+
+
+def test_the_background_threshold_is_the_setting_or_one_of_the_candidates(tiny_manifest, tmp_path, affinity_net):
+    cams = _cams_store(tiny_manifest, tmp_path)
+    assert background_threshold(affinity_net, tiny_manifest, "train", cams, RefineParams(bg_threshold=0.3),
+                                torch.device("cpu"), progress=False) == 0.3
+    chosen = background_threshold(affinity_net, tiny_manifest, "train", cams,
+                                  RefineParams(log_steps=2, bg_threshold="auto"), torch.device("cpu"), progress=False)
+    assert chosen in BACKGROUND_CANDIDATES
+    with pytest.raises(ValueError, match="needs background: threshold"):
+        RefineParams(bg_threshold="auto", background="power")
+    with pytest.raises(ValueError, match="bg_threshold"):
+        RefineParams(bg_threshold="always")
 
 
 @pytest.fixture
@@ -218,8 +245,8 @@ def test_refined_labels_hold_only_background_and_the_image_s_tags(tiny_manifest,
     store = ImageStore(tmp_path / "refined.zarr")
     store.reset_unless("test")
     params = RefineParams(log_steps=3, keep=keep, keep_share=0.1)  # the object: a fifth of its labels' region or more
-    written = refine_split(affinity_net, tiny_manifest, "train", cams, labels, store, params, torch.device("cpu"),
-                           progress=False)
+    written = refine_split(affinity_net, tiny_manifest, "train", cams, labels, store, params, 0.35,
+                           torch.device("cpu"), progress=False)
     assert written == [item.id for item in tiny_manifest.split("train")]
     for item in tiny_manifest.split("train"):
         refined, _ = store.read(item.id)
@@ -236,10 +263,10 @@ def test_a_killed_walk_resumes_with_the_images_not_yet_written(tiny_manifest, tm
     first = tiny_manifest.split("train")[0].id
     store.write(first, np.zeros((20, 24), dtype=np.uint8))
     written = refine_split(affinity_net, tiny_manifest, "train", cams, labels, store, RefineParams(log_steps=2),
-                           torch.device("cpu"), progress=False)
+                           0.35, torch.device("cpu"), progress=False)
     assert first not in written and len(written) == 3
     assert refine_split(affinity_net, tiny_manifest, "train", cams, labels, store, RefineParams(log_steps=2),
-                        torch.device("cpu"), progress=False) == []
+                        0.35, torch.device("cpu"), progress=False) == []
 
 
 def test_the_refined_store_records_its_settings_network_cams_and_the_labels_it_keeps(tiny_manifest, tmp_path):

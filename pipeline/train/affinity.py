@@ -37,14 +37,21 @@ from pipeline.core.run import DEFAULT_RUN, RunParams
 from pipeline.core.store import ImageStore
 from pipeline.data.datasets import ImageDataset, SegmentationDataset
 from pipeline.data.manifest import Manifest
-from pipeline.method.affinity import AFFINITIES, affinity_loss, label_grid, random_walk, transition_weights
+from pipeline.method.affinity import (
+    AFFINITIES,
+    affinity_loss,
+    boundary_affinity,
+    label_grid,
+    random_walk,
+    transition_weights,
+)
 from pipeline.method.cams import image_size, size_grouped_batches
 from pipeline.method.metrics import SegmentationScore
 from pipeline.models import fold_batch_norms, save_checkpoint
 from pipeline.models.affinity import LEVELS, AffinityNet, to_grid
 from pipeline.train.classifier import ClassifierParams, load_classifier
 from pipeline.train.loop import Checkpoint, data_parallel, train, unwrap
-from pipeline.train.refine import RefineParams
+from pipeline.train.refine import AUTO, BACKGROUND_CANDIDATES, RefineParams
 
 
 def build_affinity_net(classifier: ClassifierParams, num_classes: int, weights: Path,
@@ -93,15 +100,19 @@ def walk_scores(cams: torch.Tensor, grid: tuple[int, int], params: RefineParams)
     return to_grid(torch.cat([(1 - peak).clamp_min(0) ** params.bg_power, cams], dim=1), grid)
 
 
-def walked_labels(walked: torch.Tensor, size: tuple[int, int], params: RefineParams) -> torch.Tensor:
+def walked_labels(walked: torch.Tensor, size: tuple[int, int], params: RefineParams, threshold: float) -> torch.Tensor:
     """The index, per pixel of ``size``, of the best of background (0) and the walked maps
-    (:func:`walk_scores`, then upsampled bilinearly): against IRN's constant threshold after each
-    image's maps are divided by their largest value, or against PSA's walked background score."""
+    (:func:`walk_scores`, then upsampled bilinearly): against IRN's constant ``threshold`` after
+    each image's maps are divided by their largest value, or against PSA's walked background score."""
     scores = F.interpolate(walked, size=size, mode="bilinear", align_corners=False)
     if params.background == "power":
         return scores.argmax(dim=1)
-    scores = scores / scores.amax(dim=(1, 2, 3), keepdim=True).clamp_min(torch.finfo(scores.dtype).tiny)
-    return torch.cat([torch.full_like(scores[:, :1], params.bg_threshold), scores], dim=1).argmax(dim=1)
+    return torch.cat([torch.full_like(scores[:, :1], threshold), _per_image_max(scores)], dim=1).argmax(dim=1)
+
+
+def _per_image_max(scores: torch.Tensor) -> torch.Tensor:
+    """(N, K, h, w) ``scores``, each image's divided by its largest."""
+    return scores / scores.amax(dim=(1, 2, 3), keepdim=True).clamp_min(torch.finfo(scores.dtype).tiny)
 
 
 def keep_foreground(walked: np.ndarray, labels: np.ndarray, tagged: np.ndarray, share: float) -> np.ndarray:
@@ -121,37 +132,76 @@ def keep_foreground(walked: np.ndarray, labels: np.ndarray, tagged: np.ndarray, 
     return refined
 
 
+def _size_batches(manifest: Manifest, split: str, skip: set[str], device: torch.device,
+                  run: RunParams) -> tuple[DataLoader | None, int]:
+    """The images of ``split`` but ``skip``, in batches of one size (``run.inference_batch`` of
+    them, at most ``run.batch_pixels`` pixels), and how many they are (None and 0: none left)."""
+    dataset = ImageDataset(manifest, split)
+    todo = {index: image_size(manifest.image_path(item.id)) for index, item in enumerate(dataset.items)
+            if item.id not in skip}
+    if not todo:
+        return None, 0
+    return DataLoader(dataset, batch_sampler=size_grouped_batches(todo, run.inference_batch, run.batch_pixels),
+                      num_workers=run.loader_processes(device), pin_memory=device.type == "cuda"), len(todo)
+
+
+def _walk(net: AffinityNet, images: torch.Tensor, maps: torch.Tensor, params: RefineParams,
+          device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The affinity network's output maps on ``images`` and the walk of their CAMs ``maps``
+    (:func:`walk_scores`) over it, both on the network's grid."""
+    with torch.autocast(device.type, enabled=device.type == "cuda" and params.amp):
+        features = net(images).float()
+    weights = transition_weights(features, params.radius, params.beta, AFFINITIES[params.affinity][1])
+    grid = tuple(features.shape[-2:])
+    return features, random_walk(walk_scores(maps.to(device), grid, params), weights, params.radius,
+                                 params.steps_on(grid))
+
+
+@torch.inference_mode()
+def background_threshold(net: AffinityNet, manifest: Manifest, split: str, cams: ImageStore, params: RefineParams,
+                         device: torch.device, run: RunParams = DEFAULT_RUN, progress: bool = True) -> float:
+    """``params.bg_threshold``, or for ``auto`` the candidate (:data:`BACKGROUND_CANDIDATES`)
+    whose labels, over the walk of every image of ``split``, part neighbouring cells across the
+    weakest mean affinity (:func:`~pipeline.method.affinity.boundary_affinity`); the lowest
+    candidate when none parts any."""
+    if params.bg_threshold != AUTO:
+        return params.bg_threshold
+    net.eval()
+    candidates = torch.tensor(BACKGROUND_CANDIDATES)
+    totals = torch.zeros((len(candidates), 2), dtype=torch.float64)
+    loader, count = _size_batches(manifest, split, set(), device, run)
+    with tqdm(total=count, desc=f"background {split}", unit="img", disable=not progress) as bar:
+        for batch in loader or ():
+            maps, _ = _padded_cams(cams, batch["id"], tuple(batch["image"].shape[-2:]))
+            features, walked = _walk(net, batch["image"].to(device, non_blocking=True), maps, params, device)
+            totals += boundary_affinity(features, _per_image_max(walked), candidates.to(device), params.radius,
+                                        AFFINITIES[params.affinity][1]).double().cpu()
+            bar.update(len(batch["id"]))
+    means = torch.where(totals[:, 1] > 0, totals[:, 0] / totals[:, 1].clamp_min(1), torch.inf)
+    return BACKGROUND_CANDIDATES[int(means.argmin())]
+
+
 @torch.inference_mode()
 def refine_split(net: AffinityNet, manifest: Manifest, split: str, cams: ImageStore, labels: ImageStore,
-                 store: ImageStore, params: RefineParams, device: torch.device, run: RunParams = DEFAULT_RUN,
-                 progress: bool = True) -> list[str]:
+                 store: ImageStore, params: RefineParams, threshold: float, device: torch.device,
+                 run: RunParams = DEFAULT_RUN, progress: bool = True) -> list[str]:
     """Write the refined labels of ``split`` to ``store`` (uint8 (H, W): 0 background, class + 1),
     skipping the images it holds in full, so that a killed run resumes where it stopped. Images
-    of one size walk together (``run.inference_batch`` of them, at most ``run.batch_pixels``
-    pixels), each with its own tags' CAMs, padded with empty maps to the batch's most; the
-    affinity labels ``labels`` keep what ``params.keep`` says. Returns the ids written."""
+    of one size walk together (:func:`_size_batches`), each with its own tags' CAMs, padded with
+    empty maps to the batch's most; background scores ``threshold`` (:func:`background_threshold`);
+    the affinity labels ``labels`` keep what ``params.keep`` says. Returns the ids written."""
     net.eval()
-    dataset = ImageDataset(manifest, split)
     done = set(store.complete_ids())
-    todo = {index: image_size(manifest.image_path(item.id)) for index, item in enumerate(dataset.items)
-            if item.id not in done}
-    if not todo:
+    loader, count = _size_batches(manifest, split, done, device, run)
+    if loader is None:
         return []
-    loader = DataLoader(dataset, batch_sampler=size_grouped_batches(todo, run.inference_batch, run.batch_pixels),
-                        num_workers=run.loader_processes(device), pin_memory=device.type == "cuda")
     written = []
-    with tqdm(total=len(todo), desc=f"refine {split}", unit="img", disable=not progress) as bar:
+    with tqdm(total=count, desc=f"refine {split}", unit="img", disable=not progress) as bar:
         for batch in loader:
-            images = batch["image"].to(device, non_blocking=True)
-            size = tuple(images.shape[-2:])
+            size = tuple(batch["image"].shape[-2:])
             maps, values = _padded_cams(cams, batch["id"], size)
-            with torch.autocast(device.type, enabled=device.type == "cuda" and params.amp):
-                features = net(images)
-            weights = transition_weights(features.float(), params.radius, params.beta, AFFINITIES[params.affinity][1])
-            grid = tuple(features.shape[-2:])
-            walked = random_walk(walk_scores(maps.to(device), grid, params), weights, params.radius,
-                                 params.steps_on(grid))
-            best = walked_labels(walked, size, params).cpu().numpy()
+            _, walked = _walk(net, batch["image"].to(device, non_blocking=True), maps, params, device)
+            best = walked_labels(walked, size, params, threshold).cpu().numpy()
             refined = [own[choice] for choice, own in zip(best, values, strict=True)]
             if params.keep == "foreground":
                 refined = [keep_foreground(walk, kept, own[1:], params.keep_share)

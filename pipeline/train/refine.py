@@ -30,6 +30,9 @@ if TYPE_CHECKING:
     from pipeline.core.stage import Context
 
 BACKGROUNDS = ("threshold", "power")
+AUTO = "auto"
+BACKGROUND_CANDIDATES = tuple(round(0.05 * step, 2) for step in range(1, 20))
+"""The background thresholds ``bg_threshold: auto`` chooses among."""
 KEEPS = ("foreground", "none")
 
 
@@ -70,8 +73,12 @@ class RefineParams(TrainingParams):
     CAMs walk alone, are divided by their largest value in the image, and background scores
     ``bg_threshold`` everywhere) or PSA's ``power`` (the score ``(1 - max_k cam_k) ** bg_power``
     walks beside them)."""
-    bg_threshold: float = 0.35
-    """IRN's ``sem_seg_bg_thres`` is 0.25."""
+    bg_threshold: float | str = 0.35
+    """IRN's ``sem_seg_bg_thres`` is 0.25. ``auto``: chosen on the training split, without its
+    ground truth, as the one of :data:`BACKGROUND_CANDIDATES` whose labels part neighbouring cells
+    across the weakest learnt affinities (:func:`~pipeline.method.affinity.boundary_affinity`): how
+    much of an object its CAM covers, and so where its walked scores cross any fixed threshold,
+    differs between data sets (docs/results/refine.md, "The background threshold")."""
     bg_power: float = 16.0
     """PSA's alpha in ``infer_aff.py``."""
     keep: str = "foreground"
@@ -101,7 +108,12 @@ class RefineParams(TrainingParams):
         check_range("beta", self.beta, 0)
         check_range("log_steps", self.log_steps, 0, 16)
         check_range("walk_diagonal", self.walk_diagonal, 0)
-        check_range("bg_threshold", self.bg_threshold, 0, 1)
+        if isinstance(self.bg_threshold, str):
+            check_choice("bg_threshold", self.bg_threshold, (AUTO,))
+            if self.background != "threshold":
+                raise ValueError(f"bg_threshold={AUTO!r} needs background: threshold (PSA's power background has none)")
+        else:
+            check_range("bg_threshold", self.bg_threshold, 0, 1)
         check_range("bg_power", self.bg_power, 0)
 
     @property
