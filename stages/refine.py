@@ -4,16 +4,32 @@ training split's CAMs over them into dense pseudo-labels (refined.zarr in `stora
 that keep those labels' foreground (`refine.keep`), and score those.
 
 A killed run resumes: training from its last saved state, the walk from the last image written.
+With `refine.bg_threshold: auto` every image's walk is kept beside the training state until the
+threshold is chosen and the labels are written, so that the split is walked once and a killed run
+resumes there too.
 """
 
 from __future__ import annotations
 
+import shutil
+
 from pipeline.core.provenance import forget, start, write_record
 from pipeline.core.registry import CAMS, CLASSIFIER, REFINE_LABELS, REFINED
 from pipeline.core.stage import Context, run, stage_main, stopwatch
-from pipeline.train.affinity import background_threshold, build_affinity_net, refine_split, score_labels, train_affinity
+from pipeline.core.store import ImageStore
+from pipeline.train.affinity import (
+    build_affinity_net,
+    chosen_threshold,
+    refine_split,
+    score_labels,
+    train_affinity,
+    walk_split,
+)
 from pipeline.train.classifier import ClassifierParams
 from pipeline.train.refine import RefineParams, affinity_made_from, refined_made_from
+
+WALKS = "refine_walks.zarr"
+"""The walks of ``bg_threshold: auto``, in the folder of the training state, removed once the labels are written."""
 
 
 def body(ctx: Context) -> None:
@@ -35,10 +51,19 @@ def body(ctx: Context) -> None:
     write_record(weights, affinity_made_from(manifest, split, params, init, labels))
     store = ctx.output(REFINED)
     start(store, refined_made_from(manifest, split, params, weights, cams, labels))
+    ids = [item.id for item in manifest.split(split)]
+    walks = None
     with stopwatch() as walking:
-        threshold = background_threshold(net, manifest, split, cams, params, ctx.device, ctx.run)
-        refine_split(net, manifest, split, cams, labels, store, params, threshold, ctx.device, ctx.run)
-    store.mark_complete(item.id for item in manifest.split(split))
+        threshold = None if isinstance(params.bg_threshold, str) else params.bg_threshold
+        if params.chooses_threshold:
+            walks = ImageStore(ctx.file(ctx.stage.state).with_name(WALKS))
+            walks.reset_unless(store.fingerprint)
+            walk_split(net, manifest, split, cams, walks, params, ctx.device, ctx.run)
+            threshold = chosen_threshold(walks, ids)
+        refine_split(net, manifest, split, cams, labels, store, params, threshold, ctx.device, ctx.run, walks=walks)
+    store.mark_complete(ids)
+    if walks is not None:
+        shutil.rmtree(walks.path, ignore_errors=True)
     ctx.write_metrics({**score_labels(store, manifest, split), "bg_threshold": threshold, "rejected": ctx.rejected,
                        "train_seconds": training["seconds"], "walk_seconds": walking["seconds"],
                        "seconds": training["seconds"] + walking["seconds"]})

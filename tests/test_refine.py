@@ -31,12 +31,13 @@ from pipeline.method.affinity import (
 from pipeline.models import CAMNet, build_backbone, save_checkpoint
 from pipeline.models.affinity import LEVELS, AffinityNet
 from pipeline.train.affinity import (
-    background_threshold,
     build_affinity_net,
+    chosen_threshold,
     keep_foreground,
     refine_split,
     score_labels,
     walk_scores,
+    walk_split,
     walked_labels,
 )
 from pipeline.train.classifier import ClassifierParams, build_classifier
@@ -157,21 +158,39 @@ def test_the_chosen_background_threshold_parts_cells_where_the_affinities_are_we
     scores = torch.linspace(1.0, 0.0, 12).expand(1, 1, 12, 12)  # a walked map falling from left to right
     thresholds = torch.tensor([0.2, 0.5, 0.8])  # the scores cross 0.5 at the edge, the others inside a region
     totals = boundary_affinity(features, scores, thresholds, 5, AFFINITIES["feature"][1])
-    means = totals[:, 0] / totals[:, 1]
-    assert torch.all(totals[:, 1] > 0) and int(means.argmin()) == 1
+    means = totals[0, :, 0] / totals[0, :, 1]
+    assert torch.all(totals[0, :, 1] > 0) and int(means.argmin()) == 1
     torch.testing.assert_close(means[1], torch.exp(torch.tensor(-5.0)))  # every parted pair crosses the edge
     assert means[0] > 0.5 and means[2] > 0.5  # most parted pairs lie inside one region
 
 
-def test_the_background_threshold_is_the_setting_or_one_of_the_candidates(tiny_manifest, tmp_path, affinity_net):
-    cams = _cams_store(tiny_manifest, tmp_path)
-    assert background_threshold(affinity_net, tiny_manifest, "train", cams, RefineParams(bg_threshold=0.3),
-                                torch.device("cpu"), progress=False) == 0.3
-    chosen = background_threshold(affinity_net, tiny_manifest, "train", cams,
-                                  RefineParams(log_steps=2, bg_threshold="auto"), torch.device("cpu"), progress=False)
-    assert chosen in BACKGROUND_CANDIDATES
-    with pytest.raises(ValueError, match="needs background: threshold"):
-        RefineParams(bg_threshold="auto", background="power")
+def test_auto_walks_once_chooses_a_candidate_and_labels_as_that_fixed_threshold(tiny_manifest, tmp_path, affinity_net):
+    cams, labels = _cams_store(tiny_manifest, tmp_path), _labels_store(tiny_manifest, tmp_path)
+    ids = [item.id for item in tiny_manifest.split("train")]
+    walks = ImageStore(tmp_path / "walks.zarr")
+    walks.reset_unless("test")
+    params, cpu = RefineParams(log_steps=3, bg_threshold="auto"), torch.device("cpu")
+    assert walk_split(affinity_net, tiny_manifest, "train", cams, walks, params, cpu, progress=False) == ids
+    assert walk_split(affinity_net, tiny_manifest, "train", cams, walks, params, cpu, progress=False) == []  # resumed
+    walk, attrs = walks.read(ids[0])
+    assert walk.dtype == np.float32 and walk.shape == (max(1, len(attrs["classes"])), 5, 6)  # 20x24 at stride 4
+    assert np.asarray(attrs["boundary"]).shape == (len(BACKGROUND_CANDIDATES), 2)
+    threshold = chosen_threshold(walks, ids)
+    assert threshold in BACKGROUND_CANDIDATES
+    stored, walked = ImageStore(tmp_path / "stored.zarr"), ImageStore(tmp_path / "walked.zarr")
+    for store in (stored, walked):
+        store.reset_unless("test")
+    refine_split(affinity_net, tiny_manifest, "train", cams, labels, stored, params, threshold, cpu, progress=False,
+                 walks=walks)
+    fixed = RefineParams(log_steps=3, bg_threshold=threshold)
+    refine_split(affinity_net, tiny_manifest, "train", cams, labels, walked, fixed, threshold, cpu, progress=False)
+    assert all(np.array_equal(stored.read(image_id)[0], walked.read(image_id)[0]) for image_id in ids)
+
+
+def test_the_threshold_is_chosen_only_when_auto_and_irn_s_background_ask_for_it():
+    assert RefineParams().chooses_threshold
+    assert not RefineParams(background="power").chooses_threshold  # PSA's background has no threshold
+    assert not RefineParams(bg_threshold=0.35).chooses_threshold
     with pytest.raises(ValueError, match="bg_threshold"):
         RefineParams(bg_threshold="always")
 

@@ -188,21 +188,21 @@ def random_walk(maps: Tensor, weights: Tensor, radius: int, steps: int) -> Tenso
 
 
 def boundary_affinity(maps: Tensor, scores: Tensor, thresholds: Tensor, radius: int, pairs: PairFn) -> Tensor:
-    """(T, 2): for each of the ``thresholds`` (T,), the summed affinity (scored by ``pairs`` on
-    ``maps``) of the neighbouring cells whose labels differ, and how many such pairs there are,
-    over a batch; a cell's label is background where its largest of ``scores`` (N, K, h, w) is at
-    most the threshold, else the index of that largest. Affinities are low across the edges of
+    """(N, T, 2): for each image and each of the ``thresholds`` (T,), the summed affinity (scored
+    by ``pairs`` on ``maps``) of the neighbouring cells whose labels differ, and how many such
+    pairs there are; a cell's label is background where its largest of ``scores`` (N, K, h, w) is
+    at most the threshold, else the index of that largest. Affinities are low across the edges of
     objects and high inside the background, so the threshold whose labels part cells where the
     affinities are weakest is the one whose edges follow the objects'."""
     peak, best = scores.max(dim=1)
-    labels = torch.where(peak[None] > thresholds.to(scores)[:, None, None, None], best[None] + 1, 0)
-    totals = scores.new_zeros((len(thresholds), 2))
+    labels = torch.where(peak[:, None] > thresholds.to(scores)[None, :, None, None], best[:, None] + 1, 0)
+    totals = scores.new_zeros((scores.shape[0], len(thresholds), 2))
     for offset in offsets(radius):
-        affinity = pairs(maps, offset)
+        affinity = pairs(maps, offset)[:, None]
         first, second = pair_slices(tuple(labels.shape[-2:]), offset)
         differ = labels[..., first[0], first[1]] != labels[..., second[0], second[1]]
-        totals[:, 0] += (differ * affinity).flatten(1).sum(dim=1)
-        totals[:, 1] += differ.flatten(1).sum(dim=1)
+        totals[..., 0] += (differ * affinity).flatten(2).sum(dim=2)
+        totals[..., 1] += differ.flatten(2).sum(dim=2)
     return totals
 
 

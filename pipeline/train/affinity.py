@@ -51,7 +51,7 @@ from pipeline.models import fold_batch_norms, save_checkpoint
 from pipeline.models.affinity import LEVELS, AffinityNet, to_grid
 from pipeline.train.classifier import ClassifierParams, load_classifier
 from pipeline.train.loop import Checkpoint, data_parallel, train, unwrap
-from pipeline.train.refine import AUTO, BACKGROUND_CANDIDATES, RefineParams
+from pipeline.train.refine import BACKGROUND_CANDIDATES, RefineParams
 
 
 def build_affinity_net(classifier: ClassifierParams, num_classes: int, weights: Path,
@@ -100,10 +100,12 @@ def walk_scores(cams: torch.Tensor, grid: tuple[int, int], params: RefineParams)
     return to_grid(torch.cat([(1 - peak).clamp_min(0) ** params.bg_power, cams], dim=1), grid)
 
 
-def walked_labels(walked: torch.Tensor, size: tuple[int, int], params: RefineParams, threshold: float) -> torch.Tensor:
+def walked_labels(walked: torch.Tensor, size: tuple[int, int], params: RefineParams,
+                  threshold: float | None) -> torch.Tensor:
     """The index, per pixel of ``size``, of the best of background (0) and the walked maps
     (:func:`walk_scores`, then upsampled bilinearly): against IRN's constant ``threshold`` after
-    each image's maps are divided by their largest value, or against PSA's walked background score."""
+    each image's maps are divided by their largest value, or against PSA's walked background
+    score (``threshold`` unused)."""
     scores = F.interpolate(walked, size=size, mode="bilinear", align_corners=False)
     if params.background == "power":
         return scores.argmax(dim=1)
@@ -158,38 +160,55 @@ def _walk(net: AffinityNet, images: torch.Tensor, maps: torch.Tensor, params: Re
 
 
 @torch.inference_mode()
-def background_threshold(net: AffinityNet, manifest: Manifest, split: str, cams: ImageStore, params: RefineParams,
-                         device: torch.device, run: RunParams = DEFAULT_RUN, progress: bool = True) -> float:
-    """``params.bg_threshold``, or for ``auto`` the candidate (:data:`BACKGROUND_CANDIDATES`)
-    whose labels, over the walk of every image of ``split``, part neighbouring cells across the
-    weakest mean affinity (:func:`~pipeline.method.affinity.boundary_affinity`); the lowest
-    candidate when none parts any."""
-    if params.bg_threshold != AUTO:
-        return params.bg_threshold
+def walk_split(net: AffinityNet, manifest: Manifest, split: str, cams: ImageStore, walks: ImageStore,
+               params: RefineParams, device: torch.device, run: RunParams = DEFAULT_RUN,
+               progress: bool = True) -> list[str]:
+    """Write the walk of every image of ``split`` to ``walks`` (float32 (K, h, w) on the
+    network's grid, one map per tag, one at least), skipping the images it holds in full, with
+    its ``classes`` and, as ``boundary``, its (T, 2) :func:`~pipeline.method.affinity.boundary_affinity`
+    over :data:`BACKGROUND_CANDIDATES`: what ``bg_threshold: auto`` chooses from
+    (:func:`chosen_threshold`) before :func:`refine_split` labels the stored walks. Returns the
+    ids written."""
     net.eval()
-    candidates = torch.tensor(BACKGROUND_CANDIDATES)
-    totals = torch.zeros((len(candidates), 2), dtype=torch.float64)
-    loader, count = _size_batches(manifest, split, set(), device, run)
-    with tqdm(total=count, desc=f"background {split}", unit="img", disable=not progress) as bar:
+    loader, count = _size_batches(manifest, split, set(walks.complete_ids()), device, run)
+    candidates = torch.tensor(BACKGROUND_CANDIDATES, device=device)
+    written = []
+    with tqdm(total=count, desc=f"walk {split}", unit="img", disable=not progress) as bar:
         for batch in loader or ():
-            maps, _ = _padded_cams(cams, batch["id"], tuple(batch["image"].shape[-2:]))
+            read = cams.read_many(batch["id"])
+            maps = _padded([array for array, _ in read], tuple(batch["image"].shape[-2:]))
             features, walked = _walk(net, batch["image"].to(device, non_blocking=True), maps, params, device)
-            totals += boundary_affinity(features, _per_image_max(walked), candidates.to(device), params.radius,
-                                        AFFINITIES[params.affinity][1]).double().cpu()
+            totals = boundary_affinity(features, _per_image_max(walked), candidates, params.radius,
+                                       AFFINITIES[params.affinity][1]).double().cpu().numpy()
+            walks.write_many([(image_id, walked[index, : max(1, len(attrs["classes"]))].cpu().numpy(),
+                               {"classes": attrs["classes"], "boundary": totals[index].tolist()})
+                              for index, (image_id, (_, attrs)) in enumerate(zip(batch["id"], read, strict=True))])
+            written += batch["id"]
             bar.update(len(batch["id"]))
-    means = torch.where(totals[:, 1] > 0, totals[:, 0] / totals[:, 1].clamp_min(1), torch.inf)
+    return written
+
+
+def chosen_threshold(walks: ImageStore, ids: list[str]) -> float:
+    """The candidate of :data:`BACKGROUND_CANDIDATES` whose labels part neighbouring cells across
+    the weakest mean affinity over the stored walks of ``ids`` (:func:`walk_split`); the lowest
+    when none parts any (every candidate then labels each image alike)."""
+    totals = np.zeros((len(BACKGROUND_CANDIDATES), 2))
+    for _, attrs in walks.read_many(ids):
+        totals += np.asarray(attrs["boundary"])
+    means = np.where(totals[:, 1] > 0, totals[:, 0] / np.maximum(totals[:, 1], 1), np.inf)
     return BACKGROUND_CANDIDATES[int(means.argmin())]
 
 
 @torch.inference_mode()
 def refine_split(net: AffinityNet, manifest: Manifest, split: str, cams: ImageStore, labels: ImageStore,
-                 store: ImageStore, params: RefineParams, threshold: float, device: torch.device,
-                 run: RunParams = DEFAULT_RUN, progress: bool = True) -> list[str]:
+                 store: ImageStore, params: RefineParams, threshold: float | None, device: torch.device,
+                 run: RunParams = DEFAULT_RUN, progress: bool = True, walks: ImageStore | None = None) -> list[str]:
     """Write the refined labels of ``split`` to ``store`` (uint8 (H, W): 0 background, class + 1),
     skipping the images it holds in full, so that a killed run resumes where it stopped. Images
     of one size walk together (:func:`_size_batches`), each with its own tags' CAMs, padded with
-    empty maps to the batch's most; background scores ``threshold`` (:func:`background_threshold`);
-    the affinity labels ``labels`` keep what ``params.keep`` says. Returns the ids written."""
+    empty maps to the batch's most, or their walks are read from ``walks`` (:func:`walk_split`);
+    background scores ``threshold``; the affinity labels ``labels`` keep what ``params.keep``
+    says. Returns the ids written."""
     net.eval()
     done = set(store.complete_ids())
     loader, count = _size_batches(manifest, split, done, device, run)
@@ -199,8 +218,13 @@ def refine_split(net: AffinityNet, manifest: Manifest, split: str, cams: ImageSt
     with tqdm(total=count, desc=f"refine {split}", unit="img", disable=not progress) as bar:
         for batch in loader:
             size = tuple(batch["image"].shape[-2:])
-            maps, values = _padded_cams(cams, batch["id"], size)
-            _, walked = _walk(net, batch["image"].to(device, non_blocking=True), maps, params, device)
+            read = (cams if walks is None else walks).read_many(batch["id"])
+            values = _label_values([attrs["classes"] for _, attrs in read])
+            if walks is None:
+                maps = _padded([array for array, _ in read], size)
+                _, walked = _walk(net, batch["image"].to(device, non_blocking=True), maps, params, device)
+            else:
+                walked = _padded([array for array, _ in read], read[0][0].shape[-2:]).to(device)
             best = walked_labels(walked, size, params, threshold).cpu().numpy()
             refined = [own[choice] for choice, own in zip(best, values, strict=True)]
             if params.keep == "foreground":
@@ -212,19 +236,22 @@ def refine_split(net: AffinityNet, manifest: Manifest, split: str, cams: ImageSt
     return written
 
 
-def _padded_cams(cams: ImageStore, ids: list[str], size: tuple[int, int]) -> tuple[torch.Tensor, list[np.ndarray]]:
-    """The stored CAMs of ``ids`` as float32 (N, K, H, W), K the most classes of any of them, one
-    at least (the others padded with zero maps), and each image's label value of every walked
-    map (background, then its classes + 1; the padding maps too, which never win: they stay 0)."""
-    read = cams.read_many(ids)
-    width = max(1, *(len(attrs["classes"]) for _, attrs in read))
-    maps = torch.zeros((len(ids), width, *size))
-    values = []
-    for index, (image_cams, attrs) in enumerate(read):
-        maps[index, : len(attrs["classes"])] = torch.from_numpy(image_cams.astype(np.float32))
-        classes = np.asarray(attrs["classes"], dtype=np.int64) + 1
-        values.append(np.concatenate([[0], classes, np.zeros(width - len(classes), dtype=np.int64)]).astype(np.uint8))
-    return maps, values
+def _padded(arrays: list[np.ndarray], size: tuple[int, int]) -> torch.Tensor:
+    """Per-image (K_i, *size) maps (CAMs or walks) as float32 (N, K, *size), K the most of any of
+    them and one at least, the others padded with zero maps."""
+    width = max(1, *(len(array) for array in arrays))
+    maps = torch.zeros((len(arrays), width, *size))
+    for index, array in enumerate(arrays):
+        maps[index, : len(array)] = torch.from_numpy(np.asarray(array, dtype=np.float32))
+    return maps
+
+
+def _label_values(classes: list[list[int]]) -> list[np.ndarray]:
+    """Each image's label value of every map of :func:`_padded` (background in front, then its
+    classes + 1; the padding maps 0 too: they stay 0 and never win)."""
+    width = max(1, *(len(own) for own in classes))
+    return [np.concatenate([[0], np.asarray(own, dtype=np.int64) + 1, np.zeros(width - len(own), dtype=np.int64)])
+            .astype(np.uint8) for own in classes]
 
 
 def score_labels(store: ImageStore, manifest: Manifest, split: str) -> dict[str, Any]:

@@ -73,12 +73,14 @@ class RefineParams(TrainingParams):
     CAMs walk alone, are divided by their largest value in the image, and background scores
     ``bg_threshold`` everywhere) or PSA's ``power`` (the score ``(1 - max_k cam_k) ** bg_power``
     walks beside them)."""
-    bg_threshold: float | str = 0.35
-    """IRN's ``sem_seg_bg_thres`` is 0.25. ``auto``: chosen on the training split, without its
-    ground truth, as the one of :data:`BACKGROUND_CANDIDATES` whose labels part neighbouring cells
-    across the weakest learnt affinities (:func:`~pipeline.method.affinity.boundary_affinity`): how
-    much of an object its CAM covers, and so where its walked scores cross any fixed threshold,
-    differs between data sets (docs/results/refine.md, "The background threshold")."""
+    bg_threshold: float | str = AUTO
+    """The score background competes with (``background: threshold``): ``auto`` chooses it on the
+    training split, without its ground truth, as the one of :data:`BACKGROUND_CANDIDATES` whose
+    labels part neighbouring cells across the weakest learnt affinities
+    (:func:`~pipeline.method.affinity.boundary_affinity`); or a fixed value (IRN's
+    ``sem_seg_bg_thres`` is 0.25). How much of an object its CAM covers, and so where its walked
+    scores cross a fixed threshold, differs between data sets (docs/results/refine.md, "The
+    background threshold"). Unused with PSA's ``power`` background."""
     bg_power: float = 16.0
     """PSA's alpha in ``infer_aff.py``."""
     keep: str = "foreground"
@@ -110,11 +112,14 @@ class RefineParams(TrainingParams):
         check_range("walk_diagonal", self.walk_diagonal, 0)
         if isinstance(self.bg_threshold, str):
             check_choice("bg_threshold", self.bg_threshold, (AUTO,))
-            if self.background != "threshold":
-                raise ValueError(f"bg_threshold={AUTO!r} needs background: threshold (PSA's power background has none)")
         else:
             check_range("bg_threshold", self.bg_threshold, 0, 1)
         check_range("bg_power", self.bg_power, 0)
+
+    @property
+    def chooses_threshold(self) -> bool:
+        """Whether the stage chooses the background threshold (``bg_threshold: auto`` against IRN's threshold)."""
+        return self.background == "threshold" and self.bg_threshold == AUTO
 
     @property
     def walk_steps(self) -> int:
