@@ -188,9 +188,9 @@ def test_auto_walks_once_chooses_a_candidate_and_labels_as_that_fixed_threshold(
 
 
 def test_the_threshold_is_chosen_only_when_auto_and_irn_s_background_ask_for_it():
-    assert RefineParams(bg_threshold="auto").chooses_threshold
-    assert not RefineParams(bg_threshold="auto", background="power").chooses_threshold  # PSA's has no threshold
-    assert not RefineParams().chooses_threshold
+    assert RefineParams().chooses_threshold
+    assert not RefineParams(background="power").chooses_threshold  # PSA's background has no threshold
+    assert not RefineParams(bg_threshold=0.35).chooses_threshold
     with pytest.raises(ValueError, match="bg_threshold"):
         RefineParams(bg_threshold="always")
 

@@ -31,8 +31,10 @@ if TYPE_CHECKING:
 
 BACKGROUNDS = ("threshold", "power")
 AUTO = "auto"
-BACKGROUND_CANDIDATES = tuple(round(0.05 * step, 2) for step in range(1, 20))
-"""The background thresholds ``bg_threshold: auto`` chooses among."""
+BACKGROUND_CANDIDATES = tuple(round(0.05 * step, 2) for step in range(1, 8))
+"""The background thresholds ``bg_threshold: auto`` chooses among, 0.05 to 0.35: it gives objects
+more of the walk where the CAMs cover little of them, never less than 0.35 does (a higher one,
+chosen on MSRC's photos, cost its two-step; docs/results/refine.md)."""
 KEEPS = ("foreground", "none")
 
 
@@ -73,15 +75,14 @@ class RefineParams(TrainingParams):
     CAMs walk alone, are divided by their largest value in the image, and background scores
     ``bg_threshold`` everywhere) or PSA's ``power`` (the score ``(1 - max_k cam_k) ** bg_power``
     walks beside them)."""
-    bg_threshold: float | str = 0.35
-    """The score background competes with (``background: threshold``; IRN's ``sem_seg_bg_thres``
-    is 0.25), or ``auto``: chosen on the training split, without its ground truth, as the one of
-    :data:`BACKGROUND_CANDIDATES` whose labels part neighbouring cells across the weakest learnt
-    affinities (:func:`~pipeline.method.affinity.boundary_affinity`). How much of an object its
-    CAM covers, and so where its walked scores cross a fixed threshold, differs between data sets;
-    ``auto`` keeps the objects where the CAMs cover little of them, and costs MSRC's two-step a
-    point (docs/results/refine.md, "The background threshold"). Unused with PSA's ``power``
-    background."""
+    bg_threshold: float | str = AUTO
+    """The score background competes with (``background: threshold``): ``auto`` chooses it on the
+    training split, without its ground truth, as the one of :data:`BACKGROUND_CANDIDATES` whose
+    labels part neighbouring cells across the weakest learnt affinities
+    (:func:`~pipeline.method.affinity.boundary_affinity`); or a fixed value (IRN's
+    ``sem_seg_bg_thres`` is 0.25). How much of an object its CAM covers, and so where its walked
+    scores cross a fixed threshold, differs between data sets (docs/results/refine.md, "The
+    background threshold"). Unused with PSA's ``power`` background."""
     bg_power: float = 16.0
     """PSA's alpha in ``infer_aff.py``."""
     keep: str = "foreground"
