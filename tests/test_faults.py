@@ -88,8 +88,10 @@ def store_created(name: str) -> Moment:
 def arrays_begun(name: str, count: int) -> Moment:
     """``count`` arrays begun in the store (the last ones possibly still being written)."""
     def reached(project: Path) -> bool:
-        store = project / "artifacts" / name
-        return store.is_dir() and sum(entry.is_dir() for entry in os.scandir(store)) >= count
+        try:  # the stage may be starting the store anew (removed, then made) between two looks
+            return sum(entry.is_dir() for entry in os.scandir(project / "artifacts" / name)) >= count
+        except FileNotFoundError:
+            return False
 
     return Moment(f"{count} arrays of {name} begun", reached=reached)
 
