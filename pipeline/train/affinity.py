@@ -10,7 +10,8 @@ leave the pixels around each object unlabelled and so teach the network little o
 end. Each training image's CAMs are then averaged down to the network's grid, walked
 ``2 ** log_steps`` steps over the affinities raised to ``beta`` (fewer on a small grid, see
 :meth:`RefineParams.steps_on`), upsampled back bilinearly, and background competes with them
-(see :attr:`RefineParams.background`); the argmax over background and the image's own tags gives
+(see :attr:`RefineParams.background`; IRN's threshold chosen over the whole split's walks with
+``bg_threshold: auto``, :func:`walk_split`); the argmax over background and the image's own tags gives
 its label, and the affinity labels' regions of those classes complete the objects the walk found
 (:attr:`RefineParams.keep`): every pixel gets a label, and none gets a class the image is not
 tagged with.
