@@ -39,19 +39,19 @@ def two_step(ctx: Context, targets: tuple[LabelReader, str], trained_on: str) ->
     the metrics), predict and score val."""
     manifest, (train_split, val_split) = ctx.manifest, ctx.splits
     params = ctx.params(DeepLabParams, "deeplab")
-    made = MadeFrom.made(manifest, (train_split,), params.recipe(),
+    made = MadeFrom.made(ctx.stage.name, manifest, (train_split,), params.recipe(),
                          {"targets": targets[1], "init": file_digest(params.weights) if params.weights else None})
     weights = ctx.file(ctx.stage.weights)
     if ctx.dist.is_main:
         forget(weights)
     with stopwatch() as training:
         net = train_deeplab(manifest, train_split, params, targets, weights, ctx.file(ctx.stage.state), ctx.dist,
-                            ctx.device, ctx.run, description=ctx.stage.name)
+                            ctx.device, ctx.run, stage=ctx.stage.name)
     if not ctx.dist.is_main:
         return
     write_record(weights, made)
     store = ctx.output(ctx.stage.stores[0])
-    start(store, predictions_made_from(manifest, val_split, params.recipe(), weights))
+    start(store, predictions_made_from(ctx.stage.name, manifest, val_split, params.recipe(), weights))
     threshold, predicted = predicted_tags(ctx.input(CAMS, checked=False), manifest, train_split, val_split)
     val_tags, others = val_restrictions(params.test_tags, predicted)
     with stopwatch() as inference:

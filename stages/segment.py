@@ -38,7 +38,7 @@ def body(ctx: Context) -> None:
     cams = ctx.input(CAMS, checked=not (params.checkpoint and not init.exists()))
     staged, mined = params.steps > 0 and params.mode == "staged", params.steps > 0 and params.mode == "end_to_end"
     targets = ctx.labels(SEGMENT_LABELS, params.labels) if staged else None
-    made = MadeFrom.made(manifest, (train_split,), {**settings("segment", params),
+    made = MadeFrom.made("segment", manifest, (train_split,), {**settings("segment", params),
                                                     **(settings("prune", prune) if mined else {})},
                          {**start_from, "labels": targets.fingerprint if targets else None})
     if mined and ctx.dist.is_main:
@@ -64,7 +64,7 @@ def body(ctx: Context) -> None:
         for name, store, split, tags, also in (
                 ("val", ctx.output(SEGMENT), val_split, val_tags, others),
                 ("pseudo", ctx.output(PSEUDO), train_split, given_tags(manifest, train_split), {})):
-            start(store, predictions_made_from(manifest, split, settings("segment", params), weights))
+            start(store, predictions_made_from("segment", manifest, split, settings("segment", params), weights))
             results[name] = infer_split(probabilities, manifest, split, store, ctx.device, crf, ctx.run, tags, also)
     ctx.write_metrics({**results["val"], "mode": params.mode, "labels": params.labels, "test_tags": params.test_tags,
                        "tag_threshold": threshold, "pseudo": results["pseudo"], "rejected": ctx.rejected,

@@ -45,7 +45,7 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
         segment_weights.parent.mkdir(parents=True, exist_ok=True)
         segment_weights.write_bytes(b"a stand-in for the segment stage's network")
         segment = load_params(SegmentParams, "segment", Path("params.yaml"))
-        made = predictions_made_from(manifest, "train", settings("segment", segment), segment_weights)
+        made = predictions_made_from("segment", manifest, "train", settings("segment", segment), segment_weights)
         pseudo.reset_unless(made.fingerprint, made.as_json())
         for item in manifest.split("train"):
             label = manifest.read_mask(item).copy()

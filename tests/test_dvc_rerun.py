@@ -28,9 +28,10 @@ from pipeline.core.registry import STAGES, STORES
 from tests.conftest import tiny_params
 
 ROOT = Path(__file__).resolve().parents[1]
-PROJECT = ("dvc.yaml", "params.yaml", ".gitignore", "pipeline", "stages")
-"""What a clone of the repository holds that a run needs; its .gitignore keeps the stores out of
-git, as in a user's clone (a queued experiment gets them from DVC's cache only)."""
+PROJECT = ("dvc.yaml", "params.yaml", ".gitignore", ".dvcignore", "pipeline", "stages")
+"""What a clone of the repository holds that a run needs: its .gitignore keeps the stores out of
+git, as in a user's clone (a queued experiment gets them from DVC's cache only), its .dvcignore
+Python's byte code out of the code folders' hashes."""
 TINY = tiny_params(data={"train_images": 12, "val_images": 4}, classifier={"steps": 2}, cams={"scales": [1.0]},
                    segment={"steps": 2, "crf": False})
 UPSTREAM = ("data", "classifier", "cams", "crf")

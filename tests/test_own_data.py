@@ -13,11 +13,13 @@ import yaml
 from click.testing import CliRunner
 
 from pipeline.cli import main as rrm
+from pipeline.core import provenance
 from pipeline.core.errors import InputError
 from pipeline.core.io import read_image, write_image
 from pipeline.core.store import ImageStore
 from pipeline.data.manifest import load_manifest
 from pipeline.method.crf_runner import local_cluster
+from pipeline.train import classifier as training
 from pipeline.train.segment import SegmentParams
 from stages import cams, classifier, crf, data, deeplab, prune, segment, supervised
 from tests.conftest import tiny_params
@@ -169,6 +171,38 @@ def test_a_run_setting_changes_no_record(project):
     run_prune(Path("params.yaml"))
     segment.main(Path("params.yaml"))  # the masks are still those of the current settings
     assert {name: ImageStore(f"artifacts/{name}.zarr").fingerprint for name in fingerprints} == fingerprints
+
+
+def test_an_edit_to_a_stage_s_code_makes_its_store_anew_and_its_readers_refuse_the_old_one(project, monkeypatch):
+    identity = provenance.code_identity
+    monkeypatch.setattr(provenance, "code_identity", lambda stage: "edited" if stage == "prune" else identity(stage))
+    with pytest.raises(InputError) as error:
+        segment.main(Path("params.yaml"))
+    assert str(error.value) == ("artifacts/masks.zarr: was made by another version of its stage's code "
+                                "(rerun the prune stage)")
+    run_prune(Path("params.yaml"))  # what `dvc repro` runs after the edit: the masks are made anew, not kept
+    masks = ImageStore("artifacts/masks.zarr")
+    assert masks.made_from["code"] == "edited" and masks.is_complete()
+
+
+def test_an_edit_to_a_stage_s_code_trains_anew_instead_of_resuming_its_state(project, monkeypatch):
+    def state_key() -> str:
+        return torch.load("checkpoints/state/classifier.pt", map_location="cpu", weights_only=False)["fingerprint"]
+
+    key, trained = state_key(), weights_digest(Path("checkpoints/classifier.pth"))
+    identity = provenance.code_identity
+
+    def edited(stage: str) -> str:
+        return "edited" if stage == "classifier" else identity(stage)
+
+    for module in (provenance, training):  # the records, the training state's key
+        monkeypatch.setattr(module, "code_identity", edited)
+    classifier.main(Path("params.yaml"))
+    assert state_key() != key
+    for module in (provenance, training):
+        monkeypatch.setattr(module, "code_identity", identity)
+    classifier.main(Path("params.yaml"))  # the code as it was: trained anew again, to the same weights
+    assert state_key() == key and weights_digest(Path("checkpoints/classifier.pth")) == trained
 
 
 def test_a_trial_with_its_own_root_leaves_the_default_run_untouched(project):

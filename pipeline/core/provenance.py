@@ -5,7 +5,10 @@ Every stage records in each store it starts, and beside each checkpoint it train
 (:class:`MadeFrom`): the identity of the dataset's images and tags (:func:`dataset_identity`),
 the method settings of the params file (``section.key``), and the fingerprints of its inputs (a
 checkpoint's digest, another store's fingerprint). The store's fingerprint is the digest of that
-record, so a stage that owns the store redoes it when anything differs. A stage or command that
+record, so a stage that owns the store redoes it when anything differs. The record names the
+code too: the digest of the project files the writing stage runs (:func:`code_identity`, the
+files dvc.yaml lists as its code), so that a stage DVC reruns after an edit to its code makes its
+stores and its training anew instead of resuming what the earlier code began. A stage or command that
 only reads a store checks its record against the current manifest and params file and refuses
 in one line naming what differs: another dataset, a setting changed since, an input remade.
 Outside DVC too (``rrm stage``, ``rrm show``).
@@ -23,14 +26,16 @@ import json
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from functools import partial
+from functools import cache, partial
 from pathlib import Path
 from typing import Any
 
 from upath import UPath
 
+from pipeline.core.dvcfile import ROOT, stage_code
 from pipeline.core.errors import InputError
-from pipeline.core.io import fingerprint, write_json
+from pipeline.core.io import file_digest, fingerprint, write_json
+from pipeline.core.registry import STAGES
 from pipeline.core.store import ImageStore
 from pipeline.data.manifest import Manifest, load_manifest
 
@@ -98,29 +103,40 @@ def dataset_identity(manifest: Manifest, splits: Iterable[str]) -> str:
         for name in splits])
 
 
+@cache
+def code_identity(stage: str) -> str:
+    """A digest of the project files ``stage`` runs (its script's import closure, as dvc.yaml lists
+    them, :func:`pipeline.core.dvcfile.stage_code`), by their paths and contents."""
+    files = sorted(stage_code(STAGES[stage]))
+    return fingerprint([(path.relative_to(ROOT).as_posix(), file_digest(path)) for path in files])
+
+
 @dataclass(frozen=True)
 class MadeFrom:
     """What a store is made from: ``dataset``, the :func:`dataset_identity` of ``splits``;
-    ``settings``, ``{"section.key": value}`` (see :func:`settings`); ``inputs``, ``{name: digest}``."""
+    ``settings``, ``{"section.key": value}`` (see :func:`settings`); ``inputs``, ``{name: digest}``;
+    ``code``, the :func:`code_identity` of the stage that makes it."""
 
     dataset: str
     splits: tuple[str, ...]
     settings: Mapping[str, Any] = field(default_factory=dict)
     inputs: Mapping[str, str | None] = field(default_factory=dict)
+    code: str | None = None
 
     def as_json(self) -> dict[str, Any]:
         return {"dataset": self.dataset, "splits": list(self.splits), "settings": dict(self.settings),
-                "inputs": dict(self.inputs)}
+                "inputs": dict(self.inputs), "code": self.code}
 
     @property
     def fingerprint(self) -> str:
         return fingerprint(self.as_json())
 
     @classmethod
-    def made(cls, manifest: Manifest, splits: Sequence[str], settings: Mapping[str, Any] | None = None,
+    def made(cls, stage: str, manifest: Manifest, splits: Sequence[str], settings: Mapping[str, Any] | None = None,
              inputs: Mapping[str, str | None] | None = None) -> MadeFrom:
-        """The record of a store made now from ``manifest``'s ``splits``."""
-        return cls(dataset_identity(manifest, splits), tuple(splits), dict(settings or {}), dict(inputs or {}))
+        """The record of a store the stage ``stage`` makes now from ``manifest``'s ``splits``."""
+        return cls(dataset_identity(manifest, splits), tuple(splits), dict(settings or {}), dict(inputs or {}),
+                   code_identity(stage))
 
 
 def difference(recorded: Mapping[str, Any] | None, expected: MadeFrom, manifest: Manifest) -> str | None:
@@ -131,8 +147,12 @@ def difference(recorded: Mapping[str, Any] | None, expected: MadeFrom, manifest:
     if recorded.get("splits") != list(expected.splits) or recorded.get("dataset") != expected.dataset:
         return f"was made from other images or tags than those of {manifest.source or manifest.name}"
     now = expected.as_json()
-    return _changed(recorded, now["settings"], now["inputs"], set(recorded.get("settings", {})) | set(now["settings"]),
-                    set(recorded.get("inputs", {})) | set(now["inputs"]))
+    changed = _changed(recorded, now["settings"], now["inputs"],
+                       set(recorded.get("settings", {})) | set(now["settings"]),
+                       set(recorded.get("inputs", {})) | set(now["inputs"]))
+    if changed is None and recorded.get("code") != expected.code:
+        return "was made by another version of its stage's code"
+    return changed
 
 
 def stated_difference(recorded: Mapping[str, Any], stated: Mapping[str, Any],

@@ -78,7 +78,7 @@ def cams_made_from(manifest: Manifest, splits: Sequence[str], params: CamParams,
     """What a CAM store is made from: the images and tags of ``splits``, the `cams:` settings and
     the classifier's weights; ``contents`` names what each array holds, so that a store made
     before the image scores were kept beside the maps is made anew."""
-    return MadeFrom.made(manifest, splits, settings("cams", params),
+    return MadeFrom.made("cams", manifest, splits, settings("cams", params),
                          {"classifier": file_digest(weights), "contents": f"cams, {SCORES}"})
 
 

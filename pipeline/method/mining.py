@@ -71,13 +71,13 @@ def crf_made_from(manifest: Manifest, split: str, params: PruneParams, cams: Ima
     stores."""
     crf_settings = {key: value for key, value in settings("prune", params).items() if key in CRF_SETTINGS}
     contents = "crf labels; maps: labels, confidence, cam label, cam value"
-    return MadeFrom.made(manifest, (split,), crf_settings, {"cams.zarr": cams.fingerprint, "contents": contents})
+    return MadeFrom.made("crf", manifest, (split,), crf_settings, {"cams.zarr": cams.fingerprint, "contents": contents})
 
 
 def masks_made_from(manifest: Manifest, split: str, params: PruneParams, maps: ImageStore) -> MadeFrom:
     """What a mask store is made from: the images and tags of ``split``, the rule's settings and
     the kept CRF maps (by their store's fingerprint, which holds the CAMs')."""
-    return MadeFrom.made(manifest, (split,), settings("prune", params),
+    return MadeFrom.made("prune", manifest, (split,), settings("prune", params),
                          {"crfmaps.zarr": maps.fingerprint})
 
 

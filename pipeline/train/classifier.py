@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 
 from pipeline.core.distributed import Distributed
 from pipeline.core.io import file_digest, fingerprint
-from pipeline.core.provenance import MadeFrom, settings
+from pipeline.core.provenance import MadeFrom, code_identity, settings
 from pipeline.core.run import DEFAULT_RUN, RunParams
 from pipeline.data.datasets import Augmentation, ClassificationDataset, ImageDataset
 from pipeline.data.manifest import Manifest
@@ -83,7 +83,7 @@ def classifier_made_from(manifest: Manifest, split: str, params: ClassifierParam
     """What the classifier stage's network is made from: the images and tags of ``split``, the
     `classifier:` settings and the files it starts from (see :mod:`pipeline.core.provenance`)."""
     starts = {"weights": params.weights, "checkpoint": params.checkpoint}
-    return MadeFrom.made(manifest, (split,), settings("classifier", params),
+    return MadeFrom.made("classifier", manifest, (split,), settings("classifier", params),
                          {name: file_digest(path) if path else None for name, path in starts.items()})
 
 
@@ -126,7 +126,7 @@ def train_classifier(manifest: Manifest, split: str, params: ClassifierParams, o
             return {"loss": F.multilabel_soft_margin_loss(logits.float(), batch["labels"].to(device))}
 
         settings = params.loop("classifier", progress, run)
-        key = fingerprint(asdict(params), manifest.name, split, len(dataset))
+        key = fingerprint(asdict(params), manifest.name, split, len(dataset), code_identity("classifier"))
         train(model, loader, step, optimizer, settings, Checkpoint(state, key), ctx, device)
     if ctx.is_main:
         save_checkpoint(unwrap(net), out)

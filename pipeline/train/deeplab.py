@@ -28,7 +28,7 @@ from pipeline.core.distributed import Distributed
 from pipeline.core.errors import InputError
 from pipeline.core.io import file_digest, fingerprint
 from pipeline.core.params import check_choice, check_scales
-from pipeline.core.provenance import settings
+from pipeline.core.provenance import code_identity, settings
 from pipeline.core.registry import DEEPLAB_LABELS
 from pipeline.core.run import DEFAULT_RUN, RunParams
 from pipeline.core.store import ImageStore
@@ -184,9 +184,10 @@ def ground_truth(manifest: Manifest, split: str) -> tuple[LabelReader, str]:
 
 def train_deeplab(manifest: Manifest, split: str, params: DeepLabParams, targets: tuple[LabelReader, str], out: Path,
                   state: Path, ctx: Distributed, device: torch.device, run: RunParams = DEFAULT_RUN,
-                  progress: bool = True, description: str = "deeplab") -> DeepLab:
+                  progress: bool = True, stage: str = "deeplab") -> DeepLab:
     """Train (or resume training) on ``targets`` (:func:`pseudo_labels` or :func:`ground_truth`) of
-    ``split``; write the weights to ``out`` (rank 0)."""
+    ``split`` for the stage ``stage`` (its progress bar's name, and whose code its state records);
+    write the weights to ``out`` (rank 0)."""
     read_label, labels_key = targets
     torch.manual_seed(params.seed)
     net = build_deeplab(params, manifest.num_classes).to(device)
@@ -201,8 +202,8 @@ def train_deeplab(manifest: Manifest, split: str, params: DeepLabParams, targets
         return {"loss": pseudo_label_loss(logits, labels, ctx.average(reliable_counts(labels)))}
 
     recipe = {name: value for name, value in training_key(params).items() if name not in params.TARGETS}
-    key = fingerprint(recipe, labels_key, manifest.name, split, len(dataset))
-    train(model, loader, step, optimizer, params.loop(description, progress, run), Checkpoint(state, key), ctx, device)
+    key = fingerprint(recipe, labels_key, manifest.name, split, len(dataset), code_identity(stage))
+    train(model, loader, step, optimizer, params.loop(stage, progress, run), Checkpoint(state, key), ctx, device)
     if ctx.is_main:
         save_checkpoint(unwrap(net), out)
     return net

@@ -69,11 +69,12 @@ manifest gives it (:func:`pipeline.method.tags.given_tags`) or those the classif
 (:func:`pipeline.method.tags.predicted_tags`)."""
 
 
-def predictions_made_from(manifest: Manifest, split: str, recorded: dict[str, Any], weights: Path) -> MadeFrom:
-    """What a store of predictions of ``split`` is made from: its images and tags, the ``recorded``
-    settings of the stage that trained the network (:func:`~pipeline.core.provenance.settings`)
-    and the network's weights."""
-    return MadeFrom.made(manifest, (split,), recorded, {"weights": file_digest(weights)})
+def predictions_made_from(stage: str, manifest: Manifest, split: str, recorded: dict[str, Any],
+                          weights: Path) -> MadeFrom:
+    """What a store of predictions of ``split`` that ``stage`` writes is made from: its images and
+    tags, the ``recorded`` settings of the stage that trained the network
+    (:func:`~pipeline.core.provenance.settings`) and the network's weights."""
+    return MadeFrom.made(stage, manifest, (split,), recorded, {"weights": file_digest(weights)})
 
 
 ProbabilityFn = Callable[[torch.Tensor], torch.Tensor]

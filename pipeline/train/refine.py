@@ -153,7 +153,7 @@ def affinity_made_from(manifest: Manifest, split: str, params: RefineParams, cla
                        labels: ImageStore) -> MadeFrom:
     """What the affinity network is made from: the images and tags of ``split``, the `refine:`
     settings, the classifier's weights and the labels it learns from."""
-    return MadeFrom.made(manifest, (split,), settings("refine", params),
+    return MadeFrom.made("refine", manifest, (split,), settings("refine", params),
                          {"classifier": file_digest(classifier), "labels": labels.fingerprint})
 
 
@@ -165,7 +165,7 @@ def refined_made_from(manifest: Manifest, split: str, params: RefineParams, weig
     inputs = {"weights": file_digest(weights), "cams.zarr": cams.fingerprint}
     if params.keep != "none":
         inputs["labels"] = labels.fingerprint
-    return MadeFrom.made(manifest, (split,), settings("refine", params), inputs)
+    return MadeFrom.made("refine", manifest, (split,), settings("refine", params), inputs)
 
 
 def expected_refined(ctx: Context) -> MadeFrom:

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from pipeline.core.distributed import Distributed
 from pipeline.core.io import IGNORE, fingerprint
 from pipeline.core.params import check_choice, check_range, check_scales
-from pipeline.core.provenance import MadeFrom, settings
+from pipeline.core.provenance import MadeFrom, code_identity, settings
 from pipeline.core.registry import SEGMENT_LABELS, SEGMENT_WEIGHTS
 from pipeline.core.run import DEFAULT_RUN, RunParams
 from pipeline.core.store import ImageStore
@@ -187,7 +187,7 @@ def _fit(net: SegNet, manifest: Manifest, split: str, classifier: ClassifierPara
 
     settings = params.loop(f"segment {params.mode}", progress, run)
     key = fingerprint(training_key(params), asdict(prune) if miner else targets.fingerprint, asdict(classifier),
-                      manifest.name, split, len(dataset))
+                      manifest.name, split, len(dataset), code_identity("segment"))
     try:
         train(model, loader, step, optimizer, settings, Checkpoint(state, key), ctx, device)
     finally:
@@ -197,5 +197,5 @@ def _fit(net: SegNet, manifest: Manifest, split: str, classifier: ClassifierPara
 
 def expected_pseudo(ctx: Context) -> MadeFrom:
     """The record a reader must find in the pseudo-labels now (registered in :mod:`pipeline.core.registry`)."""
-    return predictions_made_from(ctx.manifest, ctx.dataset.train_split,
+    return predictions_made_from("segment", ctx.manifest, ctx.dataset.train_split,
                                  settings("segment", ctx.params(SegmentParams, "segment")), ctx.file(SEGMENT_WEIGHTS))
