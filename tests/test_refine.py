@@ -39,6 +39,7 @@ from pipeline.train.affinity import (
     walk_scores,
     walk_split,
     walked_labels,
+    weakest_candidate,
 )
 from pipeline.train.classifier import ClassifierParams, build_classifier
 from pipeline.train.refine import BACKGROUND_CANDIDATES, RefineParams, refined_made_from
@@ -185,6 +186,19 @@ def test_auto_walks_once_chooses_a_candidate_and_labels_as_that_fixed_threshold(
     fixed = RefineParams(log_steps=3, bg_threshold=threshold)
     refine_split(affinity_net, tiny_manifest, "train", cams, labels, walked, fixed, threshold, cpu, progress=False)
     assert all(np.array_equal(stored.read(image_id)[0], walked.read(image_id)[0]) for image_id in ids)
+
+
+def test_auto_takes_the_highest_candidate_tied_with_the_weakest_affinity_across_edges():
+    assert BACKGROUND_CANDIDATES == (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35)
+    steep = np.array([0.30, 0.20, 0.26, 0.28, 0.29, 0.30, 0.31])  # the objects reach far past their CAMs
+    assert weakest_candidate(steep) == 0.1
+    flat = np.array([0.182, 0.163, 0.158, 0.159, 0.154, 0.1529, 0.1531])  # 0.35 within 0.2 % of 0.3
+    assert weakest_candidate(flat) == 0.35
+    near = np.array([0.230, 0.166, 0.150, 0.1459, 0.1465, 0.150, 0.155])  # 0.25 within 0.4 %, 0.35 6 % above
+    assert weakest_candidate(near) == 0.25
+    apart = np.array([0.1165, 0.1178, 0.128, 0.133, 0.136, 0.140, 0.144])  # 0.1 is 1.1 % above: not tied
+    assert weakest_candidate(apart) == 0.05
+    assert weakest_candidate(np.full(7, np.inf)) == 0.35  # no candidate parts any cells
 
 
 def test_the_threshold_is_chosen_only_when_auto_and_irn_s_background_ask_for_it():

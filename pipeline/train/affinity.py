@@ -53,7 +53,7 @@ from pipeline.models import fold_batch_norms, save_checkpoint
 from pipeline.models.affinity import LEVELS, AffinityNet, to_grid
 from pipeline.train.classifier import ClassifierParams, load_classifier
 from pipeline.train.loop import Checkpoint, data_parallel, train, unwrap
-from pipeline.train.refine import BACKGROUND_CANDIDATES, RefineParams
+from pipeline.train.refine import BACKGROUND_CANDIDATES, TIED, RefineParams
 
 
 def build_affinity_net(classifier: ClassifierParams, num_classes: int, weights: Path,
@@ -192,13 +192,20 @@ def walk_split(net: AffinityNet, manifest: Manifest, split: str, cams: ImageStor
 
 def chosen_threshold(walks: ImageStore, ids: list[str]) -> float:
     """The candidate of :data:`BACKGROUND_CANDIDATES` whose labels part neighbouring cells across
-    the weakest mean affinity over the stored walks of ``ids`` (:func:`walk_split`); the lowest
-    when none parts any (every candidate then labels each image alike)."""
+    the weakest mean affinity over the stored walks of ``ids`` (:func:`walk_split`), ties settled
+    by :func:`weakest_candidate`."""
     totals = np.zeros((len(BACKGROUND_CANDIDATES), 2))
     for _, attrs in walks.read_many(ids):
         totals += np.asarray(attrs["boundary"])
-    means = np.where(totals[:, 1] > 0, totals[:, 0] / np.maximum(totals[:, 1], 1), np.inf)
-    return BACKGROUND_CANDIDATES[int(means.argmin())]
+    return weakest_candidate(np.where(totals[:, 1] > 0, totals[:, 0] / np.maximum(totals[:, 1], 1), np.inf))
+
+
+def weakest_candidate(means: np.ndarray) -> float:
+    """The highest of :data:`BACKGROUND_CANDIDATES` whose mean affinity across its labels' edges
+    (``means``, one per candidate; inf where its labels part no cells) is within :data:`TIED` of
+    the weakest; the highest of all when none parts any (each then labels every image alike)."""
+    tied = np.flatnonzero(means <= means.min() * (1 + TIED))
+    return BACKGROUND_CANDIDATES[int(tied.max())]
 
 
 @torch.inference_mode()

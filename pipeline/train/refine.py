@@ -35,6 +35,11 @@ BACKGROUND_CANDIDATES = tuple(round(0.05 * step, 2) for step in range(1, 8))
 """The background thresholds ``bg_threshold: auto`` chooses among, 0.05 to 0.35: it gives objects
 more of the walk where the CAMs cover little of them, never less than 0.35 does (a higher one,
 chosen on MSRC's photos, cost its two-step; docs/results/refine.md)."""
+TIED = 0.01
+"""How near the weakest mean affinity across the labels' edges, relative to it, a candidate's must
+be to count as tied with it; ``auto`` takes the highest tied candidate. Where the affinities barely
+tell two thresholds apart (a flat curve, where one CPU model's rounding against another's moved
+the minimum), the background keeps the most that the evidence allows."""
 KEEPS = ("foreground", "none")
 
 
