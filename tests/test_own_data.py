@@ -19,7 +19,7 @@ from pipeline.core.io import read_image, write_image
 from pipeline.core.store import ImageStore
 from pipeline.data.manifest import load_manifest
 from pipeline.method.crf_runner import local_cluster
-from pipeline.train import classifier as training
+from pipeline.train import loop as training
 from pipeline.train.segment import SegmentParams
 from stages import cams, classifier, crf, data, deeplab, prune, segment, supervised
 from tests.conftest import tiny_params

@@ -33,8 +33,6 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from pipeline.core.distributed import Distributed
-from pipeline.core.io import fingerprint
-from pipeline.core.provenance import code_identity
 from pipeline.core.run import DEFAULT_RUN, RunParams
 from pipeline.core.store import ImageStore
 from pipeline.data.datasets import ImageDataset, SegmentationDataset
@@ -85,8 +83,9 @@ def train_affinity(net: AffinityNet, manifest: Manifest, split: str, params: Ref
         grid = label_grid(batch["label"].to(device), params.stride)
         return affinity_loss(features, grid, params.radius, AFFINITIES[params.affinity][1])
 
-    key = fingerprint(asdict(params), labels.fingerprint, manifest.name, split, len(dataset), code_identity("refine"))
-    train(model, loader, step, optimizer, params.loop("refine", progress, run), Checkpoint(state, key), ctx, device)
+    checkpoint = Checkpoint.of_stage(state, "refine", asdict(params), labels.fingerprint, manifest.name, split,
+                                     len(dataset))
+    train(model, loader, step, optimizer, params.loop("refine", progress, run), checkpoint, ctx, device)
     if ctx.is_main:
         save_checkpoint(unwrap(net).head, out)
     return net

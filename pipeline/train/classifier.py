@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from pipeline.core.distributed import Distributed
-from pipeline.core.io import file_digest, fingerprint
-from pipeline.core.provenance import MadeFrom, code_identity, settings
+from pipeline.core.io import file_digest
+from pipeline.core.provenance import MadeFrom, settings
 from pipeline.core.run import DEFAULT_RUN, RunParams
 from pipeline.data.datasets import Augmentation, ClassificationDataset, ImageDataset
 from pipeline.data.manifest import Manifest
@@ -126,8 +126,8 @@ def train_classifier(manifest: Manifest, split: str, params: ClassifierParams, o
             return {"loss": F.multilabel_soft_margin_loss(logits.float(), batch["labels"].to(device))}
 
         settings = params.loop("classifier", progress, run)
-        key = fingerprint(asdict(params), manifest.name, split, len(dataset), code_identity("classifier"))
-        train(model, loader, step, optimizer, settings, Checkpoint(state, key), ctx, device)
+        checkpoint = Checkpoint.of_stage(state, "classifier", asdict(params), manifest.name, split, len(dataset))
+        train(model, loader, step, optimizer, settings, checkpoint, ctx, device)
     if ctx.is_main:
         save_checkpoint(unwrap(net), out)
     return net

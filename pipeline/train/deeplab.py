@@ -26,9 +26,9 @@ from torch import Tensor, nn
 
 from pipeline.core.distributed import Distributed
 from pipeline.core.errors import InputError
-from pipeline.core.io import file_digest, fingerprint
+from pipeline.core.io import file_digest
 from pipeline.core.params import check_choice, check_scales
-from pipeline.core.provenance import code_identity, settings
+from pipeline.core.provenance import settings
 from pipeline.core.registry import DEEPLAB_LABELS
 from pipeline.core.run import DEFAULT_RUN, RunParams
 from pipeline.core.store import ImageStore
@@ -202,8 +202,8 @@ def train_deeplab(manifest: Manifest, split: str, params: DeepLabParams, targets
         return {"loss": pseudo_label_loss(logits, labels, ctx.average(reliable_counts(labels)))}
 
     recipe = {name: value for name, value in training_key(params).items() if name not in params.TARGETS}
-    key = fingerprint(recipe, labels_key, manifest.name, split, len(dataset), code_identity(stage))
-    train(model, loader, step, optimizer, params.loop(stage, progress, run), Checkpoint(state, key), ctx, device)
+    checkpoint = Checkpoint.of_stage(state, stage, recipe, labels_key, manifest.name, split, len(dataset))
+    train(model, loader, step, optimizer, params.loop(stage, progress, run), checkpoint, ctx, device)
     if ctx.is_main:
         save_checkpoint(unwrap(net), out)
     return net

@@ -21,8 +21,9 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
 from pipeline.core.distributed import Distributed
-from pipeline.core.io import atomic_open
+from pipeline.core.io import atomic_open, fingerprint
 from pipeline.core.params import check_range, check_scale_range
+from pipeline.core.provenance import code_identity
 from pipeline.core.run import DEFAULT_RUN, RunParams
 from pipeline.data.datasets import Augmentation
 from pipeline.models import param_groups
@@ -153,6 +154,13 @@ class Checkpoint:
     def __init__(self, path: str | Path, fingerprint: str = "") -> None:
         self.path = Path(path)
         self.fingerprint = fingerprint
+
+    @classmethod
+    def of_stage(cls, path: str | Path, stage: str, *settings: Any) -> Checkpoint:
+        """The training state of ``stage``, keyed by ``settings`` (parameters, inputs' digests)
+        and by the digest of the code the stage runs: after DVC reruns a stage because its code
+        changed, a state left by the earlier code is trained over, never resumed from."""
+        return cls(path, fingerprint(*settings, code_identity(stage)))
 
     def save(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
              scaler: torch.amp.GradScaler | None, extra: dict[str, Any] | None = None) -> None:

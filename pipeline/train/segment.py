@@ -22,9 +22,9 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.core.distributed import Distributed
-from pipeline.core.io import IGNORE, fingerprint
+from pipeline.core.io import IGNORE
 from pipeline.core.params import check_choice, check_range, check_scales
-from pipeline.core.provenance import MadeFrom, code_identity, settings
+from pipeline.core.provenance import MadeFrom, settings
 from pipeline.core.registry import SEGMENT_LABELS, SEGMENT_WEIGHTS
 from pipeline.core.run import DEFAULT_RUN, RunParams
 from pipeline.core.store import ImageStore
@@ -186,10 +186,11 @@ def _fit(net: SegNet, manifest: Manifest, split: str, classifier: ClassifierPara
         return {"loss": sum(losses.values()), **losses}
 
     settings = params.loop(f"segment {params.mode}", progress, run)
-    key = fingerprint(training_key(params), asdict(prune) if miner else targets.fingerprint, asdict(classifier),
-                      manifest.name, split, len(dataset), code_identity("segment"))
+    checkpoint = Checkpoint.of_stage(state, "segment", training_key(params),
+                                     asdict(prune) if miner else targets.fingerprint, asdict(classifier),
+                                     manifest.name, split, len(dataset))
     try:
-        train(model, loader, step, optimizer, settings, Checkpoint(state, key), ctx, device)
+        train(model, loader, step, optimizer, settings, checkpoint, ctx, device)
     finally:
         if miner is not None:
             miner.close()
