@@ -6,7 +6,7 @@ that keep those labels' foreground (`refine.keep`), and score those.
 A killed run resumes: training from its last saved state, the walk from the last image written.
 With `refine.bg_threshold: auto` every image's walk is kept beside the training state until the
 threshold is chosen and the labels are written, so that the split is walked once and a killed run
-resumes there too.
+resumes there too; a rerun over finished labels reads the threshold they were made with.
 """
 
 from __future__ import annotations
@@ -55,7 +55,9 @@ def body(ctx: Context) -> None:
     walks = None
     with stopwatch() as walking:
         threshold = None if isinstance(params.bg_threshold, str) else params.bg_threshold
-        if params.chooses_threshold:
+        if params.chooses_threshold and store.is_complete():
+            threshold = store.read(ids[0])[1]["bg_threshold"]
+        elif params.chooses_threshold:
             walks = ImageStore(ctx.file(ctx.stage.state).with_name(WALKS))
             walks.reset_unless(store.fingerprint)
             walk_split(net, manifest, split, cams, walks, params, ctx.device, ctx.run)

@@ -13,6 +13,7 @@ from pipeline.core.store import ImageStore
 from pipeline.data.manifest import load_manifest
 from pipeline.method.mining import crf_made_from, masks_made_from
 from pipeline.method.prune import PruneParams
+from pipeline.train.refine import BACKGROUND_CANDIDATES
 from stages import cams, classifier, data, refine, segment
 from tests.conftest import write_tiny_project
 
@@ -103,6 +104,21 @@ def test_refine_learns_affinities_walks_every_training_image_and_scores_it(proje
     assert 0 <= scores["miou"] <= 1 and scores["scored_images"] == 16 and scores["seconds"] > 0
     assert Path("checkpoints/refine.pth").is_file() and Path("checkpoints/refine.json").is_file()
     assert store.made_from["settings"]["refine.steps"] == 2
+
+
+def test_a_rerun_of_a_finished_refine_stage_reports_its_threshold_without_walking_again(project, monkeypatch):
+    monkeypatch.chdir(project)
+    _write_masks_from_cams()
+    refine.main(Path("params.yaml"))
+    chosen = _metrics("refine")["bg_threshold"]
+    Path("metrics/refine.json").unlink()  # killed before its scores were written
+
+    def walk_again(*args, **kwargs):
+        raise AssertionError("walked a finished split again")
+
+    monkeypatch.setattr(refine, "walk_split", walk_again)
+    refine.main(Path("params.yaml"))
+    assert _metrics("refine")["bg_threshold"] == chosen and chosen in BACKGROUND_CANDIDATES
 
 
 def test_segment_and_deeplab_learn_from_the_labels_their_setting_names(project, monkeypatch):

@@ -215,8 +215,8 @@ def refine_split(net: AffinityNet, manifest: Manifest, split: str, cams: ImageSt
     skipping the images it holds in full, so that a killed run resumes where it stopped. Images
     of one size walk together (:func:`_size_batches`), each with its own tags' CAMs, padded with
     empty maps to the batch's most, or their walks are read from ``walks`` (:func:`walk_split`);
-    background scores ``threshold``; the affinity labels ``labels`` keep what ``params.keep``
-    says. Returns the ids written."""
+    background scores ``threshold``, recorded in each image's attributes as ``bg_threshold``; the
+    affinity labels ``labels`` keep what ``params.keep`` says. Returns the ids written."""
     net.eval()
     done = set(store.complete_ids())
     loader, count = _size_batches(manifest, split, done, device, run)
@@ -238,7 +238,8 @@ def refine_split(net: AffinityNet, manifest: Manifest, split: str, cams: ImageSt
             if params.keep == "foreground":
                 refined = [keep_foreground(walk, kept, own[1:], params.keep_share)
                            for walk, (kept, _), own in zip(refined, labels.read_many(batch["id"]), values, strict=True)]
-            store.write_many([(image_id, array, {}) for image_id, array in zip(batch["id"], refined, strict=True)])
+            store.write_many([(image_id, array, {"bg_threshold": threshold})
+                              for image_id, array in zip(batch["id"], refined, strict=True)])
             written += batch["id"]
             bar.update(len(batch["id"]))
     return written
