@@ -37,7 +37,7 @@ SECTIONS = {
 METHOD = ("mode", "dense_weight", "sigma_rgb", "sigma_xy", "energy_scale", "energy_tags", "cls_weight", "crf")
 """The segment stage's method parameters, which no preset changes but VOC's mode (the paper's end to end)."""
 REFINE_METHOD = ("labels", "affinity", "stride", "radius", "beta", "log_steps", "walk_diagonal", "background",
-                 "bg_threshold", "bg_power", "keep", "keep_share")
+                 "bg_threshold", "bg_power", "keep", "keep_share", "crf", "crf_score")
 """The refine stage's method parameters, the same in every preset; presets set its crops and schedule."""
 ALL = sorted([PRESETS.parent / "params.yaml", *PRESETS.glob("*.yaml")])
 

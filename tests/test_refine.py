@@ -4,6 +4,8 @@ it writes (only the image's tags, resumable, recorded)."""
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +35,7 @@ from pipeline.models.affinity import LEVELS, AffinityNet
 from pipeline.train.affinity import (
     build_affinity_net,
     chosen_threshold,
+    held_scores,
     keep_foreground,
     refine_split,
     score_labels,
@@ -42,6 +45,7 @@ from pipeline.train.affinity import (
     weakest_candidate,
 )
 from pipeline.train.classifier import ClassifierParams, build_classifier
+from pipeline.train.predict import crf_labels
 from pipeline.train.refine import BACKGROUND_CANDIDATES, RefineParams, refined_made_from
 
 X = IGNORE
@@ -277,7 +281,7 @@ def test_refined_labels_hold_only_background_and_the_image_s_tags(tiny_manifest,
     cams, labels = _cams_store(tiny_manifest, tmp_path), _labels_store(tiny_manifest, tmp_path)
     store = ImageStore(tmp_path / "refined.zarr")
     store.reset_unless("test")
-    params = RefineParams(log_steps=3, keep=keep, keep_share=0.1)  # the object: a fifth of its labels' region or more
+    params = RefineParams(log_steps=3, keep=keep, keep_share=0.1, crf=False)  # the object: a fifth of it or more
     written = refine_split(affinity_net, tiny_manifest, "train", cams, labels, store, params, 0.35,
                            torch.device("cpu"), progress=False)
     assert written == [item.id for item in tiny_manifest.split("train")]
@@ -287,6 +291,30 @@ def test_refined_labels_hold_only_background_and_the_image_s_tags(tiny_manifest,
         assert set(np.unique(refined)) <= {0, *(c + 1 for c in item.labels)}
         assert (refined[0] == item.labels[0] + 1).all() == (keep == "foreground")  # the walk alone misses the row
     assert score_labels(store, tiny_manifest, "train")["scored_images"] == 4
+
+
+def test_held_scores_give_each_pixel_s_label_its_score_and_share_the_rest_among_the_image_s_labels():
+    labels = np.array([[0, 0, 2, 2, 3]], dtype=np.uint8)
+    scores = held_scores(labels, num_labels=4, score=0.9)
+    assert scores.shape == (4, 1, 5) and np.allclose(scores.sum(axis=0), 1)
+    assert np.allclose(scores[:, 0, 0], [0.9, 0, 0.05, 0.05]) and np.allclose(scores[:, 0, 4], [0.05, 0, 0.05, 0.9])
+    assert np.array_equal(held_scores(np.full((2, 2), 2, np.uint8), 4, 0.9)[2], np.ones((2, 2)))  # alone: held
+
+
+@pytest.mark.parametrize("backend", ["pydensecrf", "torch"])
+def test_the_crf_after_the_walk_moves_its_labels_edge_onto_the_image_s(backend):
+    rgb = np.full((1, 32, 32, 3), 40, dtype=np.uint8)
+    rgb[0, :, 16:] = 220  # the object: the bright right half
+    walked = np.zeros((32, 32), dtype=np.uint8)
+    walked[:, 12:] = 2  # the walk's edge, on its grid of four pixels a cell, one cell to the left
+    crf = RefineParams(crf_backend=backend).crf_params()
+    scores = torch.from_numpy(held_scores(walked, 3, RefineParams().crf_score)[None])
+    tags = [np.array([0, 1], dtype=np.float32)]
+    with ThreadPoolExecutor(1) if backend == "pydensecrf" else nullcontext() as executor:
+        (future,) = crf_labels(torch.from_numpy(rgb), scores, crf, tags, executor)
+    expected = np.zeros((32, 32), dtype=np.uint8)
+    expected[:, 16:] = 2
+    assert np.array_equal(future.result(), expected)
 
 
 def test_a_killed_walk_resumes_with_the_images_not_yet_written(tiny_manifest, tmp_path, affinity_net):

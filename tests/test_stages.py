@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from pipeline.core.params import load_params
 from pipeline.core.store import ImageStore
@@ -111,7 +112,8 @@ def test_a_rerun_of_a_finished_refine_stage_reports_its_threshold_without_walkin
     _write_masks_from_cams()
     refine.main(Path("params.yaml"))
     chosen = _metrics("refine")["bg_threshold"]
-    Path("metrics/refine.json").unlink()  # killed before its scores were written
+    for written in ("scores/refine.json", "metrics/refine.json"):
+        Path(written).unlink()  # killed before its scores were written
 
     def walk_again(*args, **kwargs):
         raise AssertionError("walked a finished split again")
@@ -119,6 +121,28 @@ def test_a_rerun_of_a_finished_refine_stage_reports_its_threshold_without_walkin
     monkeypatch.setattr(refine, "walk_split", walk_again)
     refine.main(Path("params.yaml"))
     assert _metrics("refine")["bg_threshold"] == chosen and chosen in BACKGROUND_CANDIDATES
+
+
+def test_a_change_to_the_walk_s_settings_walks_again_without_training_again(project, monkeypatch):
+    monkeypatch.chdir(project)
+    _write_masks_from_cams()
+    refine.main(Path("params.yaml"))
+    trained, state = Path("checkpoints/refine.pth").read_bytes(), _state_key("refine")
+    try:
+        write_tiny_project(Path("."), refine={"bg_threshold": 0.3, "crf": False})
+        refine.main(Path("params.yaml"))
+        assert _state_key("refine") == state and Path("checkpoints/refine.pth").read_bytes() == trained
+        assert _metrics("refine")["bg_threshold"] == 0.3
+        assert ImageStore("artifacts/refined.zarr").made_from["settings"]["refine.crf"] is False
+        write_tiny_project(Path("."), refine={"steps": 3})
+        refine.main(Path("params.yaml"))
+        assert _state_key("refine") != state
+    finally:
+        write_tiny_project(Path("."))
+
+
+def _state_key(stage: str) -> str:
+    return torch.load(f"checkpoints/state/{stage}.pt", map_location="cpu", weights_only=False)["fingerprint"]
 
 
 def test_segment_and_deeplab_learn_from_the_labels_their_setting_names(project, monkeypatch):

@@ -51,6 +51,7 @@ from pipeline.models import fold_batch_norms, save_checkpoint
 from pipeline.models.affinity import LEVELS, AffinityNet, to_grid
 from pipeline.train.classifier import ClassifierParams, load_classifier
 from pipeline.train.loop import Checkpoint, data_parallel, train, unwrap
+from pipeline.train.predict import crf_executor, crf_labels
 from pipeline.train.refine import BACKGROUND_CANDIDATES, TIED, RefineParams
 
 
@@ -83,8 +84,8 @@ def train_affinity(net: AffinityNet, manifest: Manifest, split: str, params: Ref
         grid = label_grid(batch["label"].to(device), params.stride)
         return affinity_loss(features, grid, params.radius, AFFINITIES[params.affinity][1])
 
-    checkpoint = Checkpoint.of_stage(state, "refine", asdict(params), labels.fingerprint, manifest.name, split,
-                                     len(dataset))
+    checkpoint = Checkpoint.of_stage(state, "refine", asdict(params.training_settings()), labels.fingerprint,
+                                     manifest.name, split, len(dataset))
     train(model, loader, step, optimizer, params.loop("refine", progress, run), checkpoint, ctx, device)
     if ctx.is_main:
         save_checkpoint(unwrap(net).head, out)
@@ -216,14 +217,18 @@ def refine_split(net: AffinityNet, manifest: Manifest, split: str, cams: ImageSt
     of one size walk together (:func:`_size_batches`), each with its own tags' CAMs, padded with
     empty maps to the batch's most, or their walks are read from ``walks`` (:func:`walk_split`);
     background scores ``threshold``, recorded in each image's attributes as ``bg_threshold``; the
-    affinity labels ``labels`` keep what ``params.keep`` says. Returns the ids written."""
+    affinity labels ``labels`` keep what ``params.keep`` says; last, a dense CRF
+    (``params.crf``) holds each pixel's label at ``params.crf_score`` (:func:`held_scores`) and
+    moves the edges onto the image's. Returns the ids written."""
     net.eval()
     done = set(store.complete_ids())
     loader, count = _size_batches(manifest, split, done, device, run)
     if loader is None:
         return []
     written = []
-    with tqdm(total=count, desc=f"refine {split}", unit="img", disable=not progress) as bar:
+    crf = params.crf_params()
+    with crf_executor(crf, device, run) as (executor, _), \
+            tqdm(total=count, desc=f"refine {split}", unit="img", disable=not progress) as bar:
         for batch in loader:
             size = tuple(batch["image"].shape[-2:])
             read = (cams if walks is None else walks).read_many(batch["id"])
@@ -238,11 +243,34 @@ def refine_split(net: AffinityNet, manifest: Manifest, split: str, cams: ImageSt
             if params.keep == "foreground":
                 refined = [keep_foreground(walk, kept, own[1:], params.keep_share)
                            for walk, (kept, _), own in zip(refined, labels.read_many(batch["id"]), values, strict=True)]
+            if crf is not None:
+                tags = [_multi_hot(attrs["classes"], manifest.num_classes) for _, attrs in read]
+                scores = torch.from_numpy(np.stack([held_scores(label, manifest.num_classes + 1, params.crf_score)
+                                                    for label in refined])).to(device)
+                refined = [future.result() for future in crf_labels(batch["rgb"], scores, crf, tags, executor)]
             store.write_many([(image_id, array, {"bg_threshold": threshold})
                               for image_id, array in zip(batch["id"], refined, strict=True)])
             written += batch["id"]
             bar.update(len(batch["id"]))
     return written
+
+
+def held_scores(labels: np.ndarray, num_labels: int, score: float) -> np.ndarray:
+    """Per-label scores, float32 (num_labels, H, W), that hold ``labels`` (H, W) in a CRF: each
+    pixel gives its own label ``score``; the rest of one is shared by the other labels present in
+    the image (a label the image does not hold scores 0, and one alone scores 1)."""
+    present = np.unique(labels)
+    scores = np.zeros((num_labels, *labels.shape), dtype=np.float32)
+    scores[present] = (1 - score) / max(1, len(present) - 1)
+    own = np.arange(num_labels)[:, None, None] == labels[None]
+    scores[own] = score if len(present) > 1 else 1.0
+    return scores
+
+
+def _multi_hot(classes: list[int], num_classes: int) -> np.ndarray:
+    tags = np.zeros(num_classes, dtype=np.float32)
+    tags[list(classes)] = 1
+    return tags
 
 
 def _padded(arrays: list[np.ndarray], size: tuple[int, int]) -> torch.Tensor:

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping
-from concurrent.futures import Future
-from contextlib import nullcontext
+from concurrent.futures import Executor, Future
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -61,6 +61,37 @@ def _batch_crf_labels(rgb: torch.Tensor, probs: torch.Tensor, crf: CRFParams, ta
         probs = probs / probs.sum(dim=1, keepdim=True).clamp_min(torch.finfo(probs.dtype).tiny)
     marginals = batch_crf(rgb.to(probs.device), probs[:, None], crf, valid)[:, 0]
     return marginals.argmax(dim=1).to(torch.uint8).cpu().numpy()
+
+
+def crf_executor(crf: CRFParams | None, device: torch.device,
+                 run: RunParams) -> AbstractContextManager[tuple[Executor | None, int]]:
+    """Where :func:`crf_labels` sends CRFs, and how many run at once: nowhere (None, 1) without a
+    CRF or where they run batched on ``device`` (:func:`on_device`), else :func:`crf_pool`."""
+    return nullcontext((None, 1)) if crf is None or on_device(crf, device) else crf_pool(run)
+
+
+def crf_labels(rgb: torch.Tensor, probs: torch.Tensor, crf: CRFParams, tags: list[np.ndarray] | None,
+               executor: Executor | None) -> list[Future]:
+    """The CRF labels, uint8 (H, W), of each image of a batch: ``rgb`` uint8 (N, H, W, 3),
+    ``probs`` (N, K, H, W) over every label; with ``tags`` (one multi-hot (C,) per image), over
+    background and each image's tags alone, renormalised (:func:`restrict`). Computed at once on
+    ``probs``' device without an ``executor`` (:func:`crf_executor`), else sent to it one image each."""
+    if executor is None:
+        labels = _batch_crf_labels(rgb, probs, crf, None if tags is None else torch.from_numpy(np.stack(tags)))
+        return [_done(label) for label in labels]
+    scores = probs.cpu().numpy()
+    futures = []
+    for index, own in enumerate(scores):
+        values = np.arange(len(own), dtype=np.uint8) if tags is None else tag_values(tags[index])
+        futures.append(executor.submit(_crf_labels, rgb[index].numpy(),
+                                       own if tags is None else restrict(own, values), crf, values))
+    return futures
+
+
+def _done(result: Any) -> Future:
+    future: Future = Future()
+    future.set_result(result)
+    return future
 
 
 TagMap = Mapping[str, np.ndarray]
@@ -130,8 +161,6 @@ def predict(probabilities: ProbabilityFn, manifest: Manifest, split: str, device
     items = {item.id: item for item in dataset.items}
     sizes = {index: image_size(manifest.image_path(item.id)) for index, item in enumerate(dataset.items)}
     loader = DataLoader(dataset, batch_sampler=size_grouped_batches(sizes, run.inference_batch, run.batch_pixels))
-    batched = on_device(crf, device)
-    pool = nullcontext((None, 1)) if crf is None or batched else crf_pool(run)
     pending: deque[tuple[Item, np.ndarray, Future | None, dict[str, np.ndarray]]] = deque()
     others = others or {}
 
@@ -140,30 +169,20 @@ def predict(probabilities: ProbabilityFn, manifest: Manifest, split: str, device
         return Prediction(item, plain, plain if refined is None else refined.result(), extra)
 
     bar = tqdm(total=len(dataset), desc=f"predict {split}", unit="img", disable=not progress)
-    with pool as (executor, parallel), bar:
+    with crf_executor(crf, device, run) as (executor, parallel), bar:
         for batch in loader:
             images = batch["image"].to(device)
             with torch.autocast(device.type, enabled=device.type == "cuda"):
                 probs_t = probabilities(images).float()
             own = None if tags is None else [tags[image_id] for image_id in batch["id"]]
-            refined_batch = (_batch_crf_labels(batch["rgb"], probs_t, crf, None if own is None else
-                                               torch.from_numpy(np.stack(own))) if batched else None)
+            refined: list[Future | None] = ([None] * len(images) if crf is None else
+                                            crf_labels(batch["rgb"], probs_t, crf, own, executor))
             probs = probs_t.cpu().numpy()
             for index, image_id in enumerate(batch["id"]):
-                allowed = None if own is None else own[index]
-                plain = _argmax(probs[index], allowed)
+                plain = _argmax(probs[index], None if own is None else own[index])
                 extra = {name: _argmax(probs[index], None if other is None else other[image_id])
                          for name, other in others.items()}
-                if refined_batch is not None:
-                    refined: Future | None = Future()
-                    refined.set_result(refined_batch[index])
-                elif crf is None:
-                    refined = None
-                else:
-                    values = np.arange(len(probs[index]), dtype=np.uint8) if allowed is None else tag_values(allowed)
-                    scores = probs[index] if allowed is None else restrict(probs[index], values)
-                    refined = executor.submit(_crf_labels, batch["rgb"][index].numpy(), scores, crf, values)
-                pending.append((items[image_id], plain, refined, extra))
+                pending.append((items[image_id], plain, refined[index], extra))
             while pending and (len(pending) > 4 * parallel or pending[0][2] is None or pending[0][2].done()):
                 yield finished(*pending.popleft())
         while pending:

@@ -11,7 +11,7 @@ fields' notes; the measurements in ``docs/results/refine.md``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -24,6 +24,7 @@ from pipeline.core.registry import CAMS, LABELS, REFINE_LABELS, REFINE_WEIGHTS
 from pipeline.core.store import ImageStore
 from pipeline.data.manifest import Manifest
 from pipeline.method.affinity import AFFINITIES
+from pipeline.method.crf import BACKENDS, CRFParams, inference_crf
 from pipeline.train.loop import TrainingParams
 
 if TYPE_CHECKING:
@@ -104,6 +105,20 @@ class RefineParams(TrainingParams):
     region to be kept (``keep: foreground``): a region the walk hardly touches is most often a
     CRF's stray patch, a smooth background painted as an object around a faint CAM
     (docs/results/refine.md)."""
+    crf: bool = True
+    """A dense CRF over the labels last (the inference CRF, :data:`~pipeline.method.crf.INFERENCE_CRF`,
+    over background and the image's tags), as the random walk's successors do before training on
+    its labels (Puzzle-CAM's and SPML's label scripts): the walk decides on the affinity grid, four
+    pixels a cell, and the CRF moves its edges onto the image's."""
+    crf_score: float = 0.9
+    """The score each pixel's label gives its own class in that CRF's unary, the rest shared by
+    the image's other labels: how firmly the CRF holds the walk's labels (docs/results/refine.md)."""
+    crf_backend: str = "pydensecrf"
+    """How that CRF is computed (:data:`pipeline.method.crf.BACKENDS`); torch on a GPU runs it there."""
+    WALK = ("beta", "log_steps", "walk_diagonal", "background", "bg_threshold", "bg_power", "keep", "keep_share",
+            "crf", "crf_score", "crf_backend")
+    """The settings of the walk and of what follows it: the affinity network does not depend on
+    them, so a change to one walks again without training again (:meth:`training_settings`)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -122,6 +137,18 @@ class RefineParams(TrainingParams):
         else:
             check_range("bg_threshold", self.bg_threshold, 0, 1)
         check_range("bg_power", self.bg_power, 0)
+        check_range("crf_score", self.crf_score, 0.5, 1)
+        check_choice("crf_backend", self.crf_backend, BACKENDS)
+
+    def training_settings(self) -> RefineParams:
+        """These settings with every :data:`WALK` setting at its default: what the affinity
+        network is trained and recorded with."""
+        defaults = RefineParams()
+        return replace(self, **{name: getattr(defaults, name) for name in self.WALK})
+
+    def crf_params(self) -> CRFParams | None:
+        """The CRF over the labels (:attr:`crf`), or None when it is off."""
+        return inference_crf(self.crf, self.crf_backend)
 
     @property
     def chooses_threshold(self) -> bool:
@@ -157,8 +184,9 @@ class RefineParams(TrainingParams):
 def affinity_made_from(manifest: Manifest, split: str, params: RefineParams, classifier: Path,
                        labels: ImageStore) -> MadeFrom:
     """What the affinity network is made from: the images and tags of ``split``, the `refine:`
-    settings, the classifier's weights and the labels it learns from."""
-    return MadeFrom.made("refine", manifest, (split,), settings("refine", params),
+    settings it is trained with (:meth:`RefineParams.training_settings`), the classifier's weights
+    and the labels it learns from."""
+    return MadeFrom.made("refine", manifest, (split,), settings("refine", params.training_settings()),
                          {"classifier": file_digest(classifier), "labels": labels.fingerprint})
 
 
