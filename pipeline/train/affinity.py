@@ -21,6 +21,8 @@ Its settings, and the records of what it makes, are in :mod:`pipeline.train.refi
 
 from __future__ import annotations
 
+from collections import deque
+from concurrent.futures import Future
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -51,7 +53,7 @@ from pipeline.models import fold_batch_norms, save_checkpoint
 from pipeline.models.affinity import LEVELS, AffinityNet, to_grid
 from pipeline.train.classifier import ClassifierParams, load_classifier
 from pipeline.train.loop import Checkpoint, data_parallel, train, unwrap
-from pipeline.train.predict import crf_executor, crf_labels
+from pipeline.train.predict import crf_executor, crf_labels, resolved
 from pipeline.train.refine import BACKGROUND_CANDIDATES, TIED, RefineParams
 
 
@@ -219,15 +221,25 @@ def refine_split(net: AffinityNet, manifest: Manifest, split: str, cams: ImageSt
     background scores ``threshold``, recorded in each image's attributes as ``bg_threshold``; the
     affinity labels ``labels`` keep what ``params.keep`` says; last, a dense CRF
     (``params.crf``) holds each pixel's label at ``params.crf_score`` (:func:`held_scores`) and
-    moves the edges onto the image's. Returns the ids written."""
+    moves the edges onto the image's, where :func:`crf_executor` runs it, while the walk goes on
+    (a bounded number of images in flight). Returns the ids written."""
     net.eval()
     done = set(store.complete_ids())
     loader, count = _size_batches(manifest, split, done, device, run)
     if loader is None:
         return []
-    written = []
+    written: list[str] = []
     crf = params.crf_params()
-    with crf_executor(crf, device, run) as (executor, _), \
+    pending: deque[tuple[list[str], list[Future]]] = deque()
+
+    def write_first() -> None:
+        ids, labelled = pending.popleft()
+        store.write_many([(image_id, future.result(), {"bg_threshold": threshold})
+                          for image_id, future in zip(ids, labelled, strict=True)])
+        written.extend(ids)
+        bar.update(len(ids))
+
+    with crf_executor(crf, device, run) as (executor, parallel), \
             tqdm(total=count, desc=f"refine {split}", unit="img", disable=not progress) as bar:
         for batch in loader:
             size = tuple(batch["image"].shape[-2:])
@@ -243,15 +255,18 @@ def refine_split(net: AffinityNet, manifest: Manifest, split: str, cams: ImageSt
             if params.keep == "foreground":
                 refined = [keep_foreground(walk, kept, own[1:], params.keep_share)
                            for walk, (kept, _), own in zip(refined, labels.read_many(batch["id"]), values, strict=True)]
-            if crf is not None:
+            if crf is None:
+                pending.append((batch["id"], [resolved(label) for label in refined]))
+            else:
                 tags = [_multi_hot(attrs["classes"], manifest.num_classes) for _, attrs in read]
                 scores = torch.from_numpy(np.stack([held_scores(label, manifest.num_classes + 1, params.crf_score)
                                                     for label in refined])).to(device)
-                refined = [future.result() for future in crf_labels(batch["rgb"], scores, crf, tags, executor)]
-            store.write_many([(image_id, array, {"bg_threshold": threshold})
-                              for image_id, array in zip(batch["id"], refined, strict=True)])
-            written += batch["id"]
-            bar.update(len(batch["id"]))
+                pending.append((batch["id"], crf_labels(batch["rgb"], scores, crf, tags, executor)))
+            while pending and (sum(len(ids) for ids, _ in pending) > 4 * parallel
+                               or all(future.done() for future in pending[0][1])):
+                write_first()
+        while pending:
+            write_first()
     return written
 
 

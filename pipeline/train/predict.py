@@ -78,7 +78,7 @@ def crf_labels(rgb: torch.Tensor, probs: torch.Tensor, crf: CRFParams, tags: lis
     ``probs``' device without an ``executor`` (:func:`crf_executor`), else sent to it one image each."""
     if executor is None:
         labels = _batch_crf_labels(rgb, probs, crf, None if tags is None else torch.from_numpy(np.stack(tags)))
-        return [_done(label) for label in labels]
+        return [resolved(label) for label in labels]
     scores = probs.cpu().numpy()
     futures = []
     for index, own in enumerate(scores):
@@ -88,7 +88,8 @@ def crf_labels(rgb: torch.Tensor, probs: torch.Tensor, crf: CRFParams, tags: lis
     return futures
 
 
-def _done(result: Any) -> Future:
+def resolved(result: Any) -> Future:
+    """A future that holds ``result`` already."""
     future: Future = Future()
     future.set_result(result)
     return future
