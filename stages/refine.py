@@ -1,7 +1,8 @@
 """Stage `refine`: learn inter-pixel affinities on the classifier's backbone from the prune
 stage's labels that `refine.labels` names (its two CRFs' labels or its reliable masks), walk the
 training split's CAMs over them into dense pseudo-labels (refined.zarr in `storage.artifacts`)
-that keep those labels' foreground (`refine.keep`), and score those.
+that keep those labels' foreground (`refine.keep`), with their edges set on the image's by a
+dense CRF (`refine.crf`), and score those.
 
 A killed run resumes: training from its last saved state, the walk from the last image written.
 With `refine.bg_threshold: auto` every image's walk is kept beside the training state until the
