@@ -260,8 +260,9 @@ def refine_split(net: AffinityNet, manifest: Manifest, split: str, cams: ImageSt
             else:
                 tags = [_multi_hot(attrs["classes"], manifest.num_classes) for _, attrs in read]
                 scores = torch.from_numpy(np.stack([held_scores(label, manifest.num_classes + 1, params.crf_score)
-                                                    for label in refined])).to(device)
-                pending.append((batch["id"], crf_labels(batch["rgb"], scores, crf, tags, executor)))
+                                                    for label in refined]))
+                held = scores.to(device) if executor is None else scores  # batched on the device, else in the pool
+                pending.append((batch["id"], crf_labels(batch["rgb"], held, crf, tags, executor)))
             while pending and (sum(len(ids) for ids, _ in pending) > 4 * parallel
                                or all(future.done() for future in pending[0][1])):
                 write_first()
