@@ -39,7 +39,7 @@ def body(ctx: Context) -> None:
     staged, mined = params.steps > 0 and params.mode == "staged", params.steps > 0 and params.mode == "end_to_end"
     targets = ctx.labels(SEGMENT_LABELS, params.labels) if staged else None
     made = MadeFrom.made("segment", manifest, (train_split,), {**settings("segment", params),
-                                                    **(settings("prune", prune) if mined else {})},
+                                                               **(settings("prune", prune) if mined else {})},
                          {**start_from, "labels": targets.fingerprint if targets else None})
     if mined and ctx.dist.is_main:
         warn_of_coarse_scales("segment.mining_scales", manifest, train_split, params.mining_scales,

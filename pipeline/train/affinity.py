@@ -49,6 +49,7 @@ from pipeline.method.affinity import (
 )
 from pipeline.method.cams import image_size, size_grouped_batches
 from pipeline.method.metrics import SegmentationScore
+from pipeline.method.tags import given_tags
 from pipeline.models import fold_batch_norms, save_checkpoint
 from pipeline.models.affinity import LEVELS, AffinityNet, to_grid
 from pipeline.train.classifier import ClassifierParams, load_classifier
@@ -229,7 +230,7 @@ def refine_split(net: AffinityNet, manifest: Manifest, split: str, cams: ImageSt
     if loader is None:
         return []
     written: list[str] = []
-    crf = params.crf_params()
+    crf, tags = params.crf_params(), given_tags(manifest, split)
     pending: deque[tuple[list[str], list[Future]]] = deque()
 
     def write_first() -> None:
@@ -258,11 +259,11 @@ def refine_split(net: AffinityNet, manifest: Manifest, split: str, cams: ImageSt
             if crf is None:
                 pending.append((batch["id"], [resolved(label) for label in refined]))
             else:
-                tags = [_multi_hot(attrs["classes"], manifest.num_classes) for _, attrs in read]
+                image_tags = [tags[image_id] for image_id in batch["id"]]
                 scores = torch.from_numpy(np.stack([held_scores(label, manifest.num_classes + 1, params.crf_score)
                                                     for label in refined]))
                 held = scores.to(device) if executor is None else scores  # batched on the device, else in the pool
-                pending.append((batch["id"], crf_labels(batch["rgb"], held, crf, tags, executor)))
+                pending.append((batch["id"], crf_labels(batch["rgb"], held, crf, image_tags, executor)))
             while pending and (sum(len(ids) for ids, _ in pending) > 4 * parallel
                                or all(future.done() for future in pending[0][1])):
                 write_first()
@@ -281,12 +282,6 @@ def held_scores(labels: np.ndarray, num_labels: int, score: float) -> np.ndarray
     own = np.arange(num_labels)[:, None, None] == labels[None]
     scores[own] = score if len(present) > 1 else 1.0
     return scores
-
-
-def _multi_hot(classes: list[int], num_classes: int) -> np.ndarray:
-    tags = np.zeros(num_classes, dtype=np.float32)
-    tags[list(classes)] = 1
-    return tags
 
 
 def _padded(arrays: list[np.ndarray], size: tuple[int, int]) -> torch.Tensor:
