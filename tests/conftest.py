@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from scipy.ndimage import gaussian_filter
 
@@ -77,6 +78,11 @@ def write_tiny_project(root: Path, **overrides: dict) -> Path:
     path = root / "params.yaml"
     path.write_text(yaml.safe_dump(tiny_params(**overrides), sort_keys=False))
     return path
+
+
+def state_key(stage: str) -> str:
+    """The key of ``stage``'s training state in the project of the working folder: what it resumes from."""
+    return torch.load(f"checkpoints/state/{stage}.pt", map_location="cpu", weights_only=False)["fingerprint"]
 
 
 def synthetic_cams(index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -22,7 +22,7 @@ from pipeline.method.crf_runner import local_cluster
 from pipeline.train import loop as training
 from pipeline.train.segment import SegmentParams
 from stages import cams, classifier, crf, data, deeplab, prune, segment, supervised
-from tests.conftest import tiny_params
+from tests.conftest import state_key, tiny_params
 from tests.test_faults import weights_digest
 
 PARAMS = tiny_params(dataset={"manifest": "manifests/tagged.json"}, segment={"crf": False},
@@ -186,10 +186,7 @@ def test_an_edit_to_a_stage_s_code_makes_its_store_anew_and_its_readers_refuse_t
 
 
 def test_an_edit_to_a_stage_s_code_trains_anew_instead_of_resuming_its_state(project, monkeypatch):
-    def state_key() -> str:
-        return torch.load("checkpoints/state/classifier.pt", map_location="cpu", weights_only=False)["fingerprint"]
-
-    key, trained = state_key(), weights_digest(Path("checkpoints/classifier.pth"))
+    key, trained = state_key("classifier"), weights_digest(Path("checkpoints/classifier.pth"))
     identity = provenance.code_identity
 
     def edited(stage: str) -> str:
@@ -198,11 +195,11 @@ def test_an_edit_to_a_stage_s_code_trains_anew_instead_of_resuming_its_state(pro
     for module in (provenance, training):  # the records, the training state's key
         monkeypatch.setattr(module, "code_identity", edited)
     classifier.main(Path("params.yaml"))
-    assert state_key() != key
+    assert state_key("classifier") != key
     for module in (provenance, training):
         monkeypatch.setattr(module, "code_identity", identity)
     classifier.main(Path("params.yaml"))  # the code as it was: trained anew again, to the same weights
-    assert state_key() == key and weights_digest(Path("checkpoints/classifier.pth")) == trained
+    assert state_key("classifier") == key and weights_digest(Path("checkpoints/classifier.pth")) == trained
 
 
 def test_a_trial_with_its_own_root_leaves_the_default_run_untouched(project):

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from pipeline.core.params import load_params
 from pipeline.core.store import ImageStore
@@ -16,7 +15,7 @@ from pipeline.method.mining import crf_made_from, masks_made_from
 from pipeline.method.prune import PruneParams
 from pipeline.train.refine import BACKGROUND_CANDIDATES
 from stages import cams, classifier, data, refine, segment
-from tests.conftest import write_tiny_project
+from tests.conftest import state_key, write_tiny_project
 
 
 def _metrics(name: str) -> dict:
@@ -127,22 +126,18 @@ def test_a_change_to_the_walk_s_settings_walks_again_without_training_again(proj
     monkeypatch.chdir(project)
     _write_masks_from_cams()
     refine.main(Path("params.yaml"))
-    trained, state = Path("checkpoints/refine.pth").read_bytes(), _state_key("refine")
+    trained, state = Path("checkpoints/refine.pth").read_bytes(), state_key("refine")
     try:
         write_tiny_project(Path("."), refine={"bg_threshold": 0.3, "crf": False})
         refine.main(Path("params.yaml"))
-        assert _state_key("refine") == state and Path("checkpoints/refine.pth").read_bytes() == trained
+        assert state_key("refine") == state and Path("checkpoints/refine.pth").read_bytes() == trained
         assert _metrics("refine")["bg_threshold"] == 0.3
         assert ImageStore("artifacts/refined.zarr").made_from["settings"]["refine.crf"] is False
         write_tiny_project(Path("."), refine={"steps": 3})
         refine.main(Path("params.yaml"))
-        assert _state_key("refine") != state
+        assert state_key("refine") != state
     finally:
         write_tiny_project(Path("."))
-
-
-def _state_key(stage: str) -> str:
-    return torch.load(f"checkpoints/state/{stage}.pt", map_location="cpu", weights_only=False)["fingerprint"]
 
 
 def test_segment_and_deeplab_learn_from_the_labels_their_setting_names(project, monkeypatch):
