@@ -181,6 +181,16 @@ def outputs(project: Path) -> dict[str, Any]:
     return found
 
 
+def what_training_left(project: Path) -> dict[str, Any]:
+    """The weights a stage left in ``project`` (by digest) and the step of each training state:
+    where a rerun differs, whether the killed run's training or the resumption made the difference."""
+    left: dict[str, Any] = {str(path.relative_to(project)): weights_digest(path)
+                            for path in sorted(project.glob("checkpoints/*.pth"))}
+    for path in sorted(project.glob("checkpoints/state/*.pt")):
+        left[str(path.relative_to(project))] = torch.load(path, map_location="cpu", weights_only=False)["step"]
+    return left
+
+
 def survivors(session: int) -> list[psutil.Process]:
     """Live processes of ``session`` (zombies not counted: they run nothing)."""
     found = []
@@ -240,8 +250,9 @@ def test_a_killed_stage_leaves_no_complete_store_and_its_rerun_matches_an_uninte
     with pytest.raises(InputError, match=rf"incomplete store \(rerun the {stage} stage\)"):
         next_stage(Path("params.yaml"))
 
+    left = what_training_left(project)
     MAINS[stage](Path("params.yaml"))
-    assert outputs(project) == outputs(reference / stage)
+    assert outputs(project) == outputs(reference / stage), f"the killed run left {left}"
 
 
 def test_ctrl_c_ends_a_stage_in_one_line_and_its_rerun_matches_an_uninterrupted_run(reference, tmp_path, monkeypatch):
