@@ -13,6 +13,7 @@ from pipeline.train.loop import (
     TrainingDiverged,
     make_loader,
     poly_lr,
+    relapse,
     train,
 )
 
@@ -70,6 +71,36 @@ def test_nan_loss_stops_with_the_step_number(tmp_path):
     with pytest.raises(TrainingDiverged, match="loss 'loss' became nan at step 3"):
         train(model, loader, step, optimizer, LoopSettings(max_steps=10, progress=False),
               Checkpoint(tmp_path / "c.pt"), Distributed(), CPU)
+
+
+RELAPSING = [2.0 - step / 100 for step in range(100)] + [1.0] * 50 + [1.0 + (step + 1) / 50 for step in range(50)]
+"""A loss that falls from 2 to 1 in 100 steps, stays there 50 and climbs back to 2 in 50."""
+
+
+def test_a_loss_that_falls_and_climbs_back_is_a_relapse():
+    falling = [2.0 - step / 100 for step in range(150)]  # 2.0 down to 0.51
+    assert relapse(falling) is None
+    assert relapse(falling[:99]) is None  # fewer than two windows of 50 steps: too soon to tell
+    noisy = [value + (0.05 if step % 2 else -0.05) for step, value in enumerate(falling + [0.5] * 50)]
+    assert relapse(noisy) is None  # a plateau at the lowest point is training, not a relapse
+    lowest_end, first, lowest, last = relapse(RELAPSING)
+    assert lowest_end == 150 and (first, lowest, last) == pytest.approx((1.755, 1.0, 1.51))
+    assert relapse(RELAPSING[:-25]) is None  # climbed back less than half of its fall, so far
+
+
+def test_training_whose_loss_climbs_back_warns_with_the_steps_and_the_rate(tmp_path, capsys):
+    model, optimizer, loader, _ = _problem()
+    losses = iter(RELAPSING)
+
+    def step(batch):
+        return {"loss": model(batch[0]).sum() * 0 + next(losses)}
+
+    train(model, loader, step, optimizer, LoopSettings(max_steps=200, checkpoint_every=200, progress=False,
+                                                       description="segment staged"),
+          Checkpoint(tmp_path / "d.pt"), Distributed(), CPU)
+    assert capsys.readouterr().err == (
+        "warning: segment staged: the loss fell from 1.75 (steps 1-50) to 1 (steps 101-150) and climbed back "
+        "to 1.51 (the last 50 steps): the network has left what it learnt; a lower rate (the stage's lr) keeps it\n")
 
 
 def test_poly_decay_and_per_group_multipliers(tmp_path):

@@ -2,14 +2,16 @@
 
 Polynomial learning-rate decay, automatic mixed precision on CUDA, data parallel under
 ``torchrun`` (one process per GPU, or gloo processes on a CPU), atomic checkpoints with resume
-after a kill, a progress bar with the running losses, and a clear stop when a loss becomes NaN.
+after a kill, a progress bar with the running losses, a clear stop when a loss becomes NaN, and a
+warning when the loss climbs back up after it fell (:func:`relapse`).
 """
 
 from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Iterator
+import sys
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -246,12 +248,53 @@ class LoopSettings:
     progress: bool = True
 
 
+WINDOW = 50
+"""Steps per mean of a loss: the progress bar's running means and :func:`relapse`'s."""
+
+
+def relapse(losses: Sequence[float], window: int = WINDOW) -> tuple[int, float, float, float] | None:
+    """``(lowest_end, first, lowest, last)`` when the mean of the last ``window`` of ``losses``
+    (one per step) lies above the lowest mean of any ``window`` consecutive steps by more than
+    half of what the loss fell from its first ``window`` steps to that lowest, ``lowest_end``
+    being the number of steps up to the end of the lowest window; None otherwise, or with fewer
+    than two windows of steps.
+
+    A loss that falls and then climbs most of the way back has left what the network had learnt:
+    a rate at the edge of stability does that, a dense energy outpulling the labels the one-step
+    was trained on (docs/results/msrc.md, "The one-step's rate on an Intel Xeon"), and it ends
+    in a network far worse than the one of its lowest point, with no error to say so."""
+    if len(losses) < 2 * window:
+        return None
+    sums = [0.0]
+    for value in losses:
+        sums.append(sums[-1] + value)
+    means = [(sums[end] - sums[end - window]) / window for end in range(window, len(sums))]
+    lowest_index = min(range(len(means)), key=means.__getitem__)
+    first, lowest, last = means[0], means[lowest_index], means[-1]
+    if last - lowest > (first - lowest) / 2:
+        return lowest_index + window, first, lowest, last
+    return None
+
+
+def relapse_warning(description: str, losses: Sequence[float], start: int) -> str | None:
+    """The warning of :func:`relapse` for the ``losses`` of steps ``start + 1`` on, in words."""
+    found = relapse(losses)
+    if found is None:
+        return None
+    lowest_end, first, lowest, last = found
+    return (f"{description}: the loss fell from {first:.3g} (steps {start + 1}-{start + WINDOW}) to {lowest:.3g} "
+            f"(steps {start + lowest_end - WINDOW + 1}-{start + lowest_end}) and climbed back to {last:.3g} "
+            f"(the last {WINDOW} steps): the network has left what it learnt; a lower rate (the stage's lr) "
+            f"keeps it")
+
+
 def train(model: nn.Module, loader: DataLoader, step_fn: StepFn, optimizer: torch.optim.Optimizer,
           settings: LoopSettings, checkpoint: Checkpoint, ctx: Distributed, device: torch.device) -> dict[str, float]:
     """Run ``step_fn`` from the checkpointed step (or 0) to ``settings.max_steps``.
 
-    Returns the mean of each loss over the last up to 50 steps. Raises :class:`TrainingDiverged`
-    with the step number when a loss is not finite.
+    Returns the mean of each loss over the last up to :data:`WINDOW` steps. Raises
+    :class:`TrainingDiverged` with the step number when a loss is not finite; prints the
+    :func:`relapse_warning` of the steps run, if any, to stderr.
     """
     use_amp = settings.amp and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda") if use_amp else None
@@ -261,6 +304,7 @@ def train(model: nn.Module, loader: DataLoader, step_fn: StepFn, optimizer: torc
     batches = batches_from(loader, start)
     model.train()
     recent: dict[str, list[float]] = {}
+    history: list[float] = []
     bar = tqdm(total=settings.max_steps, initial=start, desc=settings.description,
                disable=not (settings.progress and ctx.is_main), dynamic_ncols=True)
     with deterministic_algorithms(settings.deterministic):
@@ -282,13 +326,17 @@ def train(model: nn.Module, loader: DataLoader, step_fn: StepFn, optimizer: torc
             else:
                 losses["loss"].backward()
                 optimizer.step()
+            history.append(values["loss"])
             for name, value in values.items():
                 recent.setdefault(name, []).append(value)
-                del recent[name][:-50]
+                del recent[name][:-WINDOW]
             bar.update(1)
             bar.set_postfix({name: f"{sum(v) / len(v):.4g}" for name, v in recent.items()}, refresh=False)
             done = step + 1
             if ctx.is_main and (done % settings.checkpoint_every == 0 or done == settings.max_steps):
                 checkpoint.save(done, model, optimizer, scaler)
     bar.close()
+    warning = relapse_warning(settings.description, history, start) if ctx.is_main else None
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr)
     return {name: sum(v) / len(v) for name, v in recent.items()}
