@@ -83,9 +83,13 @@ def test_a_loss_that_falls_and_climbs_back_is_a_relapse():
     assert relapse(falling[:99]) is None  # fewer than two windows of 50 steps: too soon to tell
     noisy = [value + (0.05 if step % 2 else -0.05) for step, value in enumerate(falling + [0.5] * 50)]
     assert relapse(noisy) is None  # a plateau at the lowest point is training, not a relapse
-    lowest_end, first, lowest, last = relapse(RELAPSING)
-    assert lowest_end == 150 and (first, lowest, last) == pytest.approx((1.755, 1.0, 1.51))
+    found = relapse(RELAPSING)
+    assert (found.lowest_end, found.peak_end) == (150, 200)
+    assert (found.first, found.lowest, found.peak, found.last) == pytest.approx((1.755, 1.0, 1.51, 1.51))
     assert relapse(RELAPSING[:-25]) is None  # climbed back less than half of its fall, so far
+    falling_again = relapse(RELAPSING + [2.0 - step / 100 for step in range(1, 81)])
+    assert falling_again.lowest == pytest.approx(1.0) and falling_again.last == pytest.approx(1.445)
+    assert falling_again.peak > falling_again.last  # down again at the end, as the one-step's collapse on MSRC
 
 
 def test_training_whose_loss_climbs_back_warns_with_the_steps_and_the_rate(tmp_path, capsys):
@@ -99,8 +103,9 @@ def test_training_whose_loss_climbs_back_warns_with_the_steps_and_the_rate(tmp_p
                                                        description="segment staged"),
           Checkpoint(tmp_path / "d.pt"), Distributed(), CPU)
     assert capsys.readouterr().err == (
-        "warning: segment staged: the loss fell from 1.75 (steps 1-50) to 1 (steps 101-150) and climbed back "
-        "to 1.51 (the last 50 steps): the network has left what it learnt; a lower rate (the stage's lr) keeps it\n")
+        "warning: segment staged: the loss fell from 1.75 (steps 1-50) to 1 (steps 101-150), climbed back to 1.51 "
+        "(steps 151-200) and ended at 1.51: the network has left what it learnt; a lower rate (the stage's lr) "
+        "keeps it\n")
 
 
 def test_poly_decay_and_per_group_multipliers(tmp_path):

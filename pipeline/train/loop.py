@@ -252,28 +252,46 @@ WINDOW = 50
 """Steps per mean of a loss: the progress bar's running means and :func:`relapse`'s."""
 
 
-def relapse(losses: Sequence[float], window: int = WINDOW) -> tuple[int, float, float, float] | None:
-    """``(lowest_end, first, lowest, last)`` when the mean of the last ``window`` of ``losses``
-    (one per step) lies above the lowest mean of any ``window`` consecutive steps by more than
-    half of what the loss fell from its first ``window`` steps to that lowest, ``lowest_end``
-    being the number of steps up to the end of the lowest window; None otherwise, or with fewer
-    than two windows of steps.
+@dataclass(frozen=True)
+class Relapse:
+    """Means of :data:`WINDOW` steps of a loss that fell and climbed back: the first window's,
+    the lowest before the climb, the highest after it and the last, each with the step that
+    ends its window (counted from the first step given)."""
+
+    first: float
+    lowest: float
+    lowest_end: int
+    peak: float
+    peak_end: int
+    last: float
+
+
+def relapse(losses: Sequence[float], window: int = WINDOW) -> Relapse | None:
+    """Where the mean of ``window`` consecutive steps of ``losses`` (one per step) climbed, at
+    some point, above the lowest such mean before it by more than half of what the loss fell in
+    all (its first window's mean less its lowest): the largest such climb. None if there is none,
+    or with fewer than two windows of steps.
 
     A loss that falls and then climbs most of the way back has left what the network had learnt:
     a rate at the edge of stability does that, a dense energy outpulling the labels the one-step
-    was trained on (docs/results/msrc.md, "The one-step's rate on an Intel Xeon"), and it ends
-    in a network far worse than the one of its lowest point, with no error to say so."""
+    is trained on (docs/results/msrc.md, "The one-step's rate on an Intel Xeon"), and the loss
+    may fall again later while the network stays far worse than it was at its lowest point."""
     if len(losses) < 2 * window:
         return None
     sums = [0.0]
     for value in losses:
         sums.append(sums[-1] + value)
     means = [(sums[end] - sums[end - window]) / window for end in range(window, len(sums))]
-    lowest_index = min(range(len(means)), key=means.__getitem__)
-    first, lowest, last = means[0], means[lowest_index], means[-1]
-    if last - lowest > (first - lowest) / 2:
-        return lowest_index + window, first, lowest, last
-    return None
+    fall = means[0] - min(means)
+    lowest, climb = 0, (0.0, 0, 0)
+    for index, mean in enumerate(means):
+        lowest = index if mean < means[lowest] else lowest
+        if mean - means[lowest] > climb[0]:
+            climb = (mean - means[lowest], lowest, index)
+    rise, low, peak = climb
+    if fall <= 0 or rise <= fall / 2:
+        return None
+    return Relapse(means[0], means[low], low + window, means[peak], peak + window, means[-1])
 
 
 def relapse_warning(description: str, losses: Sequence[float], start: int) -> str | None:
@@ -281,11 +299,13 @@ def relapse_warning(description: str, losses: Sequence[float], start: int) -> st
     found = relapse(losses)
     if found is None:
         return None
-    lowest_end, first, lowest, last = found
-    return (f"{description}: the loss fell from {first:.3g} (steps {start + 1}-{start + WINDOW}) to {lowest:.3g} "
-            f"(steps {start + lowest_end - WINDOW + 1}-{start + lowest_end}) and climbed back to {last:.3g} "
-            f"(the last {WINDOW} steps): the network has left what it learnt; a lower rate (the stage's lr) "
-            f"keeps it")
+
+    def steps(end: int) -> str:
+        return f"steps {start + end - WINDOW + 1}-{start + end}"
+
+    return (f"{description}: the loss fell from {found.first:.3g} ({steps(WINDOW)}) to {found.lowest:.3g} "
+            f"({steps(found.lowest_end)}), climbed back to {found.peak:.3g} ({steps(found.peak_end)}) and ended at "
+            f"{found.last:.3g}: the network has left what it learnt; a lower rate (the stage's lr) keeps it")
 
 
 def train(model: nn.Module, loader: DataLoader, step_fn: StepFn, optimizer: torch.optim.Optimizer,
