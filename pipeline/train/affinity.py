@@ -54,7 +54,7 @@ from pipeline.models import fold_batch_norms, save_checkpoint
 from pipeline.models.affinity import LEVELS, AffinityNet, to_grid
 from pipeline.train.classifier import ClassifierParams, load_classifier
 from pipeline.train.loop import Checkpoint, data_parallel, train, unwrap
-from pipeline.train.predict import crf_executor, crf_labels, resolved
+from pipeline.train.predict import IN_FLIGHT, crf_executor, crf_labels, resolved
 from pipeline.train.refine import BACKGROUND_CANDIDATES, TIED, RefineParams
 
 
@@ -264,7 +264,7 @@ def refine_split(net: AffinityNet, manifest: Manifest, split: str, cams: ImageSt
                                                     for label in refined]))
                 held = scores.to(device) if executor is None else scores  # batched on the device, else in the pool
                 pending.append((batch["id"], crf_labels(batch["rgb"], held, crf, image_tags, executor)))
-            while pending and (sum(len(ids) for ids, _ in pending) > 4 * parallel
+            while pending and (sum(len(ids) for ids, _ in pending) > IN_FLIGHT * parallel
                                or all(future.done() for future in pending[0][1])):
                 write_first()
         while pending:

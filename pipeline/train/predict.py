@@ -63,6 +63,11 @@ def _batch_crf_labels(rgb: torch.Tensor, probs: torch.Tensor, crf: CRFParams, ta
     return marginals.argmax(dim=1).to(torch.uint8).cpu().numpy()
 
 
+IN_FLIGHT = 4
+"""Images per CRF worker whose labels may be awaited at once while the network goes on: enough
+that no worker waits for the next batch, few enough that memory does not grow with the split."""
+
+
 def crf_executor(crf: CRFParams | None, device: torch.device,
                  run: RunParams) -> AbstractContextManager[tuple[Executor | None, int]]:
     """Where :func:`crf_labels` sends CRFs, and how many run at once: nowhere (None, 1) without a
@@ -184,7 +189,7 @@ def predict(probabilities: ProbabilityFn, manifest: Manifest, split: str, device
                 extra = {name: _argmax(probs[index], None if other is None else other[image_id])
                          for name, other in others.items()}
                 pending.append((items[image_id], plain, refined[index], extra))
-            while pending and (len(pending) > 4 * parallel or pending[0][2] is None or pending[0][2].done()):
+            while pending and (len(pending) > IN_FLIGHT * parallel or pending[0][2] is None or pending[0][2].done()):
                 yield finished(*pending.popleft())
         while pending:
             yield finished(*pending.popleft())
