@@ -22,15 +22,22 @@ from pipeline.train.predict import infer_split, predictions_made_from
 DISABLED = "disabled"
 """The fingerprint of the empty predictions store of a disabled run."""
 
+DISABLED_NOTE = "disabled.txt"
+"""The one file of a disabled run's weights folder: DVC warns of an empty output folder on every
+`dvc repro`, and the note says why there is no model."""
+
 
 def write_disabled(ctx: Context) -> None:
     """What DVC expects of a switched-off stage, at once: an empty predictions store marked
-    complete, an empty weights folder and ``{"enabled": false}`` as its metrics. (A stage frozen
-    in ``dvc.yaml`` would not do: ``dvc repro`` fails on a frozen stage whose outputs are missing.)"""
+    complete, a weights folder holding only :data:`DISABLED_NOTE` and ``{"enabled": false}`` as
+    its metrics. (A stage frozen in ``dvc.yaml`` would not do: ``dvc repro`` fails on a frozen
+    stage whose outputs are missing.)"""
     store = ctx.output(ctx.stage.stores[0])
     store.reset_unless(DISABLED)
     store.mark_complete([])
-    ctx.file(ctx.stage.weights).parent.mkdir(parents=True, exist_ok=True)
+    folder = ctx.file(ctx.stage.weights).parent
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / DISABLED_NOTE).write_text(f"No model: the stage is off ({ctx.stage.name}.enabled: false).\n")
     ctx.write_metrics({"enabled": False})
 
 
@@ -44,6 +51,7 @@ def two_step(ctx: Context, targets: tuple[LabelReader, str], trained_on: str) ->
     weights = ctx.file(ctx.stage.weights)
     if ctx.dist.is_main:
         forget(weights)
+        (weights.parent / DISABLED_NOTE).unlink(missing_ok=True)
     with stopwatch() as training:
         net = train_deeplab(manifest, train_split, params, targets, weights, ctx.file(ctx.stage.state), ctx.dist,
                             ctx.device, ctx.run, stage=ctx.stage.name)

@@ -62,8 +62,11 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_stage_trains_predicts_every_val_image_and_scores(project, monkeypatch):
     monkeypatch.chdir(project)
+    note = STAGES["deeplab"].weights.parent / deeplab.DISABLED_NOTE  # a disabled run's, not cleared by DVC
+    note.parent.mkdir(parents=True)
+    note.write_text("off")
     deeplab.main(Path("params.yaml"))
-    assert STAGES["deeplab"].weights.is_file()
+    assert STAGES["deeplab"].weights.is_file() and not note.exists()
     scores = json.loads(STAGES["deeplab"].scores_file.read_text())
     assert scores["enabled"] is True and scores["backbone"] == "small"
     assert 0 <= scores["miou"] <= 1 and 0 <= scores["miou_no_crf"] <= 1
@@ -82,7 +85,9 @@ def test_disabled_stage_writes_only_its_marker_outputs(tmp_path, monkeypatch):
     assert json.loads(STAGES["deeplab"].metrics_file.read_text()) == {"enabled": False}
     store = StorageParams().store(DEEPLAB)
     assert store.is_complete() and store.complete_ids() == []
-    assert STAGES["deeplab"].weights.parent.is_dir() and not STAGES["deeplab"].weights.exists()
+    folder = STAGES["deeplab"].weights.parent
+    assert [path.name for path in folder.iterdir()] == [deeplab.DISABLED_NOTE]  # DVC warns of an empty output folder
+    assert "deeplab.enabled: false" in (folder / deeplab.DISABLED_NOTE).read_text()
 
 
 def test_supervised_reference_trains_the_deeplab_recipe_on_the_ground_truth(project, monkeypatch):
