@@ -10,7 +10,7 @@ supervised stage runs the same body (:func:`two_step`) on the ground truth.
 
 from __future__ import annotations
 
-from pipeline.core.io import file_digest
+from pipeline.core.io import digest_or_none
 from pipeline.core.provenance import MadeFrom, forget, start, write_record
 from pipeline.core.registry import CAMS, DEEPLAB_LABELS
 from pipeline.core.stage import Context, run, stage_main, stopwatch
@@ -47,7 +47,7 @@ def two_step(ctx: Context, targets: tuple[LabelReader, str], trained_on: str) ->
     manifest, (train_split, val_split) = ctx.manifest, ctx.splits
     params = ctx.params(DeepLabParams, "deeplab")
     made = MadeFrom.made(ctx.stage.name, manifest, (train_split,), params.recipe(),
-                         {"targets": targets[1], "init": file_digest(params.weights) if params.weights else None})
+                         {"targets": targets[1], "init": digest_or_none(params.weights)})
     weights = ctx.file(ctx.stage.weights)
     if ctx.dist.is_main:
         forget(weights)

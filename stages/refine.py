@@ -45,8 +45,8 @@ def body(ctx: Context) -> None:
         forget(weights)
     net = build_affinity_net(ctx.params(ClassifierParams, "classifier"), manifest.num_classes, init, params)
     with stopwatch() as training:
-        train_affinity(net, manifest, split, params, labels, weights, ctx.file(ctx.stage.state), ctx.dist, ctx.device,
-                       ctx.run)
+        train_affinity(net, manifest, split, params, labels, init, weights, ctx.file(ctx.stage.state), ctx.dist,
+                       ctx.device, ctx.run)
     if not ctx.dist.is_main:
         return
     write_record(weights, affinity_made_from(manifest, split, params, init, labels))

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from pipeline.core.params import load_params
 from pipeline.core.store import ImageStore
@@ -14,7 +15,7 @@ from pipeline.data.manifest import load_manifest
 from pipeline.method.mining import crf_made_from, masks_made_from
 from pipeline.method.prune import PruneParams
 from pipeline.train.refine import BACKGROUND_CANDIDATES
-from stages import cams, classifier, data, refine, segment
+from stages import cams, classifier, data, deeplab, refine, segment
 from tests.conftest import state_key, write_tiny_project
 
 
@@ -151,6 +152,29 @@ def test_segment_and_deeplab_learn_from_the_labels_their_setting_names(project, 
     assert 0 <= scores["miou_all_classes_no_crf"] <= 1 and 0 < scores["tag_threshold"] < 1
     record = json.loads(Path("checkpoints/segment.json").read_text())
     assert record["inputs"]["labels"] == ImageStore("artifacts/refined.zarr").fingerprint
+
+
+def test_a_new_network_to_start_from_trains_anew_instead_of_resuming(project, monkeypatch):
+    monkeypatch.chdir(project)
+    _write_masks_from_cams()
+    two_step = {"enabled": True, "labels": "masks", "crf": False, "weights": "checkpoints/segment.pth"}
+    try:
+        write_tiny_project(Path("."), segment={"crf": False}, deeplab=two_step)
+        segment.main(Path("params.yaml"))
+        deeplab.main(Path("params.yaml"))
+        state, trained = state_key("deeplab"), _weights("checkpoints/deeplab/model.pth")
+        write_tiny_project(Path("."), segment={"crf": False, "lr": 0.02}, deeplab=two_step)  # a tweak of the one-step
+        segment.main(Path("params.yaml"))
+        deeplab.main(Path("params.yaml"))  # its settings and labels are as before, its starting network is not
+        assert state_key("deeplab") != state
+        assert any(not torch.equal(trained[name], value)
+                   for name, value in _weights("checkpoints/deeplab/model.pth").items())
+    finally:
+        write_tiny_project(Path("."))
+
+
+def _weights(path: str) -> dict[str, torch.Tensor]:
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def _write_masks_from_cams() -> None:

@@ -112,6 +112,11 @@ def file_digest(path: str | Path | UPath) -> str:
     return digest.hexdigest()[:16]
 
 
+def digest_or_none(path: str | Path | UPath | None) -> str | None:
+    """:func:`file_digest` of ``path``; None where no file is given (a setting left empty)."""
+    return file_digest(path) if path else None
+
+
 def read_json_object(path: str | Path | UPath, what: str) -> dict[str, Any]:
     """The JSON object in the file ``path``, which holds a ``what`` (e.g. "metrics file"): text
     that is not JSON, or JSON that is not an object, is one line naming the file."""

@@ -35,6 +35,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from pipeline.core.distributed import Distributed
+from pipeline.core.io import file_digest
 from pipeline.core.run import DEFAULT_RUN, RunParams
 from pipeline.core.store import ImageStore
 from pipeline.data.datasets import ImageDataset, SegmentationDataset
@@ -68,11 +69,11 @@ def build_affinity_net(classifier: ClassifierParams, num_classes: int, weights: 
 
 
 def train_affinity(net: AffinityNet, manifest: Manifest, split: str, params: RefineParams, labels: ImageStore,
-                   out: Path, state: Path, ctx: Distributed, device: torch.device, run: RunParams = DEFAULT_RUN,
-                   progress: bool = True) -> AffinityNet:
+                   classifier: Path, out: Path, state: Path, ctx: Distributed, device: torch.device,
+                   run: RunParams = DEFAULT_RUN, progress: bool = True) -> AffinityNet:
     """Train (or resume training) the new layers of ``net`` on the affinity labels of the
-    ``labels`` of ``split``; write them to ``out`` (rank 0): the backbone is the classifier's,
-    recorded as an input."""
+    ``labels`` of ``split``; write them to ``out`` (rank 0): the backbone is that of the
+    classifier's weights ``classifier``, recorded as an input and part of the training state's key."""
     labels.require_complete()
     torch.manual_seed(params.seed)
     net.to(device)
@@ -88,7 +89,7 @@ def train_affinity(net: AffinityNet, manifest: Manifest, split: str, params: Ref
         return affinity_loss(features, grid, params.radius, AFFINITIES[params.affinity][1])
 
     checkpoint = Checkpoint.of_stage(state, "refine", asdict(params.training_settings()), labels.fingerprint,
-                                     manifest.name, split, len(dataset))
+                                     file_digest(classifier), manifest.name, split, len(dataset))
     train(model, loader, step, optimizer, params.loop("refine", progress, run), checkpoint, ctx, device)
     if ctx.is_main:
         save_checkpoint(unwrap(net).head, out)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from pipeline.core.distributed import Distributed
-from pipeline.core.io import file_digest
+from pipeline.core.io import digest_or_none
 from pipeline.core.provenance import MadeFrom, settings
 from pipeline.core.run import DEFAULT_RUN, RunParams
 from pipeline.data.datasets import Augmentation, ClassificationDataset, ImageDataset
@@ -79,12 +79,15 @@ class ClassifierParams(TrainingParams):
         return Augmentation(self.crop_size, tuple(self.scale_range), self.flip, self.resize_long, self.color_jitter)
 
 
+def starting_weights(params: ClassifierParams) -> dict[str, str | None]:
+    """The digests of the files the classifier starts from (None for a setting left empty)."""
+    return {"weights": digest_or_none(params.weights), "checkpoint": digest_or_none(params.checkpoint)}
+
+
 def classifier_made_from(manifest: Manifest, split: str, params: ClassifierParams) -> MadeFrom:
     """What the classifier stage's network is made from: the images and tags of ``split``, the
     `classifier:` settings and the files it starts from (see :mod:`pipeline.core.provenance`)."""
-    starts = {"weights": params.weights, "checkpoint": params.checkpoint}
-    return MadeFrom.made("classifier", manifest, (split,), settings("classifier", params),
-                         {name: file_digest(path) if path else None for name, path in starts.items()})
+    return MadeFrom.made("classifier", manifest, (split,), settings("classifier", params), starting_weights(params))
 
 
 def expected_classifier(ctx: Context) -> MadeFrom:
@@ -126,7 +129,8 @@ def train_classifier(manifest: Manifest, split: str, params: ClassifierParams, o
             return {"loss": F.multilabel_soft_margin_loss(logits.float(), batch["labels"].to(device))}
 
         settings = params.loop("classifier", progress, run)
-        checkpoint = Checkpoint.of_stage(state, "classifier", asdict(params), manifest.name, split, len(dataset))
+        checkpoint = Checkpoint.of_stage(state, "classifier", asdict(params), starting_weights(params), manifest.name,
+                                         split, len(dataset))
         train(model, loader, step, optimizer, settings, checkpoint, ctx, device)
     if ctx.is_main:
         save_checkpoint(unwrap(net), out)

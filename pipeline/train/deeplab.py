@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from pipeline.core.distributed import Distributed
 from pipeline.core.errors import InputError
-from pipeline.core.io import file_digest
+from pipeline.core.io import digest_or_none, file_digest
 from pipeline.core.params import check_choice, check_scales
 from pipeline.core.provenance import settings
 from pipeline.core.registry import DEEPLAB_LABELS
@@ -202,7 +202,8 @@ def train_deeplab(manifest: Manifest, split: str, params: DeepLabParams, targets
         return {"loss": pseudo_label_loss(logits, labels, ctx.average(reliable_counts(labels)))}
 
     recipe = {name: value for name, value in training_key(params).items() if name not in params.TARGETS}
-    checkpoint = Checkpoint.of_stage(state, stage, recipe, labels_key, manifest.name, split, len(dataset))
+    checkpoint = Checkpoint.of_stage(state, stage, recipe, labels_key, digest_or_none(params.weights), manifest.name,
+                                     split, len(dataset))
     train(model, loader, step, optimizer, params.loop(stage, progress, run), checkpoint, ctx, device)
     if ctx.is_main:
         save_checkpoint(unwrap(net), out)

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.core.distributed import Distributed
-from pipeline.core.io import IGNORE
+from pipeline.core.io import IGNORE, digest_or_none
 from pipeline.core.params import check_choice, check_range, check_scales
 from pipeline.core.provenance import MadeFrom, settings
 from pipeline.core.registry import SEGMENT_LABELS, SEGMENT_WEIGHTS
@@ -144,16 +144,18 @@ def train_segmentation(manifest: Manifest, split: str, classifier: ClassifierPar
     checkpoint = Path(params.checkpoint) if params.checkpoint else None
     net = build_segnet(classifier, manifest.num_classes, init, checkpoint).to(device)
     if params.steps > 0:
-        _fit(net, manifest, split, classifier, params, prune, targets, state, ctx, device, run, progress)
+        starts = [digest_or_none(init), digest_or_none(checkpoint)]
+        _fit(net, manifest, split, classifier, params, prune, targets, starts, state, ctx, device, run, progress)
     if ctx.is_main:
         save_checkpoint(unwrap(net), out)
     return net
 
 
 def _fit(net: SegNet, manifest: Manifest, split: str, classifier: ClassifierParams, params: SegmentParams,
-         prune: PruneParams, targets: ImageStore | None, state: Path, ctx: Distributed, device: torch.device,
-         run: RunParams, progress: bool) -> None:
-    """The training loop of :func:`train_segmentation`."""
+         prune: PruneParams, targets: ImageStore | None, starts: list[str | None], state: Path, ctx: Distributed,
+         device: torch.device, run: RunParams, progress: bool) -> None:
+    """The training loop of :func:`train_segmentation`; ``starts``, the digests of the weights the
+    network starts from, key its training state with the settings and the targets."""
     staged = params.mode == "staged"
     if staged:
         targets.require_complete()
@@ -188,7 +190,7 @@ def _fit(net: SegNet, manifest: Manifest, split: str, classifier: ClassifierPara
     settings = params.loop(f"segment {params.mode}", progress, run)
     checkpoint = Checkpoint.of_stage(state, "segment", training_key(params),
                                      asdict(prune) if miner else targets.fingerprint, asdict(classifier),
-                                     manifest.name, split, len(dataset))
+                                     starts, manifest.name, split, len(dataset))
     try:
         train(model, loader, step, optimizer, settings, checkpoint, ctx, device)
     finally:
