@@ -12,7 +12,7 @@ import torch
 import yaml
 
 from pipeline.core.errors import InputError
-from pipeline.core.io import IGNORE
+from pipeline.core.io import IGNORE, write_mask
 from pipeline.core.params import build_params, load_params
 from pipeline.core.provenance import settings
 from pipeline.core.registry import CAMS, DEEPLAB, PSEUDO, STAGES, SUPERVISED
@@ -22,7 +22,7 @@ from pipeline.train.deeplab import DeepLabParams, build_deeplab, deeplab_probabi
 from pipeline.train.predict import predictions_made_from
 from pipeline.train.segment import SegmentParams
 from stages import data, deeplab, supervised
-from tests.conftest import tiny_params
+from tests.conftest import state_key, tiny_params
 
 PARAMS = tiny_params(data={"train_images": 8, "val_images": 4},
                      deeplab={"enabled": True, "steps": 3, "scales": [1.0, 0.5], "flip": True},
@@ -99,6 +99,22 @@ def test_supervised_reference_trains_the_deeplab_recipe_on_the_ground_truth(proj
     assert predictions.is_complete() and len(predictions.complete_ids()) == PARAMS["data"]["val_images"]
     state = torch.load(STAGES["supervised"].state, weights_only=False)
     assert state["step"] == PARAMS["deeplab"]["steps"]  # the deeplab section's schedule
+
+
+def test_the_supervised_reference_trains_anew_after_a_training_mask_is_redrawn(project, monkeypatch):
+    monkeypatch.chdir(project)
+    supervised.main(Path("params.yaml"))
+    state = state_key("supervised")
+    manifest = load_manifest("manifests/synth.json")
+    item = manifest.split("train")[0]
+    path = manifest.mask_path(item.id)
+    drawn = path.read_bytes()
+    try:
+        write_mask(path, np.zeros_like(manifest.read_mask(item)), manifest.palette)  # its object erased
+        supervised.main(Path("params.yaml"))  # the same manifest file, settings and images
+        assert state_key("supervised") != state
+    finally:
+        path.write_bytes(drawn)
 
 
 def test_supervised_reference_is_off_by_default(tmp_path, monkeypatch):

@@ -137,7 +137,9 @@ def test_stores_made_from_other_images_under_the_same_ids_are_refused(project):
 
     with pytest.raises(InputError, match="classifier.pth: was made from other images or tags"):
         cams.main(Path("params.yaml"))  # the classifier learnt from the old photo too
+    learnt = weights_digest(Path("checkpoints/classifier.pth"))
     classifier.main(Path("params.yaml"))
+    assert weights_digest(Path("checkpoints/classifier.pth")) != learnt  # learnt anew, not resumed
     cams.main(Path("params.yaml"))  # the stage that owns the store redoes it
     run_prune(Path("params.yaml"))
     assert CliRunner().invoke(rrm, ["show", first_train_id()]).exit_code == 0

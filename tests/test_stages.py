@@ -171,6 +171,20 @@ def test_a_new_network_to_start_from_trains_anew_instead_of_resuming(project, mo
         write_tiny_project(Path("."))
 
 
+def test_a_retagged_image_trains_the_classifier_anew_instead_of_resuming(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write_tiny_project(tmp_path)
+    data.main(Path("params.yaml"))
+    classifier.main(Path("params.yaml"))
+    state, trained = state_key("classifier"), weights_digest(Path("checkpoints/classifier.pth"))
+    manifest = json.loads(Path("manifests/synth.json").read_text())
+    first = manifest["splits"]["train"][0]
+    first["labels"] = [label for label in range(len(manifest["classes"])) if label not in first["labels"]][:1]
+    Path("manifests/synth.json").write_text(json.dumps(manifest))  # the user corrects one image's tags
+    classifier.main(Path("params.yaml"))  # as many images, under the same names, with the same settings
+    assert state_key("classifier") != state and weights_digest(Path("checkpoints/classifier.pth")) != trained
+
+
 def _write_masks_from_cams() -> None:
     """Stand-in masks and CRF labels for the staged mode and the refine stage: CAM argmax with a
     background threshold, recorded as made by the prune stage's current settings (which the

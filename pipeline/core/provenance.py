@@ -83,11 +83,11 @@ def _file_stats(folder: Path | UPath, names: Sequence[str]) -> dict[str, tuple[i
     return stats
 
 
-def dataset_identity(manifest: Manifest, splits: Iterable[str]) -> str:
+def dataset_identity(manifest: Manifest, splits: Iterable[str], masks: bool = False) -> str:
     """A digest of the images and tags of ``splits``: the class names, each image's id and tags,
     and its file's size and content stamp (see :func:`_file_stats`). Another image under the same id, a retagged
-    image, another class list: another identity. Ground-truth masks are not part of it (they
-    only score).
+    image, another class list: another identity. Ground-truth masks are part of it only with
+    ``masks``, for what trains on them (the supervised reference); elsewhere they only score.
 
     It is the identity of what the manifest file lists, read again from ``manifest.source``
     where there is one: screening (``--skip-bad``) leaves items out of the manifest a stage
@@ -96,11 +96,20 @@ def dataset_identity(manifest: Manifest, splits: Iterable[str]) -> str:
     if manifest.source is not None:
         manifest = load_manifest(manifest.source)
     splits = tuple(splits)
-    files = {item.id: f"{item.id}{manifest.image_suffix}" for name in splits for item in manifest.split(name)}
-    stats = _file_stats(manifest.image_dir, list(files.values()))
-    return fingerprint(manifest.classes, [
-        (name, [(item.id, item.labels, stats.get(files[item.id])) for item in manifest.split(name)])
-        for name in splits])
+    ids = [item.id for name in splits for item in manifest.split(name)]
+    images = _stats_by_id(manifest.image_dir, manifest.image_suffix, ids)
+    listed = [(name, [(item.id, item.labels, images.get(item.id)) for item in manifest.split(name)])
+              for name in splits]
+    if not masks:
+        return fingerprint(manifest.classes, listed)
+    drawn = _stats_by_id(manifest.mask_dir, manifest.mask_suffix, ids) if manifest.mask_dir is not None else {}
+    return fingerprint(manifest.classes, listed, [drawn.get(image_id) for image_id in ids])
+
+
+def _stats_by_id(folder: Path | UPath, suffix: str, ids: Sequence[str]) -> dict[str, tuple[int, str]]:
+    """:func:`_file_stats` of the files ``<id><suffix>`` of ``folder``, by id."""
+    stats = _file_stats(folder, [f"{image_id}{suffix}" for image_id in ids])
+    return {image_id: stats[f"{image_id}{suffix}"] for image_id in ids if f"{image_id}{suffix}" in stats}
 
 
 @cache

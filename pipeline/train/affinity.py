@@ -88,8 +88,8 @@ def train_affinity(net: AffinityNet, manifest: Manifest, split: str, params: Ref
         grid = label_grid(batch["label"].to(device), params.stride)
         return affinity_loss(features, grid, params.radius, AFFINITIES[params.affinity][1])
 
-    checkpoint = Checkpoint.of_stage(state, "refine", asdict(params.training_settings()), labels.fingerprint,
-                                     file_digest(classifier), manifest.name, split, len(dataset))
+    checkpoint = Checkpoint.of_stage(state, "refine", manifest, split, asdict(params.training_settings()),
+                                     labels.fingerprint, file_digest(classifier))
     train(model, loader, step, optimizer, params.loop("refine", progress, run), checkpoint, ctx, device)
     if ctx.is_main:
         save_checkpoint(unwrap(net).head, out)

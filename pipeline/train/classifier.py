@@ -129,8 +129,7 @@ def train_classifier(manifest: Manifest, split: str, params: ClassifierParams, o
             return {"loss": F.multilabel_soft_margin_loss(logits.float(), batch["labels"].to(device))}
 
         settings = params.loop("classifier", progress, run)
-        checkpoint = Checkpoint.of_stage(state, "classifier", asdict(params), starting_weights(params), manifest.name,
-                                         split, len(dataset))
+        checkpoint = Checkpoint.of_stage(state, "classifier", manifest, split, asdict(params), starting_weights(params))
         train(model, loader, step, optimizer, settings, checkpoint, ctx, device)
     if ctx.is_main:
         save_checkpoint(unwrap(net), out)

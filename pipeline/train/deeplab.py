@@ -26,9 +26,9 @@ from torch import Tensor, nn
 
 from pipeline.core.distributed import Distributed
 from pipeline.core.errors import InputError
-from pipeline.core.io import digest_or_none, file_digest
+from pipeline.core.io import digest_or_none
 from pipeline.core.params import check_choice, check_scales
-from pipeline.core.provenance import settings
+from pipeline.core.provenance import dataset_identity, settings
 from pipeline.core.registry import DEEPLAB_LABELS
 from pipeline.core.run import DEFAULT_RUN, RunParams
 from pipeline.core.store import ImageStore
@@ -170,7 +170,8 @@ def pseudo_labels(store: ImageStore) -> tuple[LabelReader, str]:
 
 def ground_truth(manifest: Manifest, split: str) -> tuple[LabelReader, str]:
     """The supervised reference's targets: the ground-truth masks of ``split``, and what
-    identifies them (the manifest's digest). Every image of the split must have one."""
+    identifies them (the split's images, tags and masks, :func:`dataset_identity`). Every image
+    of the split must have one."""
     items = {item.id: item for item in manifest.split(split)}
     lacking = [image_id for image_id, item in items.items()
                if manifest.mask_path(image_id) is None or not item.has_mask]
@@ -178,8 +179,7 @@ def ground_truth(manifest: Manifest, split: str) -> tuple[LabelReader, str]:
         raise InputError(manifest.source or manifest.name,
                          f"{len(lacking)} image(s) of split {split!r} have no ground-truth mask to train the "
                          f"supervised reference on, e.g. {lacking[0]!r}")
-    identity = file_digest(manifest.source) if manifest.source else manifest.name
-    return (lambda image_id: manifest.read_mask(items[image_id])), identity
+    return (lambda image_id: manifest.read_mask(items[image_id])), dataset_identity(manifest, (split,), masks=True)
 
 
 def train_deeplab(manifest: Manifest, split: str, params: DeepLabParams, targets: tuple[LabelReader, str], out: Path,
@@ -202,8 +202,7 @@ def train_deeplab(manifest: Manifest, split: str, params: DeepLabParams, targets
         return {"loss": pseudo_label_loss(logits, labels, ctx.average(reliable_counts(labels)))}
 
     recipe = {name: value for name, value in training_key(params).items() if name not in params.TARGETS}
-    checkpoint = Checkpoint.of_stage(state, stage, recipe, labels_key, digest_or_none(params.weights), manifest.name,
-                                     split, len(dataset))
+    checkpoint = Checkpoint.of_stage(state, stage, manifest, split, recipe, labels_key, digest_or_none(params.weights))
     train(model, loader, step, optimizer, params.loop(stage, progress, run), checkpoint, ctx, device)
     if ctx.is_main:
         save_checkpoint(unwrap(net), out)

@@ -25,9 +25,10 @@ from tqdm import tqdm
 from pipeline.core.distributed import Distributed
 from pipeline.core.io import atomic_open, fingerprint
 from pipeline.core.params import check_range, check_scale_range
-from pipeline.core.provenance import code_identity
+from pipeline.core.provenance import code_identity, dataset_identity
 from pipeline.core.run import DEFAULT_RUN, RunParams
 from pipeline.data.datasets import Augmentation
+from pipeline.data.manifest import Manifest
 from pipeline.models import param_groups
 
 
@@ -158,11 +159,14 @@ class Checkpoint:
         self.fingerprint = fingerprint
 
     @classmethod
-    def of_stage(cls, path: str | Path, stage: str, *settings: Any) -> Checkpoint:
-        """The training state of ``stage``, keyed by ``settings`` (parameters, inputs' digests)
-        and by the digest of the code the stage runs: after DVC reruns a stage because its code
-        changed, a state left by the earlier code is trained over, never resumed from."""
-        return cls(path, fingerprint(*settings, code_identity(stage)))
+    def of_stage(cls, path: str | Path, stage: str, manifest: Manifest, split: str, *settings: Any) -> Checkpoint:
+        """The training state of ``stage`` on ``manifest``'s ``split``, keyed by that split's
+        images and tags (:func:`~pipeline.core.provenance.dataset_identity`), by ``settings``
+        (parameters, the digests of its labels and of the weights it starts from) and by the digest
+        of the code the stage runs: after DVC reruns a stage because any of them changed (a
+        retagged image, a tweaked setting, an edit to its code), a state left by the earlier run is
+        trained over, never resumed from."""
+        return cls(path, fingerprint(dataset_identity(manifest, (split,)), *settings, code_identity(stage)))
 
     def save(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
              scaler: torch.amp.GradScaler | None, extra: dict[str, Any] | None = None) -> None:

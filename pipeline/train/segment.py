@@ -188,9 +188,8 @@ def _fit(net: SegNet, manifest: Manifest, split: str, classifier: ClassifierPara
         return {"loss": sum(losses.values()), **losses}
 
     settings = params.loop(f"segment {params.mode}", progress, run)
-    checkpoint = Checkpoint.of_stage(state, "segment", training_key(params),
-                                     asdict(prune) if miner else targets.fingerprint, asdict(classifier),
-                                     starts, manifest.name, split, len(dataset))
+    checkpoint = Checkpoint.of_stage(state, "segment", manifest, split, training_key(params),
+                                     asdict(prune) if miner else targets.fingerprint, asdict(classifier), starts)
     try:
         train(model, loader, step, optimizer, settings, checkpoint, ctx, device)
     finally:
