@@ -83,11 +83,11 @@ def _file_stats(folder: Path | UPath, names: Sequence[str]) -> dict[str, tuple[i
     return stats
 
 
-def dataset_identity(manifest: Manifest, splits: Iterable[str], masks: bool = False) -> str:
+def dataset_identity(manifest: Manifest, splits: Iterable[str]) -> str:
     """A digest of the images and tags of ``splits``: the class names, each image's id and tags,
     and its file's size and content stamp (see :func:`_file_stats`). Another image under the same id, a retagged
-    image, another class list: another identity. Ground-truth masks are part of it only with
-    ``masks``, for what trains on them (the supervised reference); elsewhere they only score.
+    image, another class list: another identity. Ground-truth masks are not part of it (they
+    only score; what trains on them adds :func:`masks_identity`).
 
     It is the identity of what the manifest file lists, read again from ``manifest.source``
     where there is one: screening (``--skip-bad``) leaves items out of the manifest a stage
@@ -96,14 +96,22 @@ def dataset_identity(manifest: Manifest, splits: Iterable[str], masks: bool = Fa
     if manifest.source is not None:
         manifest = load_manifest(manifest.source)
     splits = tuple(splits)
-    ids = [item.id for name in splits for item in manifest.split(name)]
-    images = _stats_by_id(manifest.image_dir, manifest.image_suffix, ids)
-    listed = [(name, [(item.id, item.labels, images.get(item.id)) for item in manifest.split(name)])
-              for name in splits]
-    if not masks:
-        return fingerprint(manifest.classes, listed)
+    images = _stats_by_id(manifest.image_dir, manifest.image_suffix,
+                          [item.id for name in splits for item in manifest.split(name)])
+    return fingerprint(manifest.classes, [
+        (name, [(item.id, item.labels, images.get(item.id)) for item in manifest.split(name)])
+        for name in splits])
+
+
+def masks_identity(manifest: Manifest, split: str) -> str:
+    """A digest of the ground-truth masks of ``split`` (each image's id and its mask file's size
+    and content stamp), for what trains on them: a mask redrawn under the same name, another
+    identity. Read again from ``manifest.source``, as :func:`dataset_identity` is."""
+    if manifest.source is not None:
+        manifest = load_manifest(manifest.source)
+    ids = [item.id for item in manifest.split(split)]
     drawn = _stats_by_id(manifest.mask_dir, manifest.mask_suffix, ids) if manifest.mask_dir is not None else {}
-    return fingerprint(manifest.classes, listed, [drawn.get(image_id) for image_id in ids])
+    return fingerprint([(image_id, drawn.get(image_id)) for image_id in ids])
 
 
 def _stats_by_id(folder: Path | UPath, suffix: str, ids: Sequence[str]) -> dict[str, tuple[int, str]]:

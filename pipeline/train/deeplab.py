@@ -28,7 +28,7 @@ from pipeline.core.distributed import Distributed
 from pipeline.core.errors import InputError
 from pipeline.core.io import digest_or_none
 from pipeline.core.params import check_choice, check_scales
-from pipeline.core.provenance import dataset_identity, settings
+from pipeline.core.provenance import masks_identity, settings
 from pipeline.core.registry import DEEPLAB_LABELS
 from pipeline.core.run import DEFAULT_RUN, RunParams
 from pipeline.core.store import ImageStore
@@ -170,8 +170,8 @@ def pseudo_labels(store: ImageStore) -> tuple[LabelReader, str]:
 
 def ground_truth(manifest: Manifest, split: str) -> tuple[LabelReader, str]:
     """The supervised reference's targets: the ground-truth masks of ``split``, and what
-    identifies them (the split's images, tags and masks, :func:`dataset_identity`). Every image
-    of the split must have one."""
+    identifies them (:func:`masks_identity`; the images and tags key every record and training
+    state already). Every image of the split must have one."""
     items = {item.id: item for item in manifest.split(split)}
     lacking = [image_id for image_id, item in items.items()
                if manifest.mask_path(image_id) is None or not item.has_mask]
@@ -179,7 +179,7 @@ def ground_truth(manifest: Manifest, split: str) -> tuple[LabelReader, str]:
         raise InputError(manifest.source or manifest.name,
                          f"{len(lacking)} image(s) of split {split!r} have no ground-truth mask to train the "
                          f"supervised reference on, e.g. {lacking[0]!r}")
-    return (lambda image_id: manifest.read_mask(items[image_id])), dataset_identity(manifest, (split,), masks=True)
+    return (lambda image_id: manifest.read_mask(items[image_id])), masks_identity(manifest, split)
 
 
 def train_deeplab(manifest: Manifest, split: str, params: DeepLabParams, targets: tuple[LabelReader, str], out: Path,
